@@ -1,0 +1,65 @@
+"""The `capfleet` command line: parses arguments and calls a job; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from model.errors import CapfleetError
+
+
+def _data_shapes(args: argparse.Namespace) -> int:
+    from model import shapes
+
+    start = time.perf_counter()
+    counts = shapes.generate(args.out, images=args.images, seed=args.seed)
+    took = time.perf_counter() - start
+    split_text = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"wrote {sum(counts.values())} images ({split_text}) to {args.out} in {took:.1f} s")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print(
+        "capfleet demo: not yet available. So far capfleet has its data readers, the shapes data\n"
+        "set (`capfleet data shapes --out DIR`), text, image preprocessing and BLEU.",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate data sets").add_subparsers(
+        dest="what", required=True
+    )
+    sh = data.add_parser("shapes", help="write the embedded shapes data set (Flickr8k layout)")
+    sh.add_argument("--out", required=True, help="output directory")
+    sh.add_argument("--images", type=int, default=3000, help="number of images (default 3000)")
+    sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sh.set_defaults(func=_data_shapes)
+
+    demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CapfleetError as e:
+        print(f"capfleet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("capfleet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
