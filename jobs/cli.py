@@ -21,6 +21,26 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jobs.specs import load_spec
+    from model.training import TrainConfig, train
+
+    cfg = load_spec(args.spec)
+    if not isinstance(cfg, TrainConfig):
+        raise CapfleetError(f"{args.spec}: `capfleet train` needs a spec of kind 'train'")
+    manifest = train(cfg)
+    print(f"model written to {cfg.out} ({manifest['train_seconds']} s)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from compression.export import export_bundle
+
+    m = export_bundle(args.model, args.out)
+    print(f"bundle written to {args.out}: {m['size_mb']:.2f} MB ({m['gzip_size_mb']:.2f} MB gzip)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "capfleet demo: not yet available. So far capfleet has its data readers, the shapes data\n"
@@ -42,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--images", type=int, default=3000, help="number of images (default 3000)")
     sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sh.set_defaults(func=_data_shapes)
+
+    tr = sub.add_parser("train", help="train a captioner from a spec (kind = \"train\")")
+    tr.add_argument("spec", help="a TOML spec file")
+    tr.set_defaults(func=_train)
+
+    ex = sub.add_parser("export", help="export a trained model directory to an fp32 bundle")
+    ex.add_argument("model", help="a model directory written by `capfleet train`")
+    ex.add_argument("--out", required=True, help="the bundle directory to write")
+    ex.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

@@ -29,7 +29,8 @@ COLOURS = {  # name -> RGB; saturated so that they stand out on every background
     "purple": (145, 55, 185),
 }
 BACKGROUNDS = {"white": (232, 232, 228), "gray": (125, 125, 130), "black": (28, 28, 32)}
-SIZES = {"small": (0.085, 0.11), "large": (0.16, 0.19)}  # half-extent as a share of the side
+SIZES = {"small": (0.075, 0.09), "large": (0.12, 0.14)}  # half-extent as a share of the side
+GRID = 3  # objects sit in the cells of a GRID x GRID layout
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 OBJECT_COUNT_WEIGHTS = (0.35, 0.35, 0.30)  # share of images with 1, 2, 3 objects
 SIDECAR = "shapes_objects.jsonl"
@@ -62,46 +63,34 @@ class ShapesImage:
 
 
 def _sample_scene(rng: np.random.Generator) -> tuple[str, list[ShapeObject], str]:
+    """Objects sit in the cells of a 3x3 grid, jittered inside their cell. Two objects share a
+    row (one left of the other) or a column (one above the other); three take three columns.
+    So "left to right" is always clear, as a person describing the picture would see it."""
     n = int(rng.choice([1, 2, 3], p=OBJECT_COUNT_WEIGHTS))
     background = str(rng.choice(list(BACKGROUNDS)))
-    while True:  # rejection sampling: distinct objects, no overlap, unambiguous placement
-        kinds = set()
-        objs = []
-        for _ in range(n):
-            size = str(rng.choice(list(SIZES)))
-            colour = str(rng.choice(list(COLOURS)))
-            shape = str(rng.choice(SHAPES))
-            lo, hi = SIZES[size]
-            r = float(rng.uniform(lo, hi))
-            x, y = (float(v) for v in rng.uniform(r + 0.02, 1 - r - 0.02, size=2))
-            objs.append((ShapeObject(size, colour, shape, x, y), r))
-            kinds.add((size, colour, shape))
-        if len(kinds) < n or not _placement_ok(objs):
-            continue
-        if n == 2:
-            (a, _), (b, _) = objs
-            relation = "left" if abs(a.x - b.x) >= abs(a.y - b.y) else "above"
-            key = (lambda o: o.x) if relation == "left" else (lambda o: o.y)
-            ordered = sorted((o for o, _ in objs), key=key)
-        else:
-            relation = ""
-            ordered = sorted((o for o, _ in objs), key=lambda o: o.x)
-        return background, ordered, relation
-
-
-def _placement_ok(objs: list[tuple[ShapeObject, float]]) -> bool:
-    for i, (a, ra) in enumerate(objs):
-        for b, rb in objs[i + 1 :]:
-            if math.hypot(a.x - b.x, a.y - b.y) < (ra + rb) * 1.25:
-                return False  # overlapping or touching
-    if len(objs) == 2:
-        (a, _), (b, _) = objs
-        dx, dy = abs(a.x - b.x), abs(a.y - b.y)
-        return max(dx, dy) >= 1.6 * min(dx, dy)  # clearly beside or clearly above
-    if len(objs) == 3:
-        xs = sorted(o.x for o, _ in objs)
-        return min(xs[1] - xs[0], xs[2] - xs[1]) >= 0.12  # a clear left-to-right order
-    return True
+    relation = ""
+    if n == 1:
+        cells = [(int(rng.integers(GRID)), int(rng.integers(GRID)))]
+    elif n == 2 and rng.random() < 0.5:
+        relation, row = "left", int(rng.integers(GRID))
+        cells = [(int(col), row) for col in sorted(rng.choice(GRID, 2, replace=False))]
+    elif n == 2:
+        relation, col = "above", int(rng.integers(GRID))
+        cells = [(col, int(row)) for row in sorted(rng.choice(GRID, 2, replace=False))]
+    else:
+        cells = [(col, int(rng.integers(GRID))) for col in range(GRID)]
+    kinds: set[tuple[str, str, str]] = set()
+    while len(kinds) < n:  # distinct objects, so that every caption names each one apart
+        kinds.add((str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))),
+                   str(rng.choice(SHAPES))))
+    ordered = sorted(kinds)  # a set's order varies between runs; sort, then shuffle by seed
+    objs = []
+    for i, (col, row) in zip(rng.permutation(n), cells, strict=True):
+        size, colour, shape = ordered[i]
+        slack = 0.5 / GRID - SIZES[size][1] - 0.01  # stay inside the cell
+        x, y = ((k + 0.5) / GRID + float(rng.uniform(-slack, slack)) for k in (col, row))
+        objs.append(ShapeObject(size, colour, shape, x, y))
+    return background, objs, relation
 
 
 def _draw(scene: ShapesImage, rng: np.random.Generator) -> Image.Image:

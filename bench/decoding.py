@@ -1,0 +1,92 @@
+"""Decoding: the study's one-image re-run-the-prefix loop vs batched step-wise greedy decoding,
+with Keras and with LiteRT, on a Flickr8k-sized decoder (random weights: speed does not depend
+on what the weights learnt; every caption then runs to full length, the worst case)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.common import Timer, write_result
+
+VOCAB = 7579  # Flickr8k's vocabulary with the study's cleaning, min count 1
+MAX_LEN = 34  # the study's longest caption
+FEATURES = "vgg16"  # 4096-d fc2 features, as the study
+STUDY_IMAGES = 16  # the study's loop is slow: time it on a few images
+BATCHES = (64, 256, 512)
+
+
+def study_loop(prefix_model, feats: np.ndarray) -> list[list[int]]:
+    from model.text import END_ID, START_ID
+
+    out = []
+    for f in feats:
+        seq = [START_ID]
+        for _ in range(MAX_LEN - 1):
+            x = np.zeros((1, MAX_LEN), np.int32)
+            x[0, MAX_LEN - len(seq) :] = seq
+            word = int(np.argmax(prefix_model.predict_on_batch([f[None], x])[0]))
+            seq.append(word)
+            if word == END_ID:
+                break
+        out.append(seq[1:])
+    return out
+
+
+def trimmed(ids: np.ndarray) -> list[list[int]]:
+    return [[int(x) for x in row if x != 0] for row in ids]
+
+
+def run() -> None:
+    import tf_keras as keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from compression.convert import step_to_tflite
+    from model.captioner import Captioner, CaptionerConfig
+    from model.decoding import greedy_decode
+    from model.training import KerasStep
+
+    keras.utils.set_random_seed(0)
+    cap = Captioner(CaptionerConfig(FEATURES, VOCAB, MAX_LEN))
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(max(BATCHES), cap.config.feature_dim)).astype(np.float32)
+    img_proj = cap.features_model().predict_on_batch(feats)
+    prefix = cap.prefix_model()
+    study_loop(prefix, feats[:1])  # warm-up
+    with Timer() as t:
+        study = study_loop(prefix, feats[:STUDY_IMAGES])
+    study_ips = STUDY_IMAGES / t.seconds
+
+    keras_step = KerasStep(cap.step_model())
+    step_bytes = step_to_tflite(cap.step_model(), cap.config.units)
+
+    rows = []
+    for backend in ("keras", "litert"):
+        for b in BATCHES:
+            if backend == "keras":
+                step = keras_step
+            else:
+                runner = Interpreter(model_content=step_bytes, num_threads=2).get_signature_runner()
+
+                def step(tok, h, c, img, runner=runner):
+                    o = runner(token=tok, h=h, c=c, img_proj=img)
+                    return o["logits"], o["h"], o["c"]
+
+            greedy_decode(step, img_proj[:b], MAX_LEN)  # warm-up (and interpreter allocation)
+            with Timer() as t:
+                ids = greedy_decode(step, img_proj[:b], MAX_LEN)
+            same = trimmed(ids[:STUDY_IMAGES]) == study
+            ips = b / t.seconds
+            rows.append({"backend": backend, "batch": b, "images_per_s": round(ips, 1),
+                         "ms_per_image": round(1000 / ips, 3),
+                         "speedup_vs_study": round(ips / study_ips, 1),
+                         "same_captions_as_study": same})
+            print(rows[-1], flush=True)
+    write_result("decoding", {
+        "what": __doc__,
+        "decoder": {"vocab": VOCAB, "max_len": MAX_LEN, "units": 256, "features": FEATURES,
+                    "weights": "random"},
+        "threads": 2,
+        "study_loop": {"images": STUDY_IMAGES, "images_per_s": round(study_ips, 3),
+                       "ms_per_image": round(1000 / study_ips, 1)},
+        "batched": rows,
+    })

@@ -1,0 +1,80 @@
+"""Job specs: a TOML file -> a frozen, validated dataclass, refused before any work starts.
+
+    kind = "train"
+    [train]
+    data = "runs/demo/data"
+    out = "runs/demo/train/small_cnn"
+    epochs = 30
+
+Relative paths are taken from the directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from model.errors import CapfleetError
+from model.training import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KINDS = {"train": TrainConfig}
+
+
+def _check_type(where: str, key: str, value, annotation) -> None:
+    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[annotation]
+    ok = isinstance(value, allowed) and not (annotation != "bool" and isinstance(value, bool))
+    if not ok:
+        raise CapfleetError(f"{where}: {key} must be {annotation}, got {value!r}")
+
+
+def build(cls, table: dict, where: str):
+    """Construct dataclass `cls` from a TOML table: unknown keys, missing keys and wrong types
+    are errors naming the key and what is allowed; values are checked by the class itself."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise CapfleetError(
+            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        _check_type(where, key, value, hints[key].__name__)
+    missing = [
+        n for n, f in names.items()
+        if n not in table and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise CapfleetError(f"{where}: missing required key {missing[0]!r}")
+    try:
+        return cls(**table)
+    except CapfleetError as e:
+        raise CapfleetError(f"{where}: {e}") from None
+
+
+def load_spec(path: str | Path):
+    """Read a spec file; returns the config dataclass of its kind."""
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CapfleetError(f"{p}: cannot read spec ({e.strerror or e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise CapfleetError(f"{p}: invalid TOML ({e})") from e
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        raise CapfleetError(f"{p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    extra = sorted(set(doc) - {"kind", kind})
+    if extra:
+        raise CapfleetError(f"{p}: unknown top-level key {extra[0]!r}; expected 'kind' and [{kind}]")
+    table = doc.get(kind)
+    if not isinstance(table, dict):
+        raise CapfleetError(f"{p}: missing the [{kind}] table")
+    return build(KINDS[kind], table, f"{p} [{kind}]")

@@ -1,0 +1,84 @@
+"""Loading images for training and caching frozen-encoder features on disk (npy)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from model.data import ImageRecord
+from model.images import ImageError, decode_image, preprocess
+
+
+def load_images(
+    records: Sequence[ImageRecord], size: int, log: Callable[[str], None] = print
+) -> tuple[np.ndarray, list[ImageRecord]]:
+    """Decode every record's image to (N, size, size, 3) uint8, skipping (and reporting) bad
+    ones. Returns the images and the records that decoded, in order."""
+    images, kept, bad = [], [], []
+    for rec in records:
+        try:
+            data = Path(rec.uri).read_bytes()
+        except OSError as e:
+            bad.append(f"{rec.uri}: {e.strerror or e}")
+            continue
+        out = decode_image(data, (size, size))
+        if isinstance(out, ImageError):
+            bad.append(f"{rec.uri}: {out}")
+            continue
+        images.append(out)
+        kept.append(rec)
+    if bad:
+        log(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
+    if not images:
+        raise ValueError("no readable images")
+    return np.stack(images), kept
+
+
+def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
+    """Features depend on the encoder, its weights and the exact images (by path and size)."""
+    h = hashlib.sha256(f"{encoder}\n{weights}\n".encode())
+    for r in records:
+        st = os.stat(r.uri)
+        h.update(f"{r.image_id}\t{r.uri}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def cached_features(
+    backbone,
+    encoder: str,
+    weights_id: str,
+    style: str,
+    images: np.ndarray,
+    records: Sequence[ImageRecord],
+    cache_dir: str | Path,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """(N, F) float32 features of a frozen backbone, computed once per (encoder, weights, images)
+    and kept as npy in `cache_dir` (written atomically, so a crash leaves no half file)."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = cache_key(encoder, weights_id, records)
+    path = cache / f"{encoder}-{key}.npy"
+    if path.is_file():
+        log(f"features: cached {path.name}")
+        return np.load(path)
+    log(f"features: computing {encoder} for {len(images)} images")
+    feats = [
+        backbone.predict_on_batch(preprocess(images[i : i + batch_size], style))
+        for i in range(0, len(images), batch_size)
+    ]
+    out = np.concatenate(feats).astype(np.float32)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, out)
+    os.replace(tmp, path)
+    ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
+    (cache / f"{encoder}-{key}.json").write_text(json.dumps(ids) + "\n")
+    return out

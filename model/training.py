@@ -1,0 +1,312 @@
+"""Training the captioner by teacher forcing, saving it, loading it back, and evaluating it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from model.bundle import package_versions, write_json_atomic
+from model.captioner import Captioner, CaptionerConfig
+from model.data import ImageRecord, open_reader
+from model.decoding import beam_decode, greedy_decode
+from model.encoders import ENCODERS, build_encoder, check_weights, encoder_info
+from model.errors import CapfleetError
+from model.features import cached_features, load_images
+from model.images import preprocess
+from model.metrics import corpus_bleu_scores
+from model.text import Vocabulary, clean_caption
+
+MODEL_FORMAT = "capfleet-model/1"
+WEIGHTS_FILE = "weights.h5"  # HDF5, not pickle
+ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # only for a frozen encoder with random weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Validated on construction: a bad value names the field."""
+
+    data: str  # a Flickr8k-layout directory or a COCO/Karpathy captions JSON
+    out: str  # the model directory to write
+    encoder: str = "small_cnn"
+    weights: str = "none"  # "imagenet", "none" (random, seeded) or a weights file
+    units: int = 256
+    embed_dim: int = 256
+    dropout: float = 0.5
+    epochs: int = 40
+    batch_size: int = 16  # images per step; each brings captions_per_image captions
+    captions_per_image: int = 5
+    learning_rate: float = 1e-3
+    patience: int = 4  # epochs without a better dev loss before stopping
+    min_count: int = 1
+    max_len: int = 0  # caption tokens incl. start/end; 0 = longest training caption
+    time_budget_s: float = 0.0  # stop after the epoch that passes this; 0 = no limit
+    seed: int = 0
+    threads: int = 0  # TensorFlow threads; 0 = every core
+    cache_dir: str = ""  # frozen-encoder features; "" = <out>/../feature_cache
+    beam_width: int = 1  # decoding for the test-split evaluation
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise CapfleetError(
+                f"encoder: {self.encoder!r} is not one of {', '.join(sorted(ENCODERS))}"
+            )
+        check_weights(self.encoder, self.weights_arg)
+        positive = ("units", "embed_dim", "epochs", "batch_size", "captions_per_image", "min_count",
+                "beam_width")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CapfleetError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "max_len", "threads", "time_budget_s"):
+            if getattr(self, name) < 0:
+                raise CapfleetError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CapfleetError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise CapfleetError(f"learning_rate: must be in (0, 1), got {self.learning_rate}")
+        if 0 < self.max_len < 3:
+            raise CapfleetError(f"max_len: must be 0 (auto) or >= 3, got {self.max_len}")
+
+    @property
+    def weights_arg(self) -> str | None:
+        return None if self.weights == "none" else self.weights
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def configure_threads(threads: int) -> None:
+    """Limit TensorFlow to `threads` cores (0 = all); must run before TensorFlow does work."""
+    import tensorflow as tf
+
+    n = threads or os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(n, 2))
+    except RuntimeError:
+        pass  # TensorFlow already started in this process: its thread pools are fixed
+
+
+class KerasStep:
+    """The Keras step graph as a decoding step function (numpy in, numpy out)."""
+
+    def __init__(self, step_model):
+        import tensorflow as tf
+
+        self._fn = tf.function(lambda t, h, c, i: step_model([t, h, c, i], training=False))
+
+    def __call__(self, tokens, h, c, img_proj):
+        logits, h2, c2 = self._fn(tokens, h, c, img_proj)
+        return logits.numpy(), h2.numpy(), c2.numpy()
+
+
+def read_split(data: str, split: str) -> list[ImageRecord]:
+    records = open_reader(data, split).records()
+    if not records:
+        raise CapfleetError(f"{data}: the {split} split has no images")
+    return records
+
+
+def _caption_sets(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int, k: int):
+    """(N, k, max_len) token ids: k captions per image, cycling an image's captions when it
+    has fewer than k and keeping the first k when it has more."""
+    out = np.zeros((len(records), k, max_len), np.int32)
+    for i, r in enumerate(records):
+        caps = [clean_caption(r.captions[j % len(r.captions)]) for j in range(k)]
+        out[i] = vocab.encode_batch(caps, max_len)
+    return out
+
+
+class _TimeBudget:
+    """Stops training after the epoch in which the time budget runs out."""
+
+    def __new__(cls, seconds: float):
+        import tf_keras as keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if seconds and time.perf_counter() - self.start > seconds:
+                    self.model.stop_training = True
+
+        return Callback()
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train one captioner and write its model directory. Returns the manifest written."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    configure_threads(cfg.threads)
+    keras.utils.set_random_seed(cfg.seed)
+    t0 = time.perf_counter()
+    info = encoder_info(cfg.encoder)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_recs = [r for r in read_split(cfg.data, "train") if r.captions]
+    dev_recs = [r for r in read_split(cfg.data, "dev") if r.captions]
+    train_imgs, train_recs = load_images(train_recs, info.input_size, log)
+    dev_imgs, dev_recs = load_images(dev_recs, info.input_size, log)
+    vocab = Vocabulary.build(
+        (clean_caption(c) for r in train_recs for c in r.captions), cfg.min_count
+    )
+    longest = max(len(clean_caption(c).split()) for r in train_recs for c in r.captions) + 2
+    max_len = cfg.max_len or longest
+    config = CaptionerConfig(
+        cfg.encoder, len(vocab), max_len, cfg.units, cfg.embed_dim, cfg.dropout
+    )
+    log(
+        f"train: {len(train_recs)} images, dev {len(dev_recs)}, vocabulary {len(vocab)}, "
+        f"max_len {max_len}, encoder {cfg.encoder} ({cfg.weights})"
+    )
+
+    backbone = None
+    if info.trainable:
+        x_train = preprocess(train_imgs, info.preprocess)
+        x_dev = preprocess(dev_imgs, info.preprocess)
+        encoder = build_encoder(cfg.encoder, cfg.weights_arg)
+    else:
+        backbone = build_encoder(cfg.encoder, cfg.weights_arg)
+        weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
+        cache = cfg.cache_dir or str(out.parent / "feature_cache")
+        x_train = cached_features(backbone, cfg.encoder, weights_id, info.preprocess,
+                                  train_imgs, train_recs, cache, log=log)
+        x_dev = cached_features(backbone, cfg.encoder, weights_id, info.preprocess,
+                                dev_imgs, dev_recs, cache, log=log)
+        encoder = None
+    del train_imgs, dev_imgs
+
+    cap = Captioner(config, encoder=encoder)
+    model = cap.training_model
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    )
+    tokens = _caption_sets(train_recs, vocab, max_len, cfg.captions_per_image)  # (N, K, T)
+    dev_tokens = _caption_sets(dev_recs, vocab, max_len, cfg.captions_per_image)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(((x_train, tokens[:, :, :-1]), tokens[:, :, 1:]))
+        .shuffle(len(tokens), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size)
+        .prefetch(2)
+    )
+    dev = ((x_dev, dev_tokens[:, :, :-1]), dev_tokens[:, :, 1:])
+    callbacks = [_TimeBudget(cfg.time_budget_s)]
+    if cfg.patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+            )
+        )
+    history = model.fit(
+        ds, epochs=cfg.epochs, validation_data=dev, validation_batch_size=64,
+        callbacks=callbacks, verbose=2,
+    )
+    train_s = time.perf_counter() - t0
+    model.save_weights(str(out / WEIGHTS_FILE))
+    if backbone is not None and cfg.weights == "none":
+        backbone.save_weights(str(out / ENCODER_WEIGHTS_FILE))
+    vocab.save(out / "vocab.json")
+
+    test_recs = [r for r in read_split(cfg.data, "test") if r.captions]
+    metrics = evaluate(cap, backbone, vocab, test_recs, cfg.data, cfg.beam_width, log)
+    metrics["data"] = cfg.data
+    scores = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    log(f"test: {scores}")
+    manifest = {
+        "format": MODEL_FORMAT,
+        "config": config.to_dict(),
+        "train": asdict(cfg),
+        "encoder": {"name": cfg.encoder, "weights": cfg.weights,
+                    "input_size": info.input_size, "preprocess": info.preprocess},
+        "history": {k: [round(float(x), 5) for x in v] for k, v in history.history.items()},
+        "epochs_run": len(history.history["loss"]),
+        "train_seconds": round(train_s, 1),
+        "test_metrics": metrics,
+        "versions": package_versions("tensorflow", "tf-keras", "capfleet"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_trained(model_dir: str | Path):
+    """Rebuild a trained captioner from its directory: (Captioner, backbone, vocab, manifest).
+
+    `backbone` is the frozen encoder (None for a jointly trained one, which lives in the
+    Captioner). Everything is rebuilt from the saved config; nothing is unpickled.
+    """
+    d = Path(model_dir)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CapfleetError(f"{d}: not a capfleet model directory ({e})") from e
+    if manifest.get("format") != MODEL_FORMAT:
+        raise CapfleetError(f"{d}: format {manifest.get('format')!r}, expected {MODEL_FORMAT}")
+    config = CaptionerConfig(**manifest["config"])
+    vocab = Vocabulary.load(d / "vocab.json")
+    info = encoder_info(config.encoder)
+    backbone = None
+    if not info.trainable:
+        w = manifest["encoder"]["weights"]
+        if w == "none":
+            backbone = build_encoder(config.encoder, None)
+            backbone.load_weights(str(d / ENCODER_WEIGHTS_FILE))
+        else:
+            backbone = build_encoder(config.encoder, w)
+    cap = Captioner(config)
+    cap.training_model.load_weights(str(d / WEIGHTS_FILE))
+    return cap, backbone, vocab, manifest
+
+
+def keras_caption_ids(
+    cap: Captioner, backbone, images: np.ndarray, beam_width: int = 1, batch_size: int = 256
+) -> np.ndarray:
+    """RGB uint8 images -> generated ids with the Keras graphs (the reference for bundles)."""
+    info = encoder_info(cap.config.encoder)
+    enc = cap.encoder_model(backbone)
+    step = KerasStep(cap.step_model())
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i : i + batch_size], info.preprocess)
+        img_proj = enc.predict_on_batch(x)
+        if beam_width > 1:
+            out.append(beam_decode(step, img_proj, cap.config.max_len, beam_width))
+        else:
+            out.append(greedy_decode(step, img_proj, cap.config.max_len))
+    return np.concatenate(out)
+
+
+def score_captions(
+    records: Sequence[ImageRecord], captions: Sequence[str], data_dir: str | None = None
+) -> dict:
+    """BLEU-1..4 against the records' references, and shapes content accuracy where the data
+    set has the shapes sidecar."""
+    from model import shapes
+
+    refs = [[clean_caption(c) for c in r.captions] for r in records]
+    metrics: dict = corpus_bleu_scores(refs, list(captions))
+    if data_dir and (Path(data_dir) / shapes.SIDECAR).is_file():
+        scenes = shapes.load_objects(data_dir)
+        by_id = {r.image_id: c for r, c in zip(records, captions, strict=True)}
+        metrics["content_accuracy"] = shapes.content_accuracy(by_id, scenes)
+    metrics["images"] = len(records)
+    return metrics
+
+
+def evaluate(cap: Captioner, backbone, vocab: Vocabulary, records, data_dir: str,
+             beam_width: int = 1, log: Callable[[str], None] = print) -> dict:
+    """Caption the records with the Keras graphs and score them."""
+    images, records = load_images(records, encoder_info(cap.config.encoder).input_size, log)
+    ids = keras_caption_ids(cap, backbone, images, beam_width)
+    return score_captions(records, [vocab.decode(row) for row in ids], data_dir)

@@ -1,0 +1,48 @@
+import pytest
+
+from jobs.specs import load_spec
+from model.errors import CapfleetError
+from model.training import TrainConfig
+
+
+def write(tmp_path, text):
+    p = tmp_path / "spec.toml"
+    p.write_text(text)
+    return p
+
+
+def test_train_spec_loads_into_frozen_config(tmp_path):
+    cfg = load_spec(write(tmp_path, 'kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = 3\n'))
+    assert cfg == TrainConfig(data="d", out="o", epochs=3)
+    with pytest.raises(AttributeError):
+        cfg.epochs = 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[train]\ndata = "d"\nout = "o"\n', "kind must be one of train"),
+        ('kind = "train"\n', r"missing the \[train\] table"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepoch = 3\n',
+         "unknown key 'epoch'; allowed: data, out, encoder"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = "3"\n',
+         "epochs must be int, got '3'"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = true\n', "epochs must be int"),
+        ('kind = "train"\n[train]\nout = "o"\n', "missing required key 'data'"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nencoder = "vit"\n',
+         "encoder: 'vit' is not one of mobilenet_v2, resnet50, small_cnn, vgg16"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\ndropout = 1.5\n', r"dropout: must be in \[0, 1\)"),
+        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nweights = "w.h5"\n', "existing weights file"),
+        ('kind = "train"\n[train\n', "invalid TOML"),
+    ],
+)
+def test_bad_specs_are_refused_naming_file_and_key(tmp_path, body, message):
+    p = write(tmp_path, body)
+    with pytest.raises(CapfleetError, match=message) as e:
+        load_spec(p)
+    assert str(p) in str(e.value)
+
+
+def test_float_fields_accept_integers(tmp_path):
+    body = 'kind = "train"\n[train]\ndata = "d"\nout = "o"\nlearning_rate = 0.01\ntime_budget_s = 60\n'
+    assert load_spec(write(tmp_path, body)).time_budget_s == 60

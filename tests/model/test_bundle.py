@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model.bundle import BundleError, BundleRunner, read_manifest
+from model.data import Flickr8kReader
+from model.features import load_images
+from model.images import preprocess
+from model.training import keras_caption_ids, load_trained
+
+
+def test_model_directory_holds_weights_vocab_and_manifest(tiny_model):
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    assert manifest["config"]["encoder"] == "small_cnn"
+    assert manifest["train"]["units"] == 32 and manifest["epochs_run"] == 3
+    assert set(manifest["test_metrics"]) >= {"bleu1", "bleu4", "content_accuracy", "images"}
+    assert (tiny_model / "weights.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # HDF5, not pickle
+
+
+def test_bundle_manifest_sizes_and_hashes(tiny_bundle):
+    m = read_manifest(tiny_bundle)
+    assert set(m["files"]) == {"encoder.tflite", "decoder_step.tflite", "vocab.json"}
+    for name, f in m["files"].items():
+        assert f["bytes"] == (tiny_bundle / name).stat().st_size
+        assert 0 < f["gzip_bytes"] < f["bytes"] * 1.01
+    assert m["recipe"] == {"encoder": "fp32", "decoder": "fp32"}
+    assert m["size_mb"] == pytest.approx(sum(f["bytes"] for f in m["files"].values()) / 1e6, abs=1e-3)
+
+
+def test_litert_bundle_captions_equal_keras(tiny_model, tiny_bundle, shapes_dir):
+    recs = Flickr8kReader(shapes_dir, "test").records()
+    images, _ = load_images(recs, 64)
+    cap, backbone, vocab, _ = load_trained(tiny_model)
+    keras_ids = keras_caption_ids(cap, backbone, images)
+    runner = BundleRunner(tiny_bundle)
+    lite_ids = runner.caption_ids(preprocess(images, "unit"))
+    np.testing.assert_array_equal(lite_ids, keras_ids)
+    assert runner.caption(images) == [vocab.decode(r) for r in keras_ids]
+
+
+def test_bundle_runs_without_tensorflow(tiny_bundle, shapes_dir):
+    code = f"""
+import sys, numpy as np
+from model.bundle import BundleRunner
+from model.data import Flickr8kReader
+from model.features import load_images
+images, _ = load_images(Flickr8kReader({str(shapes_dir)!r}, "test").records(), 64)
+caps = BundleRunner({str(tiny_bundle)!r}, beam_width=2).caption(images)
+assert len(caps) == len(images)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))
+print("LEAKED" if leaked else "CLEAN", leaked[:5])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CLEAN" in out.stdout, out.stdout
+
+
+def test_tampered_or_missing_bundle_files_are_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / "decoder_step.tflite").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "decoder_step.tflite").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder_step.tflite does not match the manifest"):
+        BundleRunner(copy)
+    shutil.copy(tiny_bundle / "decoder_step.tflite", copy / "decoder_step.tflite")
+    read_manifest(copy)  # restored: accepted again
+    (copy / "vocab.json").unlink()
+    with pytest.raises(BundleError, match="vocab.json is missing"):
+        read_manifest(copy)
+    with pytest.raises(BundleError, match="not a capfleet bundle"):
+        BundleRunner(tmp_path)

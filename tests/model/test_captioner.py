@@ -1,0 +1,125 @@
+"""The decoder graphs share one set of weights and compute the same function."""
+
+import numpy as np
+import pytest
+
+from model.captioner import Captioner, CaptionerConfig
+from model.decoding import beam_decode, greedy_decode
+from model.encoders import build_encoder, check_weights
+from model.errors import CapfleetError
+from model.text import END_ID, PAD_ID, START_ID
+from model.training import KerasStep
+
+FEATURE_ENCODER = "mobilenet_v2"  # a frozen encoder: the graphs take features, no backbone built
+
+
+@pytest.fixture(scope="module")
+def cap():
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(1)
+    cfg = CaptionerConfig(FEATURE_ENCODER, vocab_size=23, max_len=8, units=16, embed_dim=12)
+    c = Captioner(cfg)
+    # spread the output weights so that argmax decisions are far from ties
+    w, b = c.out_dense.get_weights()
+    c.out_dense.set_weights([w * 8, b])
+    return c
+
+
+def left_pad(seq, n):
+    out = np.zeros((n,), np.int32)
+    out[n - len(seq) :] = seq
+    return out
+
+
+def test_teacher_forcing_equals_prefix_graph_for_every_prefix(cap):
+    rng = np.random.default_rng(0)
+    n, t = 4, cap.config.max_len
+    feats = rng.normal(size=(n, cap.config.feature_dim)).astype(np.float32)
+    lengths = [8, 5, 3, 6]
+    tokens = np.zeros((n, t), np.int32)
+    for i, length in enumerate(lengths):
+        tokens[i, :length] = [START_ID, *rng.integers(4, 23, size=length - 2), END_ID]
+    # two captions per image in the training graph: the same caption twice must agree too
+    pair = np.stack([tokens, tokens], axis=1)  # (N, 2, T)
+    both = cap.training_model.predict_on_batch([feats, pair])  # (N, 2, T, V)
+    np.testing.assert_allclose(both[:, 0], both[:, 1], atol=1e-6)
+    tf_logits = both[:, 0]  # (N, T, V)
+    prefix = cap.prefix_model()
+    for i, length in enumerate(lengths):
+        prefixes = np.stack([left_pad(tokens[i, : k + 1], t) for k in range(length)])
+        logits = prefix.predict_on_batch([np.repeat(feats[i : i + 1], length, 0), prefixes])
+        np.testing.assert_allclose(logits, tf_logits[i, :length], atol=1e-5)
+
+
+def study_loop(prefix_model, feats, max_len):
+    """The reference project's decoding: one image, the whole prefix re-run for every word."""
+    seq = [START_ID]
+    for _ in range(max_len - 1):
+        logits = prefix_model.predict_on_batch([feats[None], left_pad(seq, max_len)[None]])
+        word = int(np.argmax(logits[0]))
+        seq.append(word)
+        if word == END_ID:
+            break
+    return seq[1:]
+
+
+def test_batched_greedy_equals_the_study_loop(cap):
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(6, cap.config.feature_dim)).astype(np.float32)
+    img_proj = cap.features_model().predict_on_batch(feats)
+    ids = greedy_decode(KerasStep(cap.step_model()), img_proj, cap.config.max_len)
+    assert ids.shape == (6, cap.config.max_len - 1)
+    prefix = cap.prefix_model()
+    for i in range(6):
+        expected = study_loop(prefix, feats[i], cap.config.max_len)
+        got = [int(x) for x in ids[i] if x != PAD_ID]
+        assert got == expected
+
+
+def test_beam_width_one_is_greedy_and_wider_beams_score_no_worse(cap):
+    rng = np.random.default_rng(3)
+    img_proj = cap.features_model().predict_on_batch(
+        rng.normal(size=(5, cap.config.feature_dim)).astype(np.float32)
+    )
+    step = KerasStep(cap.step_model())
+    greedy = greedy_decode(step, img_proj, cap.config.max_len)
+    np.testing.assert_array_equal(beam_decode(step, img_proj, cap.config.max_len, 1), greedy)
+    beam = beam_decode(step, img_proj, cap.config.max_len, 4)
+
+    def logprob(ids):
+        from model.decoding import _log_softmax
+
+        total = np.zeros(len(ids))
+        tokens = np.full(len(ids), START_ID, np.int32)
+        h = c = np.zeros((len(ids), cap.config.units), np.float32)
+        alive = np.ones(len(ids), bool)
+        for t in range(ids.shape[1]):
+            logits, h, c = step(tokens, h, c, img_proj)
+            lp = _log_softmax(logits.astype(np.float64))
+            word = ids[:, t]
+            alive &= word != PAD_ID
+            total += np.where(alive, lp[np.arange(len(ids)), np.maximum(word, 0)], 0.0)
+            alive &= word != END_ID
+            tokens = np.where(alive, word, PAD_ID).astype(np.int32)
+        return total
+
+    assert np.all(logprob(beam) >= logprob(greedy) - 1e-6)
+
+
+def test_encoder_registry_errors_name_what_is_allowed(tmp_path):
+    with pytest.raises(CapfleetError, match="allowed: mobilenet_v2, resnet50, small_cnn, vgg16"):
+        build_encoder("inception")
+    with pytest.raises(CapfleetError, match="no ImageNet weights"):
+        check_weights("small_cnn", "imagenet")
+    with pytest.raises(CapfleetError, match="existing weights file"):
+        check_weights("vgg16", str(tmp_path / "nope.h5"))
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(CapfleetError, match="cannot use weights"):
+        build_encoder("small_cnn", str(tmp_path / "junk.h5"))
+
+
+def test_small_cnn_output_shape():
+    enc = build_encoder("small_cnn")
+    out = enc.predict_on_batch(np.zeros((2, 64, 64, 3), np.float32))
+    assert out.shape == (2, 256)

@@ -1,0 +1,35 @@
+"""Training with a frozen backbone: features computed once and cached, the model reloadable."""
+
+import numpy as np
+
+from model.data import Flickr8kReader
+from model.features import load_images
+from model.training import TrainConfig, keras_caption_ids, load_trained, score_captions, train
+
+
+def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(data=str(shapes_dir), out=str(tmp_path / "m"), encoder="mobilenet_v2",
+                      weights="none", units=16, embed_dim=8, epochs=1, batch_size=16,
+                      patience=0, cache_dir=str(cache), threads=2)
+    logs: list[str] = []
+    manifest = train(cfg, log=logs.append)
+    assert any(line.startswith("features: computing mobilenet_v2") for line in logs)
+    npys = sorted(cache.glob("mobilenet_v2-*.npy"))
+    assert len(npys) == 2  # train and dev
+    assert np.load(npys[0]).shape[1] == 1280
+    assert manifest["encoder"]["weights"] == "none"
+    assert (tmp_path / "m" / "encoder.weights.h5").is_file()  # random backbone kept for export
+
+    logs.clear()
+    train(cfg, log=logs.append)
+    assert sum(line.startswith("features: cached") for line in logs) == 2
+    assert not any(line.startswith("features: computing") for line in logs)
+
+    # the reloaded model reproduces the test captions of the one that was trained
+    cap, backbone, vocab, manifest = load_trained(tmp_path / "m")
+    images, recs = load_images(Flickr8kReader(shapes_dir, "test").records(), 224)
+    ids = keras_caption_ids(cap, backbone, images)
+    assert ids.shape == (len(images), cap.config.max_len - 1)
+    again = score_captions(recs, [vocab.decode(r) for r in ids], str(shapes_dir))
+    assert again == {k: v for k, v in manifest["test_metrics"].items() if k != "data"}
