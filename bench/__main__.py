@@ -11,7 +11,9 @@ def main(argv: list[str]) -> int:
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark {unknown[0]!r}; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(
+            f"unknown benchmark {unknown[0]!r}; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr
+        )
         return 2
     for name in names:
         start = time.perf_counter()

@@ -16,20 +16,12 @@ BATCHES = (64, 256, 512)
 
 
 def study_loop(prefix_model, feats: np.ndarray) -> list[list[int]]:
-    from model.text import END_ID, START_ID
+    from model.decoding import prefix_greedy
 
-    out = []
-    for f in feats:
-        seq = [START_ID]
-        for _ in range(MAX_LEN - 1):
-            x = np.zeros((1, MAX_LEN), np.int32)
-            x[0, MAX_LEN - len(seq) :] = seq
-            word = int(np.argmax(prefix_model.predict_on_batch([f[None], x])[0]))
-            seq.append(word)
-            if word == END_ID:
-                break
-        out.append(seq[1:])
-    return out
+    return [
+        prefix_greedy(lambda p, f=f: prefix_model.predict_on_batch([f[None], p]), MAX_LEN)
+        for f in feats
+    ]
 
 
 def trimmed(ids: np.ndarray) -> list[list[int]]:
@@ -76,17 +68,34 @@ def run() -> None:
                 ids = greedy_decode(step, img_proj[:b], MAX_LEN)
             same = trimmed(ids[:STUDY_IMAGES]) == study
             ips = b / t.seconds
-            rows.append({"backend": backend, "batch": b, "images_per_s": round(ips, 1),
-                         "ms_per_image": round(1000 / ips, 3),
-                         "speedup_vs_study": round(ips / study_ips, 1),
-                         "same_captions_as_study": same})
+            rows.append(
+                {
+                    "backend": backend,
+                    "batch": b,
+                    "images_per_s": round(ips, 1),
+                    "ms_per_image": round(1000 / ips, 3),
+                    "speedup_vs_study": round(ips / study_ips, 1),
+                    "same_captions_as_study": same,
+                }
+            )
             print(rows[-1], flush=True)
-    write_result("decoding", {
-        "what": __doc__,
-        "decoder": {"vocab": VOCAB, "max_len": MAX_LEN, "units": 256, "features": FEATURES,
-                    "weights": "random"},
-        "threads": 2,
-        "study_loop": {"images": STUDY_IMAGES, "images_per_s": round(study_ips, 3),
-                       "ms_per_image": round(1000 / study_ips, 1)},
-        "batched": rows,
-    })
+    write_result(
+        "decoding",
+        {
+            "what": __doc__,
+            "decoder": {
+                "vocab": VOCAB,
+                "max_len": MAX_LEN,
+                "units": 256,
+                "features": FEATURES,
+                "weights": "random",
+            },
+            "threads": 2,
+            "study_loop": {
+                "images": STUDY_IMAGES,
+                "images_per_s": round(study_ips, 3),
+                "ms_per_image": round(1000 / study_ips, 1),
+            },
+            "batched": rows,
+        },
+    )

@@ -42,12 +42,21 @@ def run() -> None:
             for _ in range(REPEATS):
                 run_(image=x)
         lite_ips = BATCH * REPEATS / t.seconds
-        rows.append({
-            "encoder": name, "feature_dim": info.feature_dim,
-            "keras_fp32": {"images_per_s": round(keras_ips, 1), "weights_mb": round(keras_mb, 1)},
-            "litert_fp32": {"images_per_s": round(lite_ips, 1), "mb": round(len(blob) / 1e6, 1)},
-            "max_abs_diff": float(np.abs(out - ref).max()),
-        })
+        rows.append(
+            {
+                "encoder": name,
+                "feature_dim": info.feature_dim,
+                "keras_fp32": {
+                    "images_per_s": round(keras_ips, 1),
+                    "weights_mb": round(keras_mb, 1),
+                },
+                "litert_fp32": {
+                    "images_per_s": round(lite_ips, 1),
+                    "mb": round(len(blob) / 1e6, 1),
+                },
+                "max_abs_diff": float(np.abs(out - ref).max()),
+            }
+        )
         print(rows[-1], flush=True)
         del enc, blob, run_
         keras.backend.clear_session()

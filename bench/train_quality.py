@@ -27,15 +27,23 @@ def run() -> None:
         with Timer() as t:
             manifest = train(cfg)
     m = manifest["test_metrics"]
-    write_result("train_quality", {
-        "what": __doc__,
-        "data": {"images": 3000, "seed": 0, "splits": counts,
-                 "generate_seconds": round(gen.seconds, 1)},
-        "spec": dataclasses.asdict(spec),
-        "epochs_run": manifest["epochs_run"],
-        "train_seconds": manifest["train_seconds"],
-        "total_seconds_incl_test_eval": round(t.seconds, 1),
-        "test": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                 if k != "data"},
-        "targets": {"bleu4": 0.75, "content_accuracy": 0.80, "train_seconds": 300},
-    })
+    write_result(
+        "train_quality",
+        {
+            "what": __doc__,
+            "data": {
+                "images": 3000,
+                "seed": 0,
+                "splits": counts,
+                "generate_seconds": round(gen.seconds, 1),
+            },
+            "spec": dataclasses.asdict(spec),
+            "epochs_run": manifest["epochs_run"],
+            "train_seconds": manifest["train_seconds"],
+            "total_seconds_incl_test_eval": round(t.seconds, 1),
+            "test": {
+                k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items() if k != "data"
+            },
+            "targets": {"bleu4": 0.75, "content_accuracy": 0.80, "train_seconds": 300},
+        },
+    )

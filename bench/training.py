@@ -54,25 +54,47 @@ def run() -> None:
     study_batch = 64 * 5 * (max_len // 2)  # about as many target words per step as below
     rows = {}
     for name, fit in (
-        ("study_expansion", lambda: prefix.fit([feats[xi], xp], y, batch_size=study_batch,
-                                               epochs=1, verbose=0, shuffle=True)),
-        ("teacher_forcing", lambda: tf_model.fit([feats, tokens[:, :, :-1]], tokens[:, :, 1:],
-                                                 batch_size=64, epochs=1, verbose=0,
-                                                 shuffle=True)),
+        (
+            "study_expansion",
+            lambda: prefix.fit(
+                [feats[xi], xp], y, batch_size=study_batch, epochs=1, verbose=0, shuffle=True
+            ),
+        ),
+        (
+            "teacher_forcing",
+            lambda: tf_model.fit(
+                [feats, tokens[:, :, :-1]],
+                tokens[:, :, 1:],
+                batch_size=64,
+                epochs=1,
+                verbose=0,
+                shuffle=True,
+            ),
+        ),
     ):
         fit()  # warm-up epoch: graph tracing is not training time
         with Timer() as t:
             h = fit()
-        rows[name] = {"seconds_per_epoch": round(t.seconds, 2),
-                      "loss": round(float(h.history["loss"][-1]), 4)}
+        rows[name] = {
+            "seconds_per_epoch": round(t.seconds, 2),
+            "loss": round(float(h.history["loss"][-1]), 4),
+        }
         print(name, rows[name], flush=True)
     rows["study_expansion"]["samples"] = len(y)
     rows["teacher_forcing"]["samples"] = int(tokens.shape[0] * tokens.shape[1])
-    ratio = rows["study_expansion"]["seconds_per_epoch"] / rows["teacher_forcing"]["seconds_per_epoch"]
-    write_result("training", {
-        "what": __doc__,
-        "images": len(recs), "captions": int(tokens.shape[0] * tokens.shape[1]),
-        "target_words": len(y), "vocab": len(vocab), "max_len": max_len,
-        **rows,
-        "teacher_forcing_speedup": round(ratio, 2),
-    })
+    ratio = (
+        rows["study_expansion"]["seconds_per_epoch"] / rows["teacher_forcing"]["seconds_per_epoch"]
+    )
+    write_result(
+        "training",
+        {
+            "what": __doc__,
+            "images": len(recs),
+            "captions": int(tokens.shape[0] * tokens.shape[1]),
+            "target_words": len(y),
+            "vocab": len(vocab),
+            "max_len": max_len,
+            **rows,
+            "teacher_forcing_speedup": round(ratio, 2),
+        },
+    )

@@ -7,15 +7,13 @@ from pathlib import Path
 
 from compression.convert import encoder_to_tflite, step_to_tflite
 from model.bundle import write_bundle
-from model.encoders import encoder_info
-from model.training import load_trained
+from model.training import encoder_section, load_trained
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None = None) -> dict:
     """Convert a trained model to an fp32 bundle in `out_dir`; returns the bundle manifest."""
     cap, backbone, vocab, manifest = load_trained(model_dir)
     config = cap.config
-    info = encoder_info(config.encoder)
     enc_bytes = encoder_to_tflite(cap.encoder_model(backbone))
     step_bytes = step_to_tflite(cap.step_model(), config.units)
     source = Path(model_dir) / "manifest.json"
@@ -29,12 +27,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None =
             "recipe": {"encoder": "fp32", "decoder": "fp32"},
             "quantizer": "none",
             "config": config.to_dict(),
-            "encoder": {
-                "name": config.encoder,
-                "weights": manifest["encoder"]["weights"],
-                "input_size": info.input_size,
-                "preprocess": info.preprocess,
-            },
+            "encoder": encoder_section(config.encoder, manifest["encoder"]["weights"]),
             "source_model": {
                 "path": str(Path(model_dir).resolve()),
                 "manifest_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sh.set_defaults(func=_data_shapes)
 
-    tr = sub.add_parser("train", help="train a captioner from a spec (kind = \"train\")")
+    tr = sub.add_parser("train", help='train a captioner from a spec (kind = "train")')
     tr.add_argument("spec", help="a TOML spec file")
     tr.set_defaults(func=_train)
 

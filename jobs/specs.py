@@ -40,15 +40,15 @@ def build(cls, table: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(names))
     if unknown:
-        raise CapfleetError(
-            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}"
-        )
+        raise CapfleetError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
     for key, value in table.items():
         _check_type(where, key, value, hints[key].__name__)
     missing = [
-        n for n, f in names.items()
-        if n not in table and f.default is dataclasses.MISSING
+        n
+        for n, f in names.items()
+        if n not in table
+        and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -66,14 +66,18 @@ def load_spec(path: str | Path):
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise CapfleetError(f"{p}: cannot read spec ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise CapfleetError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except tomllib.TOMLDecodeError as e:
         raise CapfleetError(f"{p}: invalid TOML ({e})") from e
     kind = doc.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise CapfleetError(f"{p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     extra = sorted(set(doc) - {"kind", kind})
     if extra:
-        raise CapfleetError(f"{p}: unknown top-level key {extra[0]!r}; expected 'kind' and [{kind}]")
+        raise CapfleetError(
+            f"{p}: unknown top-level key {extra[0]!r}; expected 'kind' and [{kind}]"
+        )
     table = doc.get(kind)
     if not isinstance(table, dict):
         raise CapfleetError(f"{p}: missing the [{kind}] table")

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
-import os
-import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from model.decoding import beam_decode, greedy_decode
+from model.artifacts import (
+    package_versions,
+    read_manifest_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from model.decoding import decode
 from model.errors import CapfleetError
 from model.images import preprocess
 from model.text import Vocabulary
@@ -40,35 +42,16 @@ class BundleError(CapfleetError):
     """A bundle directory is missing, incomplete, or does not match its manifest."""
 
 
-def file_record(path: Path) -> dict:
-    """Raw size, gzip size (level 6, in memory) and sha256 of one file."""
-    data = path.read_bytes()
+REQUIRED_FILES = (ENCODER_FILE, DECODER_FILE, VOCAB_FILE)
+
+
+def file_record(data: bytes) -> dict:
+    """Raw size, gzip size (level 6, in memory) and sha256 of one file's bytes."""
     return {
         "bytes": len(data),
         "gzip_bytes": len(gzip.compress(data, compresslevel=6, mtime=0)),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = "absent"
-    return out
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_bundle(
@@ -81,10 +64,10 @@ def write_bundle(
     """Write a bundle; `info` (config, encoder, recipe, source...) goes into the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ENCODER_FILE).write_bytes(encoder_tflite)
-    (out / DECODER_FILE).write_bytes(decoder_tflite)
+    write_bytes_atomic(out / ENCODER_FILE, encoder_tflite)
+    write_bytes_atomic(out / DECODER_FILE, decoder_tflite)
     vocab.save(out / VOCAB_FILE)
-    files = {n: file_record(out / n) for n in (ENCODER_FILE, DECODER_FILE, VOCAB_FILE)}
+    files = {n: file_record((out / n).read_bytes()) for n in REQUIRED_FILES}
     manifest = {
         "format": BUNDLE_FORMAT,
         **info,
@@ -100,25 +83,34 @@ def write_bundle(
 
 def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
     """The bundle's manifest; with `verify`, every file's size and sha256 is checked."""
+    return load_bundle_files(bundle_dir, verify)[0]
+
+
+def load_bundle_files(bundle_dir: str | Path, verify: bool = True) -> tuple[dict, dict]:
+    """(manifest, {file name: bytes}) with every required file checked against the manifest,
+    so that what runs is exactly what was hashed."""
     d = Path(bundle_dir)
-    mpath = d / MANIFEST_FILE
-    if not mpath.is_file():
-        raise BundleError(f"{d}: not a capfleet bundle (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({e})") from e
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mpath}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
-    if verify:
-        for name, want in manifest["files"].items():
-            p = d / name
-            if not p.is_file():
-                raise BundleError(f"{d}: {name} is missing")
-            data = p.read_bytes()
-            if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-                raise BundleError(f"{d}: {name} does not match the manifest (changed or corrupt)")
-    return manifest
+    manifest = read_manifest_json(d / MANIFEST_FILE, BUNDLE_FORMAT, BundleError, "bundle")
+    files = manifest.get("files")
+    missing = [n for n in REQUIRED_FILES if not isinstance(files, dict) or n not in files]
+    if missing:
+        raise BundleError(f"{d}: the manifest lists no {missing[0]}")
+    for key in ("config", "encoder"):
+        if not isinstance(manifest.get(key), dict):
+            raise BundleError(f"{d}: the manifest has no {key!r} section")
+    data = {}
+    for name in REQUIRED_FILES:
+        p = d / name
+        if not p.is_file():
+            raise BundleError(f"{d}: {name} is missing")
+        data[name] = p.read_bytes()
+        want = files[name]
+        if verify and (
+            len(data[name]) != want.get("bytes")
+            or hashlib.sha256(data[name]).hexdigest() != want.get("sha256")
+        ):
+            raise BundleError(f"{d}: {name} does not match the manifest (changed or corrupt)")
+    return manifest, data
 
 
 class BundleRunner:
@@ -132,18 +124,19 @@ class BundleRunner:
         from ai_edge_litert.interpreter import Interpreter
 
         self._interpreter = Interpreter
+        if beam_width < 1:
+            raise CapfleetError(f"beam_width must be >= 1, got {beam_width}")
         self.dir = Path(bundle_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest, self._models = load_bundle_files(self.dir)
         self.vocab = Vocabulary.load(self.dir / VOCAB_FILE)
         self.num_threads = num_threads
         self.beam_width = beam_width
-        cfg = self.manifest["config"]
-        self.max_len = int(cfg["max_len"])
-        self.units = int(cfg["units"])
-        enc = self.manifest["encoder"]
-        self.input_size = int(enc["input_size"])
-        self.preprocess_style = enc["preprocess"]
-        self._models = {n: (self.dir / n).read_bytes() for n in (ENCODER_FILE, DECODER_FILE)}
+        try:
+            self.max_len = int(self.manifest["config"]["max_len"])
+            self.input_size = int(self.manifest["encoder"]["input_size"])
+            self.preprocess_style = str(self.manifest["encoder"]["preprocess"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{self.dir}: manifest lacks {e} in config/encoder") from e
         self._runners: dict[tuple[str, int], object] = {}
 
     @property
@@ -159,6 +152,9 @@ class BundleRunner:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed images (B, S, S, 3) float32 -> img_proj (B, U)."""
+        want = (self.input_size, self.input_size, 3)
+        if images.ndim != 4 or images.shape[1:] != want:
+            raise CapfleetError(f"images must be (B, {want[0]}, {want[1]}, 3), got {images.shape}")
         run = self._runner(ENCODER_FILE, len(images))
         return run(image=np.ascontiguousarray(images, dtype=np.float32))["img_proj"]
 
@@ -169,10 +165,9 @@ class BundleRunner:
 
     def caption_ids(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed images -> generated ids (B, max_len - 1)."""
-        img_proj = self.encode(images)
-        if self.beam_width > 1:
-            return beam_decode(self.step, img_proj, self.max_len, self.beam_width)
-        return greedy_decode(self.step, img_proj, self.max_len)
+        if len(images) == 0:
+            return np.zeros((0, self.max_len - 1), np.int32)
+        return decode(self.step, self.encode(images), self.max_len, self.beam_width)
 
     def caption(self, images_uint8: np.ndarray) -> list[str]:
         """RGB uint8 images (B, S, S, 3) at `image_size` -> one caption each."""

@@ -149,6 +149,11 @@ class CocoReader:
         return out
 
     def _coco(self, data: dict) -> list[ImageRecord]:
+        if self.split is not None:
+            raise DataError(
+                f"{self.json_path}: a COCO captions file has no {self.split!r} split; "
+                "use Karpathy's dataset_coco.json for splits"
+            )
         caps: dict[object, list[str]] = defaultdict(list)
         for i, ann in enumerate(data["annotations"]):
             try:

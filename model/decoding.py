@@ -35,9 +35,13 @@ def greedy_decode(step: StepFn, img_proj: np.ndarray, max_len: int) -> np.ndarra
     c = np.zeros((b, u), np.float32)
     tokens = np.full((b,), START_ID, np.int32)
     out = np.full((b, max_len - 1), PAD_ID, np.int32)
+    if b == 0:
+        return out
     done = np.zeros((b,), bool)
     for t in range(max_len - 1):
         logits, h, c = step(tokens, h, c, img_proj)
+        logits = np.array(logits, copy=True)
+        logits[:, PAD_ID] = -np.inf  # padding is never a word
         nxt = np.argmax(logits, axis=-1).astype(np.int32)  # (B,)
         nxt[done] = PAD_ID
         out[:, t] = nxt
@@ -63,6 +67,8 @@ def beam_decode(step: StepFn, img_proj: np.ndarray, max_len: int, width: int) ->
         raise ValueError(f"beam width must be >= 1, got {width}")
     b, u = img_proj.shape
     k, steps = width, max_len - 1
+    if b == 0:
+        return np.full((0, steps), PAD_ID, np.int32)
     img = np.repeat(img_proj, k, axis=0)  # (B*k, U)
     h = np.zeros((b * k, u), np.float32)
     c = np.zeros((b * k, u), np.float32)
@@ -114,3 +120,28 @@ def beam_decode(step: StepFn, img_proj: np.ndarray, max_len: int, width: int) ->
             break
     return best_seq
 
+
+def decode(step: StepFn, img_proj: np.ndarray, max_len: int, beam_width: int = 1) -> np.ndarray:
+    """Greedy search for width 1, beam search above."""
+    if beam_width > 1:
+        return beam_decode(step, img_proj, max_len, beam_width)
+    return greedy_decode(step, img_proj, max_len)
+
+
+def prefix_greedy(next_logits: Callable[[np.ndarray], np.ndarray], max_len: int) -> list[int]:
+    """The study's decoding of one image: re-run the whole left-padded prefix for every word.
+
+    `next_logits((1, max_len) prefix) -> (1, V)`. Kept as the reference that batched decoding
+    is tested and benchmarked against; returns the generated ids after startseq.
+    """
+    seq = [START_ID]
+    for _ in range(max_len - 1):
+        prefix = np.zeros((1, max_len), np.int32)
+        prefix[0, max_len - len(seq) :] = seq
+        logits = np.array(next_logits(prefix)[0], dtype=np.float64)
+        logits[PAD_ID] = -np.inf
+        word = int(np.argmax(logits))
+        seq.append(word)
+        if word == END_ID:
+            break
+    return seq[1:]

@@ -5,7 +5,6 @@ Every encoder maps preprocessed images (B, S, S, 3) to a feature vector (B, feat
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,49 +86,25 @@ def build_encoder(name: str, weights: str | None = None):
         if weights is not None:
             model.load_weights(weights)
         return model
-    except (ValueError, OSError) as e:
-        raise CapfleetError(f"encoder {name!r}: cannot use weights {weights!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001  Keras raises a bare Exception when a download fails
+        hint = (
+            " (ImageNet weights download on first use: is there network?)"
+            if (weights == "imagenet")
+            else ""
+        )
+        raise CapfleetError(f"encoder {name!r}: cannot use weights {weights!r}{hint}: {e}") from e
 
 
 def _small_cnn(keras, shape: tuple[int, int, int], feature_dim: int):
-    """Conv blocks that see where they are (CoordConv: x, y channels appended), then a global
-    max pool. The convolutions are shared over positions, so a shape learnt in one place is
-    known everywhere; the coordinates let a filter also say *where* ("red circle, left")."""
+    """Three conv blocks to an 8x8 map, flattened so that where things are survives."""
     layers = keras.layers
-    add_coords = coords_layer()
     x = inp = keras.Input(shape, name="image")
-    x = add_coords(name="coords_in")(x)
-    for i, filters in enumerate((32, 64, 96)):
+    for i, filters in enumerate((24, 48, 96)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        # BatchNorm trains several times faster; momentum 0.9 so that its inference
-        # statistics keep up within a short run
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)  # trains several times faster
         x = layers.ReLU(name=f"relu{i + 1}")(x)
         x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)  # 64 -> 32 -> 16 -> 8
-    x = add_coords(name="coords_out")(x)
-    x = layers.Conv2D(192, 1, activation="relu", name="where_what")(x)  # (B, 8, 8, 192)
-    x = layers.GlobalMaxPooling2D(name="max_pool")(x)  # (B, 192)
-    return keras.Model(inp, layers.Dense(feature_dim, activation="relu", name="features")(x),
-                       name="small_cnn")
-
-
-@functools.cache
-def coords_layer():
-    import tensorflow as tf
-    import tf_keras as keras
-
-    class AddCoords(keras.layers.Layer):
-        """Appends two channels holding each pixel's x and y in [-1, 1]."""
-
-        def call(self, x):  # (B, H, W, C) -> (B, H, W, C + 2)
-            shape = tf.shape(x)
-            ys = tf.linspace(-1.0, 1.0, shape[1])
-            xs = tf.linspace(-1.0, 1.0, shape[2])
-            grid = tf.stack(tf.meshgrid(xs, ys), axis=-1)  # (H, W, 2)
-            grid = tf.tile(grid[None], [shape[0], 1, 1, 1])
-            return tf.concat([x, tf.cast(grid, x.dtype)], axis=-1)
-
-        def compute_output_shape(self, input_shape):
-            return (*input_shape[:-1], input_shape[-1] + 2)
-
-    return AddCoords
+    x = layers.Conv2D(32, 1, activation="relu", name="squeeze")(x)  # (B, 8, 8, 32)
+    x = layers.Flatten(name="flatten")(x)  # (B, 2048)
+    x = layers.Dense(feature_dim, activation="relu", name="features")(x)
+    return keras.Model(inp, x, name="small_cnn")

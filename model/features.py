@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from model.artifacts import write_bytes_atomic, write_json_atomic
 from model.data import ImageRecord
+from model.errors import CapfleetError
 from model.images import ImageError, decode_image, preprocess
 
 
@@ -36,13 +37,17 @@ def load_images(
     if bad:
         log(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
     if not images:
-        raise ValueError("no readable images")
+        raise CapfleetError(f"none of {len(records)} images could be read, e.g. {bad[0]}")
     return np.stack(images), kept
 
 
 def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
-    """Features depend on the encoder, its weights and the exact images (by path and size)."""
+    """Features depend on the encoder, its weights (a weights file by its size and mtime too)
+    and the exact images (by path, size and mtime)."""
     h = hashlib.sha256(f"{encoder}\n{weights}\n".encode())
+    if os.path.isfile(weights):
+        st = os.stat(weights)
+        h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
     for r in records:
         st = os.stat(r.uri)
         h.update(f"{r.image_id}\t{r.uri}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -75,10 +80,9 @@ def cached_features(
         for i in range(0, len(images), batch_size)
     ]
     out = np.concatenate(feats).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, out)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, out)
+    write_bytes_atomic(path, buf.getvalue())
     ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
-    (cache / f"{encoder}-{key}.json").write_text(json.dumps(ids) + "\n")
+    write_json_atomic(cache / f"{encoder}-{key}.json", ids)
     return out

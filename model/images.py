@@ -84,6 +84,8 @@ def decode_image(
         if "truncated" in message or "broken data stream" in message or isinstance(e, EOFError):
             return ImageError(TRUNCATED, message)
         return ImageError(UNREADABLE, message or type(e).__name__)
+    except Exception as e:  # noqa: BLE001  PIL raises many types on corrupt files; one row each
+        return ImageError(UNREADABLE, f"{type(e).__name__}: {e}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

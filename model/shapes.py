@@ -81,8 +81,9 @@ def _sample_scene(rng: np.random.Generator) -> tuple[str, list[ShapeObject], str
         cells = [(col, int(rng.integers(GRID))) for col in range(GRID)]
     kinds: set[tuple[str, str, str]] = set()
     while len(kinds) < n:  # distinct objects, so that every caption names each one apart
-        kinds.add((str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))),
-                   str(rng.choice(SHAPES))))
+        kinds.add(
+            (str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+        )
     ordered = sorted(kinds)  # a set's order varies between runs; sort, then shuffle by seed
     objs = []
     for i, (col, row) in zip(rng.permutation(n), cells, strict=True):
@@ -209,8 +210,9 @@ def generate(out: str | Path, images: int = 3000, seed: int = 0) -> dict:
                 }
             )
         )
-    n_train = max(1, int(images * SPLIT_SHARES[0]))
     n_dev = max(1, int(images * SPLIT_SHARES[1]))
+    n_test = max(1, images - int(images * SPLIT_SHARES[0]) - n_dev)
+    n_train = images - n_dev - n_test
     splits = {
         "train": names[:n_train],
         "dev": names[n_train : n_train + n_dev],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.bundle import package_versions, write_json_atomic
+from model.artifacts import package_versions, read_manifest_json, write_json_atomic
 from model.captioner import Captioner, CaptionerConfig
-from model.data import ImageRecord, open_reader
-from model.decoding import beam_decode, greedy_decode
+from model.data import CocoReader, Flickr8kReader, ImageRecord, open_reader
+from model.decoding import decode
 from model.encoders import ENCODERS, build_encoder, check_weights, encoder_info
 from model.errors import CapfleetError
 from model.features import cached_features, load_images
@@ -58,8 +57,15 @@ class TrainConfig:
                 f"encoder: {self.encoder!r} is not one of {', '.join(sorted(ENCODERS))}"
             )
         check_weights(self.encoder, self.weights_arg)
-        positive = ("units", "embed_dim", "epochs", "batch_size", "captions_per_image", "min_count",
-                "beam_width")
+        positive = (
+            "units",
+            "embed_dim",
+            "epochs",
+            "batch_size",
+            "captions_per_image",
+            "min_count",
+            "beam_width",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise CapfleetError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -108,9 +114,20 @@ class KerasStep:
 
 
 def read_split(data: str, split: str) -> list[ImageRecord]:
-    records = open_reader(data, split).records()
+    """The captioned images of one split of a training data set.
+
+    Only formats that define splits can train (a Flickr8k layout, Karpathy's split JSON):
+    anything else would test on the training images.
+    """
+    reader = open_reader(data, split)
+    if not isinstance(reader, (Flickr8kReader, CocoReader)):
+        raise CapfleetError(
+            f"{data}: training needs train/dev/test splits: give a Flickr8k-layout directory "
+            "or Karpathy's dataset_*.json"
+        )
+    records = [r for r in reader.records() if r.captions]
     if not records:
-        raise CapfleetError(f"{data}: the {split} split has no images")
+        raise CapfleetError(f"{data}: the {split} split has no captioned images")
     return records
 
 
@@ -153,8 +170,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    train_recs = [r for r in read_split(cfg.data, "train") if r.captions]
-    dev_recs = [r for r in read_split(cfg.data, "dev") if r.captions]
+    # all three splits are checked before any work, so a bad data set fails in seconds
+    train_recs, dev_recs, test_recs = (read_split(cfg.data, s) for s in ("train", "dev", "test"))
     train_imgs, train_recs = load_images(train_recs, info.input_size, log)
     dev_imgs, dev_recs = load_images(dev_recs, info.input_size, log)
     vocab = Vocabulary.build(
@@ -179,10 +196,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         backbone = build_encoder(cfg.encoder, cfg.weights_arg)
         weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
         cache = cfg.cache_dir or str(out.parent / "feature_cache")
-        x_train = cached_features(backbone, cfg.encoder, weights_id, info.preprocess,
-                                  train_imgs, train_recs, cache, log=log)
-        x_dev = cached_features(backbone, cfg.encoder, weights_id, info.preprocess,
-                                dev_imgs, dev_recs, cache, log=log)
+        x_train = cached_features(
+            backbone,
+            cfg.encoder,
+            weights_id,
+            info.preprocess,
+            train_imgs,
+            train_recs,
+            cache,
+            log=log,
+        )
+        x_dev = cached_features(
+            backbone, cfg.encoder, weights_id, info.preprocess, dev_imgs, dev_recs, cache, log=log
+        )
         encoder = None
     del train_imgs, dev_imgs
 
@@ -209,8 +235,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             )
         )
     history = model.fit(
-        ds, epochs=cfg.epochs, validation_data=dev, validation_batch_size=64,
-        callbacks=callbacks, verbose=2,
+        ds,
+        epochs=cfg.epochs,
+        validation_data=dev,
+        validation_batch_size=64,
+        callbacks=callbacks,
+        verbose=2,
     )
     train_s = time.perf_counter() - t0
     model.save_weights(str(out / WEIGHTS_FILE))
@@ -218,7 +248,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         backbone.save_weights(str(out / ENCODER_WEIGHTS_FILE))
     vocab.save(out / "vocab.json")
 
-    test_recs = [r for r in read_split(cfg.data, "test") if r.captions]
     metrics = evaluate(cap, backbone, vocab, test_recs, cfg.data, cfg.beam_width, log)
     metrics["data"] = cfg.data
     scores = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
@@ -227,8 +256,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "format": MODEL_FORMAT,
         "config": config.to_dict(),
         "train": asdict(cfg),
-        "encoder": {"name": cfg.encoder, "weights": cfg.weights,
-                    "input_size": info.input_size, "preprocess": info.preprocess},
+        "encoder": encoder_section(cfg.encoder, cfg.weights),
         "history": {k: [round(float(x), 5) for x in v] for k, v in history.history.items()},
         "epochs_run": len(history.history["loss"]),
         "train_seconds": round(train_s, 1),
@@ -240,6 +268,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     return manifest
 
 
+def encoder_section(name: str, weights: str) -> dict:
+    """The `encoder` section of model and bundle manifests: what a runner needs to feed it."""
+    info = encoder_info(name)
+    return {
+        "name": name,
+        "weights": weights,
+        "input_size": info.input_size,
+        "preprocess": info.preprocess,
+    }
+
+
 def load_trained(model_dir: str | Path):
     """Rebuild a trained captioner from its directory: (Captioner, backbone, vocab, manifest).
 
@@ -247,25 +286,27 @@ def load_trained(model_dir: str | Path):
     Captioner). Everything is rebuilt from the saved config; nothing is unpickled.
     """
     d = Path(model_dir)
+    manifest = read_manifest_json(
+        d / "manifest.json", MODEL_FORMAT, CapfleetError, "model directory"
+    )
     try:
-        manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CapfleetError(f"{d}: not a capfleet model directory ({e})") from e
-    if manifest.get("format") != MODEL_FORMAT:
-        raise CapfleetError(f"{d}: format {manifest.get('format')!r}, expected {MODEL_FORMAT}")
-    config = CaptionerConfig(**manifest["config"])
+        config = CaptionerConfig(**manifest["config"])
+        weights = manifest["encoder"]["weights"]
+    except (KeyError, TypeError, AssertionError) as e:
+        raise CapfleetError(f"{d}/manifest.json: malformed config ({e})") from e
     vocab = Vocabulary.load(d / "vocab.json")
-    info = encoder_info(config.encoder)
     backbone = None
-    if not info.trainable:
-        w = manifest["encoder"]["weights"]
-        if w == "none":
-            backbone = build_encoder(config.encoder, None)
-            backbone.load_weights(str(d / ENCODER_WEIGHTS_FILE))
-        else:
-            backbone = build_encoder(config.encoder, w)
-    cap = Captioner(config)
-    cap.training_model.load_weights(str(d / WEIGHTS_FILE))
+    try:
+        if not encoder_info(config.encoder).trainable:
+            if weights == "none":
+                backbone = build_encoder(config.encoder, None)
+                backbone.load_weights(str(d / ENCODER_WEIGHTS_FILE))
+            else:
+                backbone = build_encoder(config.encoder, weights)
+        cap = Captioner(config)
+        cap.training_model.load_weights(str(d / WEIGHTS_FILE))
+    except (OSError, ValueError) as e:
+        raise CapfleetError(f"{d}: cannot load the model's weights ({e})") from e
     return cap, backbone, vocab, manifest
 
 
@@ -279,11 +320,7 @@ def keras_caption_ids(
     out = []
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i : i + batch_size], info.preprocess)
-        img_proj = enc.predict_on_batch(x)
-        if beam_width > 1:
-            out.append(beam_decode(step, img_proj, cap.config.max_len, beam_width))
-        else:
-            out.append(greedy_decode(step, img_proj, cap.config.max_len))
+        out.append(decode(step, enc.predict_on_batch(x), cap.config.max_len, beam_width))
     return np.concatenate(out)
 
 
@@ -304,8 +341,15 @@ def score_captions(
     return metrics
 
 
-def evaluate(cap: Captioner, backbone, vocab: Vocabulary, records, data_dir: str,
-             beam_width: int = 1, log: Callable[[str], None] = print) -> dict:
+def evaluate(
+    cap: Captioner,
+    backbone,
+    vocab: Vocabulary,
+    records,
+    data_dir: str,
+    beam_width: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Caption the records with the Keras graphs and score them."""
     images, records = load_images(records, encoder_info(cap.config.encoder).input_size, log)
     ids = keras_caption_ids(cap, backbone, images, beam_width)

@@ -21,8 +21,19 @@ def tiny_model(shapes_dir, tmp_path_factory):
     from model.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
-    train(TrainConfig(data=str(shapes_dir), out=str(out), units=32, embed_dim=16,
-                      epochs=3, batch_size=16, patience=0, threads=2), log=lambda _: None)
+    train(
+        TrainConfig(
+            data=str(shapes_dir),
+            out=str(out),
+            units=32,
+            embed_dim=16,
+            epochs=3,
+            batch_size=16,
+            patience=0,
+            threads=2,
+        ),
+        log=lambda _: None,
+    )
     return out
 
 

@@ -23,16 +23,28 @@ def test_train_spec_loads_into_frozen_config(tmp_path):
     [
         ('[train]\ndata = "d"\nout = "o"\n', "kind must be one of train"),
         ('kind = "train"\n', r"missing the \[train\] table"),
-        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepoch = 3\n',
-         "unknown key 'epoch'; allowed: data, out, encoder"),
-        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = "3"\n',
-         "epochs must be int, got '3'"),
+        (
+            'kind = "train"\n[train]\ndata = "d"\nout = "o"\nepoch = 3\n',
+            "unknown key 'epoch'; allowed: data, out, encoder",
+        ),
+        (
+            'kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = "3"\n',
+            "epochs must be int, got '3'",
+        ),
         ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = true\n', "epochs must be int"),
         ('kind = "train"\n[train]\nout = "o"\n', "missing required key 'data'"),
-        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nencoder = "vit"\n',
-         "encoder: 'vit' is not one of mobilenet_v2, resnet50, small_cnn, vgg16"),
-        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\ndropout = 1.5\n', r"dropout: must be in \[0, 1\)"),
-        ('kind = "train"\n[train]\ndata = "d"\nout = "o"\nweights = "w.h5"\n', "existing weights file"),
+        (
+            'kind = "train"\n[train]\ndata = "d"\nout = "o"\nencoder = "vit"\n',
+            "encoder: 'vit' is not one of mobilenet_v2, resnet50, small_cnn, vgg16",
+        ),
+        (
+            'kind = "train"\n[train]\ndata = "d"\nout = "o"\ndropout = 1.5\n',
+            r"dropout: must be in \[0, 1\)",
+        ),
+        (
+            'kind = "train"\n[train]\ndata = "d"\nout = "o"\nweights = "w.h5"\n',
+            "existing weights file",
+        ),
         ('kind = "train"\n[train\n', "invalid TOML"),
     ],
 )
@@ -44,5 +56,16 @@ def test_bad_specs_are_refused_naming_file_and_key(tmp_path, body, message):
 
 
 def test_float_fields_accept_integers(tmp_path):
-    body = 'kind = "train"\n[train]\ndata = "d"\nout = "o"\nlearning_rate = 0.01\ntime_budget_s = 60\n'
+    body = (
+        'kind = "train"\n[train]\ndata = "d"\nout = "o"\nlearning_rate = 0.01\ntime_budget_s = 60\n'
+    )
     assert load_spec(write(tmp_path, body)).time_budget_s == 60
+
+
+def test_every_example_spec_loads():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "jobs" / "examples").glob("*.toml"))
+    assert examples
+    for p in examples:
+        load_spec(p)

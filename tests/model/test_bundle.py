@@ -27,7 +27,9 @@ def test_bundle_manifest_sizes_and_hashes(tiny_bundle):
         assert f["bytes"] == (tiny_bundle / name).stat().st_size
         assert 0 < f["gzip_bytes"] < f["bytes"] * 1.01
     assert m["recipe"] == {"encoder": "fp32", "decoder": "fp32"}
-    assert m["size_mb"] == pytest.approx(sum(f["bytes"] for f in m["files"].values()) / 1e6, abs=1e-3)
+    assert m["size_mb"] == pytest.approx(
+        sum(f["bytes"] for f in m["files"].values()) / 1e6, abs=1e-3
+    )
 
 
 def test_litert_bundle_captions_equal_keras(tiny_model, tiny_bundle, shapes_dir):
@@ -75,3 +77,23 @@ def test_tampered_or_missing_bundle_files_are_refused(tiny_bundle, tmp_path):
         read_manifest(copy)
     with pytest.raises(BundleError, match="not a capfleet bundle"):
         BundleRunner(tmp_path)
+
+
+def test_incomplete_manifest_and_wrong_image_shape_are_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from model.errors import CapfleetError
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["files"]["encoder.tflite"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="lists no encoder.tflite"):
+        BundleRunner(copy)
+    runner = BundleRunner(tiny_bundle)
+    with pytest.raises(CapfleetError, match=r"images must be \(B, 64, 64, 3\)"):
+        runner.caption_ids(np.zeros((2, 32, 32, 3), np.float32))
+    assert runner.caption_ids(np.zeros((0, 64, 64, 3), np.float32)).shape[0] == 0
+    with pytest.raises(CapfleetError, match="beam_width"):
+        BundleRunner(tiny_bundle, beam_width=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model.captioner import Captioner, CaptionerConfig
-from model.decoding import beam_decode, greedy_decode
+from model.decoding import beam_decode, greedy_decode, prefix_greedy
 from model.encoders import build_encoder, check_weights
 from model.errors import CapfleetError
 from model.text import END_ID, PAD_ID, START_ID
@@ -52,18 +52,6 @@ def test_teacher_forcing_equals_prefix_graph_for_every_prefix(cap):
         np.testing.assert_allclose(logits, tf_logits[i, :length], atol=1e-5)
 
 
-def study_loop(prefix_model, feats, max_len):
-    """The reference project's decoding: one image, the whole prefix re-run for every word."""
-    seq = [START_ID]
-    for _ in range(max_len - 1):
-        logits = prefix_model.predict_on_batch([feats[None], left_pad(seq, max_len)[None]])
-        word = int(np.argmax(logits[0]))
-        seq.append(word)
-        if word == END_ID:
-            break
-    return seq[1:]
-
-
 def test_batched_greedy_equals_the_study_loop(cap):
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(6, cap.config.feature_dim)).astype(np.float32)
@@ -72,7 +60,9 @@ def test_batched_greedy_equals_the_study_loop(cap):
     assert ids.shape == (6, cap.config.max_len - 1)
     prefix = cap.prefix_model()
     for i in range(6):
-        expected = study_loop(prefix, feats[i], cap.config.max_len)
+        expected = prefix_greedy(
+            lambda p, i=i: prefix.predict_on_batch([feats[i : i + 1], p]), cap.config.max_len
+        )
         got = [int(x) for x in ids[i] if x != PAD_ID]
         assert got == expected
 

@@ -85,3 +85,9 @@ def test_sidecar_objects_match_pixels(tmp_path):
             px = img[int(o["y"] * img.shape[0]), int(o["x"] * img.shape[1])].astype(int)
             want = np.array(shapes.COLOURS[o["colour"]])
             assert np.abs(px - want).max() < 60, (d["image_id"], o, px)
+
+
+def test_every_split_gets_an_image_even_for_tiny_sets(tmp_path):
+    for n in (3, 4, 5, 11):
+        counts = shapes.generate(tmp_path / str(n), images=n, seed=0)
+        assert min(counts.values()) >= 1 and sum(counts.values()) == n, (n, counts)

@@ -9,9 +9,19 @@ from model.training import TrainConfig, keras_caption_ids, load_trained, score_c
 
 def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path):
     cache = tmp_path / "cache"
-    cfg = TrainConfig(data=str(shapes_dir), out=str(tmp_path / "m"), encoder="mobilenet_v2",
-                      weights="none", units=16, embed_dim=8, epochs=1, batch_size=16,
-                      patience=0, cache_dir=str(cache), threads=2)
+    cfg = TrainConfig(
+        data=str(shapes_dir),
+        out=str(tmp_path / "m"),
+        encoder="mobilenet_v2",
+        weights="none",
+        units=16,
+        embed_dim=8,
+        epochs=1,
+        batch_size=16,
+        patience=0,
+        cache_dir=str(cache),
+        threads=2,
+    )
     logs: list[str] = []
     manifest = train(cfg, log=logs.append)
     assert any(line.startswith("features: computing mobilenet_v2") for line in logs)
@@ -33,3 +43,20 @@ def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_pa
     assert ids.shape == (len(images), cap.config.max_len - 1)
     again = score_captions(recs, [vocab.decode(r) for r in ids], str(shapes_dir))
     assert again == {k: v for k, v in manifest["test_metrics"].items() if k != "data"}
+
+
+def test_training_data_without_splits_is_refused_before_work(tmp_path):
+    import json as _json
+
+    import pytest
+
+    from model.errors import CapfleetError
+    from model.training import read_split
+
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(CapfleetError, match="training needs train/dev/test splits"):
+        read_split(str(tmp_path / "imgs"), "train")
+    coco = tmp_path / "c.json"
+    coco.write_text(_json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(CapfleetError, match="has no 'train' split"):
+        read_split(str(coco), "train")
