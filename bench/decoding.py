@@ -15,13 +15,17 @@ STUDY_IMAGES = 16  # the study's loop is slow: time it on a few images
 BATCHES = (64, 256, 512)
 
 
-def study_loop(prefix_model, feats: np.ndarray) -> list[list[int]]:
+def study_loop(prefix_model, feats: np.ndarray, call: str) -> list[list[int]]:
+    """The study's loop; call="predict" is how the study wrote it (model.predict per word),
+    call="predict_on_batch" the same loop without Keras' per-call set-up."""
     from model.decoding import prefix_greedy
 
-    return [
-        prefix_greedy(lambda p, f=f: prefix_model.predict_on_batch([f[None], p]), MAX_LEN)
-        for f in feats
-    ]
+    def run(f):
+        if call == "predict":
+            return lambda p: prefix_model.predict([f[None], p], verbose=0)
+        return lambda p: prefix_model.predict_on_batch([f[None], p])
+
+    return [prefix_greedy(run(f), MAX_LEN) for f in feats]
 
 
 def trimmed(ids: np.ndarray) -> list[list[int]]:
@@ -43,10 +47,21 @@ def run() -> None:
     feats = rng.normal(size=(max(BATCHES), cap.config.feature_dim)).astype(np.float32)
     img_proj = cap.features_model().predict_on_batch(feats)
     prefix = cap.prefix_model()
-    study_loop(prefix, feats[:1])  # warm-up
-    with Timer() as t:
-        study = study_loop(prefix, feats[:STUDY_IMAGES])
-    study_ips = STUDY_IMAGES / t.seconds
+    study = {}
+    for call, n in (("predict", STUDY_IMAGES // 4), ("predict_on_batch", STUDY_IMAGES)):
+        study_loop(prefix, feats[:1], call)  # warm-up
+        with Timer() as t:
+            ids = study_loop(prefix, feats[:n], call)
+        study[call] = {
+            "images": n,
+            "images_per_s": round(n / t.seconds, 3),
+            "ms_per_image": round(1000 * t.seconds / n, 1),
+            "ids": ids,
+        }
+        print(call, {k: v for k, v in study[call].items() if k != "ids"}, flush=True)
+    reference = study["predict_on_batch"]["ids"]
+    study_ips = study["predict"]["images_per_s"]
+    fast_ips = study["predict_on_batch"]["images_per_s"]
 
     keras_step = KerasStep(cap.step_model())
     step_bytes = step_to_tflite(cap.step_model(), cap.config.units)
@@ -66,7 +81,7 @@ def run() -> None:
             greedy_decode(step, img_proj[:b], MAX_LEN)  # warm-up (and interpreter allocation)
             with Timer() as t:
                 ids = greedy_decode(step, img_proj[:b], MAX_LEN)
-            same = trimmed(ids[:STUDY_IMAGES]) == study
+            same = trimmed(ids[:STUDY_IMAGES]) == reference
             ips = b / t.seconds
             rows.append(
                 {

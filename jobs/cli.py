@@ -41,6 +41,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caption(args: argparse.Namespace) -> int:
+    from cluster.caption_pipeline import run_caption_job
+    from model.captioning import CaptionConfig
+
+    cfg = CaptionConfig(
+        bundles=tuple(args.bundle),
+        input=args.input,
+        out=args.out,
+        split=args.split,
+        references=args.references or "",
+        address=args.address or "",
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        actors=args.actors,
+        actor_cpus=args.actor_cpus,
+        beam_width=args.beam_width,
+    )
+    job = run_caption_job(cfg)
+    print(
+        f"captions in {args.out}/captions/, summary in {args.out}/summary.parquet "
+        f"({job['wall_seconds']} s)"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "capfleet demo: not yet available. So far capfleet has its data readers, the shapes data\n"
@@ -71,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", help="a model directory written by `capfleet train`")
     ex.add_argument("--out", required=True, help="the bundle directory to write")
     ex.set_defaults(func=_export)
+
+    cap = sub.add_parser("caption", help="caption an image set with one or more bundles on Ray")
+    cap.add_argument(
+        "--bundle",
+        action="append",
+        required=True,
+        help="a bundle directory (repeat for several models)",
+    )
+    cap.add_argument(
+        "--input",
+        required=True,
+        help="a folder, a .parquet/.csv manifest, a Flickr8k directory or a COCO JSON",
+    )
+    cap.add_argument("--out", required=True, help="output directory (rerun it to resume)")
+    cap.add_argument("--split", default="test", help="split of a Flickr8k/Karpathy input")
+    cap.add_argument("--references", help="a captioned data set to score BLEU against")
+    cap.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
+    cap.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    cap.add_argument("--shard-size", type=int, default=256, help="images per output part file")
+    cap.add_argument("--actors", type=int, default=1, help="actors per bundle")
+    cap.add_argument("--actor-cpus", type=float, default=0.5, help="CPUs per actor")
+    cap.add_argument("--beam-width", type=int, default=1, help="1 = greedy")
+    cap.set_defaults(func=_caption)
 
     demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

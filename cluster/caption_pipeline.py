@@ -1,0 +1,139 @@
+"""The caption job on Ray Data: shards -> read + decode tasks -> one actor pool per bundle
+(each actor writes its shard's Parquet part) -> progress in the driver.
+
+Sizing: on a small machine an actor pool that takes every CPU starves the decode tasks and
+the job stalls (PITFALLS.md), so actors take a fraction of a CPU each (`actor_cpus`) with an
+interpreter of as many threads, and decode tasks take `decode_cpus`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.connect import ray_session
+from model.artifacts import package_versions, write_bytes_atomic, write_json_atomic
+from model.bundle import read_manifest
+from model.captioning import (
+    CaptionConfig,
+    CaptionWorker,
+    decode_batch,
+    missing_models,
+    read_captions,
+    shard_records,
+    summarize,
+)
+from model.data import open_reader
+
+
+def _keep_shard_id(batch: dict) -> dict:
+    return {"shard": batch["shard"]}  # only the id travels back to the driver
+
+
+def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> dict:
+    """Caption every input image with every bundle into cfg.out; returns job.json's content."""
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    manifests = [read_manifest(b) for b in cfg.bundles]  # refuse a bad bundle before any work
+    sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
+    records = open_reader(cfg.input, cfg.split).records()
+    if cfg.references:
+        by_id = {r.image_id: r.captions for r in open_reader(cfg.references, cfg.split).records()}
+        records = [type(r)(r.image_id, r.uri, by_id.get(r.image_id, r.captions)) for r in records]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = shard_records(records, cfg.shard_size)
+    pending = [i for i in range(len(shards)) if missing_models(out, cfg.names, i)]
+    log(
+        f"caption: {len(records)} images in {len(shards)} shards x {len(cfg.names)} models; "
+        f"{len(shards) - len(pending)} shards already done"
+    )
+
+    if pending:
+        with ray_session(cfg.address or None) as ray:
+            items = [
+                {
+                    "shard": i,
+                    "image_id": [r.image_id for r in shards[i]],
+                    "uri": [r.uri for r in shards[i]],
+                }
+                for i in pending
+            ]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(
+                decode_batch,
+                fn_kwargs={"sizes": sizes},
+                batch_size=1,
+                batch_format="numpy",
+                num_cpus=cfg.decode_cpus,
+            )
+            threads = max(1, int(cfg.actor_cpus))
+            for bundle, name in zip(cfg.bundles, cfg.names, strict=True):
+                ds = ds.map_batches(
+                    CaptionWorker,
+                    fn_constructor_kwargs={
+                        "bundle_dir": str(Path(bundle).resolve()),
+                        "name": name,
+                        "out": str(out.resolve()),
+                        "batch_size": cfg.batch_size,
+                        "num_threads": threads,
+                        "beam_width": cfg.beam_width,
+                    },
+                    batch_size=1,
+                    batch_format="numpy",
+                    num_cpus=cfg.actor_cpus,
+                    concurrency=cfg.actors,
+                    # Ray Data restarts a dead actor and retries its shard by default
+                    # (max_restarts=-1, max_task_retries=-1); a retried shard rewrites the
+                    # same part file atomically, so nothing is written twice.
+                )
+            ds = ds.map_batches(_keep_shard_id, batch_size=1, batch_format="numpy", num_cpus=0.1)
+            for n, row in enumerate(ds.iter_rows(), 1):
+                log(f"caption: shard {int(row['shard'])} done ({n}/{len(pending)})")
+
+    wall = time.perf_counter() - t0
+    summary = summarize(out, cfg, records, wall)
+    sink = pa.BufferOutputStream()
+    pq.write_table(summary, sink)
+    write_bytes_atomic(out / "summary.parquet", sink.getvalue().to_pybytes())
+    counts = {name: read_captions(out, name).num_rows for name in cfg.names}
+    job = {
+        "kind": "caption",
+        "spec": asdict(cfg),
+        "versions": package_versions("capfleet", "ray", "ai-edge-litert", "pyarrow"),
+        "start": started.isoformat(timespec="seconds"),
+        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 2),
+        "images": len(records),
+        "rows": counts,
+        "shards": {"total": len(shards), "run": len(pending)},
+    }
+    write_json_atomic(out / "job.json", job)
+    _print_summary(summary, log)
+    return job
+
+
+def _print_summary(summary, log) -> None:
+    cols = [
+        "model",
+        "images",
+        "ok",
+        "failed",
+        "throughput_img_s",
+        "latency_p50_ms",
+        "size_mb",
+        "bleu1",
+        "bleu4",
+    ]
+    rows = summary.select(cols).to_pylist()
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    for r in table:
+        log("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))

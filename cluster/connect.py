@@ -1,0 +1,41 @@
+"""Connecting to Ray: an embedded local instance by default, or a running cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import model  # noqa: F401  (TF_USE_LEGACY_KERAS for every worker this process starts)
+
+# Ray maps loopback to the machine's interface address unless this is set; an embedded,
+# single-machine instance has no reason to listen beyond loopback (see PITFALLS.md).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None):
+    """Yields a connected Ray. Without an address a local instance is started on 127.0.0.1,
+    sized to this machine (or `num_cpus`), and shut down at the end; with one (`auto`,
+    `ray://host:10001`) the running cluster is joined and left running."""
+    import ray
+
+    if ray.is_initialized():  # already connected (a test session, a caller): reuse it
+        yield ray
+        return
+    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if address is None:
+        os.environ.update(LOOPBACK_ENV)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {**env, **LOOPBACK_ENV}},
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    else:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
