@@ -4,7 +4,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("decoding", "training", "encoders", "train_quality")
+BENCHMARKS = ("decoding", "training", "encoders", "caption", "train_quality")
 
 
 def main(argv: list[str]) -> int:

@@ -223,7 +223,9 @@ class CaptionConfig:
     shard_size: int = 256  # images per output part file (the unit of resume)
     actors: int = 1  # actors per bundle
     actor_cpus: float = 0.5  # CPUs per actor (its interpreter gets as many threads, >= 1)
-    decode_cpus: float = 0.5  # CPUs per decode task
+    decode_cpus: float = (
+        0.25  # CPUs per decode task (unlike the actors, so Ray Data does not fuse them)
+    )
     beam_width: int = 1
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 

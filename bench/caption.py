@@ -1,0 +1,176 @@
+"""Caption job throughput vs a plain one-process baseline doing the same work on the same images
+with no Ray (decode + preprocess on a 2-thread pool, BundleRunner with 2 threads on full batches).
+Also: the bundle alone on preloaded batches (the model-bound limit), 1 vs 2 actors, and the
+resident memory of each caption actor. Small-CNN bundle with random weights (speed does not
+depend on what the weights learnt; every caption runs to full length, the worst case)."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Timer, write_result
+
+IMAGES = 3000  # distinct shapes JPEGs (128x128)
+REPEAT = 10  # the manifest lists each image this many times under different ids: 30,000 rows
+BATCH = 64
+SHARD = 1024
+
+
+def make_bundle(out: Path, vocab) -> Path:
+    import tf_keras as keras
+
+    from compression.convert import encoder_to_tflite, step_to_tflite
+    from model.bundle import write_bundle
+    from model.captioner import Captioner, CaptionerConfig
+    from model.training import encoder_section
+
+    keras.utils.set_random_seed(0)
+    cap = Captioner(CaptionerConfig("small_cnn", len(vocab), 16, embed_dim=64))
+    write_bundle(
+        out,
+        encoder_to_tflite(cap.encoder_model()),
+        step_to_tflite(cap.step_model(), 256),
+        vocab,
+        {
+            "name": "small_cnn-fp32",
+            "recipe": {"encoder": "fp32", "decoder": "fp32"},
+            "quantizer": "none",
+            "config": cap.config.to_dict(),
+            "encoder": encoder_section("small_cnn", "none"),
+            "source_model": {},
+        },
+    )
+    return out
+
+
+def baseline(bundle: Path, uris: list[str]) -> float:
+    """One process, no Ray: a 2-thread decode pool feeding full batches to the bundle."""
+    from model.bundle import BundleRunner
+    from model.captioning import read_uri
+    from model.images import decode_image
+
+    runner = BundleRunner(bundle, num_threads=2)
+    size = runner.image_size
+
+    def load(u):
+        return decode_image(read_uri(u), size)
+
+    with Timer() as t, ThreadPoolExecutor(2) as pool:
+        batches = [uris[i : i + BATCH] for i in range(0, len(uris), BATCH)]
+        nxt = pool.map(load, batches[0])
+        for i in range(len(batches)):
+            imgs = np.stack(list(nxt))
+            if i + 1 < len(batches):
+                nxt = pool.map(load, batches[i + 1])  # decode the next batch meanwhile
+            runner.caption(imgs)
+    return len(uris) / t.seconds
+
+
+def bundle_alone(bundle: Path, uris: list[str]) -> float:
+    from model.bundle import BundleRunner
+    from model.captioning import read_uri
+    from model.images import decode_image
+
+    runner = BundleRunner(bundle, num_threads=2)
+    imgs = np.stack([decode_image(read_uri(u), runner.image_size) for u in uris[:1024]])
+    runner.caption(imgs[:BATCH])
+    with Timer() as t:
+        for i in range(0, len(imgs), BATCH):
+            runner.caption(imgs[i : i + BATCH])
+    return len(imgs) / t.seconds
+
+
+def actor_rss_sampler(stop: threading.Event, peak: dict) -> None:
+    """Peak resident memory of every caption actor process, read from /proc twice a second."""
+    while not stop.is_set():
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "CaptionWorker" not in cmd:
+                    continue
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+                        peak[proc.name] = max(peak.get(proc.name, 0), rss)
+            except (OSError, ValueError):
+                pass
+        stop.wait(0.5)
+
+
+def run() -> None:
+    from cluster.caption_pipeline import run_caption_job
+    from model import shapes
+    from model.captioning import CaptionConfig
+    from model.data import Flickr8kReader
+    from model.text import Vocabulary, clean_caption
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shapes.generate(tmp / "data", images=IMAGES + IMAGES // 4 + 2, seed=0)
+        recs = Flickr8kReader(tmp / "data", "train").records()[:IMAGES]
+        vocab = Vocabulary.build(clean_caption(c) for r in recs for c in r.captions)
+        bundle = make_bundle(tmp / "bundle", vocab)
+        uris = [r.uri for r in recs] * REPEAT
+        # the job reads a manifest of exactly these rows
+        lines = [f"{i},{u}" for i, u in enumerate(uris)]
+        (tmp / "m.csv").write_text("image_id,path\n" + "\n".join(lines) + "\n")
+        alone = bundle_alone(bundle, uris)
+        print("bundle alone", round(alone, 1), flush=True)
+        base = baseline(bundle, uris)
+        print("baseline", round(base, 1), flush=True)
+        jobs = []
+        for actors in (1, 2):
+            peak: dict = {}
+            stop = threading.Event()
+            sampler = threading.Thread(target=actor_rss_sampler, args=(stop, peak))
+            sampler.start()
+            cfg = CaptionConfig(
+                bundles=(str(bundle),),
+                input=str(tmp / "m.csv"),
+                out=str(tmp / f"out{actors}"),
+                batch_size=BATCH,
+                shard_size=SHARD,
+                actors=actors,
+                actor_cpus=0.5,
+            )
+            t0 = time.perf_counter()
+            job = run_caption_job(cfg, log=lambda _: None)
+            wall = time.perf_counter() - t0
+            stop.set()
+            sampler.join()
+            ips = len(uris) / wall
+            jobs.append(
+                {
+                    "actors": actors,
+                    "actor_cpus": 0.5,
+                    "interpreter_threads": 1,
+                    "images_per_s_incl_startup": round(ips, 1),
+                    "vs_baseline": round(ips / base, 3),
+                    "wall_s": round(wall, 1),
+                    "rows": job["rows"],
+                    "actor_rss_mb": sorted(round(v / 1e6) for v in peak.values()),
+                }
+            )
+            print(jobs[-1], flush=True)
+    write_result(
+        "caption",
+        {
+            "what": __doc__,
+            "rows": len(uris),
+            "distinct_images": IMAGES,
+            "image_side_px": shapes.IMAGE_SIDE,
+            "batch": BATCH,
+            "shard_size": SHARD,
+            "bundle": "small_cnn fp32, random weights",
+            "bundle_alone_images_per_s": round(alone, 1),
+            "baseline_one_process_images_per_s": round(base, 1),
+            "ray_job": jobs,
+            "target": ">= 0.85 of the baseline on 2 CPUs",
+        },
+    )
