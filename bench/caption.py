@@ -18,7 +18,7 @@ from bench.common import Timer, write_result
 
 IMAGES = 3000  # distinct shapes JPEGs (128x128)
 REPEAT = 10  # the manifest lists each image this many times under different ids: 30,000 rows
-BATCH = 64
+BATCH = 256
 SHARD = 1024
 
 
@@ -125,7 +125,7 @@ def run() -> None:
         base = baseline(bundle, uris)
         print("baseline", round(base, 1), flush=True)
         jobs = []
-        for actors in (1, 2):
+        for actors, cpus in ((1, 1.0), (2, 0.5), (2, 1.0)):
             peak: dict = {}
             stop = threading.Event()
             sampler = threading.Thread(target=actor_rss_sampler, args=(stop, peak))
@@ -133,11 +133,12 @@ def run() -> None:
             cfg = CaptionConfig(
                 bundles=(str(bundle),),
                 input=str(tmp / "m.csv"),
-                out=str(tmp / f"out{actors}"),
+                out=str(tmp / f"out{actors}-{cpus}"),
                 batch_size=BATCH,
                 shard_size=SHARD,
                 actors=actors,
-                actor_cpus=0.5,
+                actor_cpus=cpus,
+                decode_cpus=cpus,
             )
             t0 = time.perf_counter()
             job = run_caption_job(cfg, log=lambda _: None)
@@ -148,8 +149,9 @@ def run() -> None:
             jobs.append(
                 {
                     "actors": actors,
-                    "actor_cpus": 0.5,
-                    "interpreter_threads": 1,
+                    "actor_cpus": cpus,
+                    "interpreter_threads": max(1, int(cpus)),
+                    "decode": "fused into the actors",
                     "images_per_s_incl_startup": round(ips, 1),
                     "vs_baseline": round(ips / base, 3),
                     "wall_s": round(wall, 1),

@@ -32,10 +32,6 @@ from model.captioning import (
 from model.data import open_reader
 
 
-def _keep_shard_id(batch: dict) -> dict:
-    return {"shard": batch["shard"]}  # only the id travels back to the driver
-
-
 def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     """Caption every input image with every bundle into cfg.out; returns job.json's content."""
     started = datetime.now(timezone.utc)
@@ -74,7 +70,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                 num_cpus=cfg.decode_cpus,
             )
             threads = max(1, int(cfg.actor_cpus))
-            for bundle, name in zip(cfg.bundles, cfg.names, strict=True):
+            for k, (bundle, name) in enumerate(zip(cfg.bundles, cfg.names, strict=True)):
                 ds = ds.map_batches(
                     CaptionWorker,
                     fn_constructor_kwargs={
@@ -84,6 +80,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                         "batch_size": cfg.batch_size,
                         "num_threads": threads,
                         "beam_width": cfg.beam_width,
+                        "last": k == len(cfg.bundles) - 1,
                     },
                     batch_size=1,
                     batch_format="numpy",
@@ -93,7 +90,6 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                     # (max_restarts=-1, max_task_retries=-1); a retried shard rewrites the
                     # same part file atomically, so nothing is written twice.
                 )
-            ds = ds.map_batches(_keep_shard_id, batch_size=1, batch_format="numpy", num_cpus=0.1)
             for n, row in enumerate(ds.iter_rows(), 1):
                 log(f"caption: shard {int(row['shard'])} done ({n}/{len(pending)})")
 

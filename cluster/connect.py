@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import model  # noqa: F401  (TF_USE_LEGACY_KERAS for every worker this process starts)
 
@@ -12,11 +13,26 @@ import model  # noqa: F401  (TF_USE_LEGACY_KERAS for every worker this process s
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def use_loopback() -> None:
+    """Make the Ray started by this process (and its workers) use 127.0.0.1 only.
+
+    Ray reads the variable once, when it is first imported; if it already was, the constant it
+    set is updated too (services.get_node_ip_address reads it at call time).
+    """
+    os.environ.update(LOOPBACK_ENV)
+    if "ray" in sys.modules:
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
     """Yields a connected Ray. Without an address a local instance is started on 127.0.0.1,
     sized to this machine (or `num_cpus`), and shut down at the end; with one (`auto`,
     `ray://host:10001`) the running cluster is joined and left running."""
+    if address is None:
+        use_loopback()  # before ray is imported here
     import ray
 
     if ray.is_initialized():  # already connected (a test session, a caller): reuse it
@@ -24,7 +40,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         return
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     if address is None:
-        os.environ.update(LOOPBACK_ENV)
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -33,6 +48,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
             log_to_driver=False,
             configure_logging=False,
         )
+        nodes = {n["NodeManagerAddress"] for n in ray.nodes()}
+        if nodes != {"127.0.0.1"}:
+            ray.shutdown()
+            raise RuntimeError(f"the embedded Ray left loopback: nodes on {sorted(nodes)}")
     else:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:

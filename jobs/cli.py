@@ -113,10 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--split", default="test", help="split of a Flickr8k/Karpathy input")
     cap.add_argument("--references", help="a captioned data set to score BLEU against")
     cap.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
-    cap.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    cap.add_argument("--shard-size", type=int, default=256, help="images per output part file")
+    cap.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    cap.add_argument("--shard-size", type=int, default=1024, help="images per output part file")
     cap.add_argument("--actors", type=int, default=1, help="actors per bundle")
     cap.add_argument("--actor-cpus", type=float, default=0.5, help="CPUs per actor")
+    cap.add_argument(
+        "--decode-cpus",
+        type=float,
+        default=0.5,
+        help="CPUs per decode task (equal to --actor-cpus: fused into the actors)",
+    )
     cap.add_argument("--beam-width", type=int, default=1, help="1 = greedy")
     cap.set_defaults(func=_caption)
 

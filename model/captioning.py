@@ -135,6 +135,7 @@ class CaptionWorker:
         batch_size: int = 64,
         num_threads: int = 1,
         beam_width: int = 1,
+        last: bool = True,
     ):
         from model.bundle import BundleRunner
 
@@ -142,6 +143,7 @@ class CaptionWorker:
         self.name = name
         self.out = out
         self.batch_size = batch_size
+        self.last = last  # the last model passes on only the shard id, not the images
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
@@ -159,7 +161,7 @@ class CaptionWorker:
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
             write_bytes_atomic(path, sink.getvalue().to_pybytes())
-        return batch
+        return {"shard": batch["shard"]} if self.last else batch
 
     def caption_shard(
         self, shard: int, ids: list, uris: list, errors: list, images: np.ndarray
@@ -219,8 +221,8 @@ class CaptionConfig:
     split: str = "test"  # for a Flickr8k directory or a Karpathy JSON
     references: str = ""  # a captioned data set to score against ("" = the input's own)
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
-    batch_size: int = 64  # images per model call
-    shard_size: int = 256  # images per output part file (the unit of resume)
+    batch_size: int = 256  # images per model call
+    shard_size: int = 1024  # images per output part file (the unit of resume)
     actors: int = 1  # actors per bundle
     actor_cpus: float = 0.5  # CPUs per actor (its interpreter gets as many threads, >= 1)
     decode_cpus: float = (

@@ -1,17 +1,15 @@
 """One real local Ray instance for the cluster tests, on loopback, stopped at the end."""
 
-import os
-
 import pytest
 
 
 @pytest.fixture(scope="session")
 def local_ray():
+    from cluster.connect import LOOPBACK_ENV, use_loopback
+
+    use_loopback()
     import ray
 
-    from cluster.connect import LOOPBACK_ENV
-
-    os.environ.update(LOOPBACK_ENV)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -19,6 +17,7 @@ def local_ray():
         runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", **LOOPBACK_ENV}},
         log_to_driver=False,
     )
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, "Ray left loopback"
     yield ray
     ray.shutdown()
 
