@@ -1,16 +1,18 @@
-"""The caption job on Ray Data: shards -> read + decode tasks -> one actor pool per bundle
-(each actor writes its shard's Parquet part) -> progress in the driver.
+"""The caption job on Ray Data: shards -> read + decode -> one actor pool per bundle (each
+actor writes its shard's Parquet part) -> shard ids back to the driver for progress.
 
-Sizing: on a small machine an actor pool that takes every CPU starves the decode tasks and
-the job stalls (PITFALLS.md), so actors take a fraction of a CPU each (`actor_cpus`) with an
-interpreter of as many threads, and decode tasks take `decode_cpus`.
+Sizing: on a small machine an actor pool that takes every CPU starves the other stages and the
+job stalls (PITFALLS.md), so actors take a fraction of a CPU each (`actor_cpus`). With
+`decode_cpus` equal to it (the default) Ray Data fuses decoding into the first pool's actors.
+With an address, OUT must be a filesystem that the driver and every worker see.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,13 +25,20 @@ from model.bundle import read_manifest
 from model.captioning import (
     CaptionConfig,
     CaptionWorker,
+    check_plan,
     decode_batch,
     missing_models,
     read_captions,
     shard_records,
     summarize,
 )
-from model.data import open_reader
+from model.data import ImageRecord, open_reader
+from model.errors import CapfleetError
+
+
+def _absolute(r: ImageRecord) -> ImageRecord:
+    """Local paths made absolute here, in the driver: workers may run elsewhere."""
+    return r if "://" in r.uri else replace(r, uri=os.path.abspath(r.uri))
 
 
 def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> dict:
@@ -38,12 +47,28 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
     t0 = time.perf_counter()
     manifests = [read_manifest(b) for b in cfg.bundles]  # refuse a bad bundle before any work
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
-    records = open_reader(cfg.input, cfg.split).records()
+    records = [_absolute(r) for r in open_reader(cfg.input, cfg.split).records()]
+    if not records:
+        raise CapfleetError(f"{cfg.input}: no images to caption")
     if cfg.references:
         by_id = {r.image_id: r.captions for r in open_reader(cfg.references, cfg.split).records()}
-        records = [type(r)(r.image_id, r.uri, by_id.get(r.image_id, r.captions)) for r in records]
+        matched = sum(r.image_id in by_id for r in records)
+        log(f"caption: {matched} of {len(records)} images have references in {cfg.references}")
+        records = [replace(r, captions=by_id.get(r.image_id, r.captions)) for r in records]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CapfleetError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
+    check_plan(
+        out,
+        cfg.shard_size,
+        records,
+        {
+            n: m["files"]["encoder.tflite"]["sha256"] + m["files"]["decoder_step.tflite"]["sha256"]
+            for n, m in zip(cfg.names, manifests, strict=True)
+        },
+    )
     shards = shard_records(records, cfg.shard_size)
     pending = [i for i in range(len(shards)) if missing_models(out, cfg.names, i)]
     log(
@@ -94,7 +119,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                 log(f"caption: shard {int(row['shard'])} done ({n}/{len(pending)})")
 
     wall = time.perf_counter() - t0
-    summary = summarize(out, cfg, records, wall)
+    summary = summarize(out, cfg, records, wall, sum(len(shards[i]) for i in pending))
     sink = pa.BufferOutputStream()
     pq.write_table(summary, sink)
     write_bytes_atomic(out / "summary.parquet", sink.getvalue().to_pybytes())

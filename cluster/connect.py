@@ -7,6 +7,7 @@ import os
 import sys
 
 import model  # noqa: F401  (TF_USE_LEGACY_KERAS for every worker this process starts)
+from model.errors import CapfleetError
 
 # Ray maps loopback to the machine's interface address unless this is set; an embedded,
 # single-machine instance has no reason to listen beyond loopback (see PITFALLS.md).
@@ -51,9 +52,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         nodes = {n["NodeManagerAddress"] for n in ray.nodes()}
         if nodes != {"127.0.0.1"}:
             ray.shutdown()
-            raise RuntimeError(f"the embedded Ray left loopback: nodes on {sorted(nodes)}")
+            raise CapfleetError(f"the embedded Ray left loopback: nodes on {sorted(nodes)}")
     else:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        except ConnectionError as e:
+            raise CapfleetError(f"cannot reach a Ray cluster at {address!r} ({e})") from e
     try:
         yield ray
     finally:

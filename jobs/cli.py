@@ -56,6 +56,7 @@ def _caption(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         actors=args.actors,
         actor_cpus=args.actor_cpus,
+        decode_cpus=args.decode_cpus,
         beam_width=args.beam_width,
     )
     job = run_caption_job(cfg)

@@ -64,6 +64,46 @@ SUMMARY_SCHEMA = pa.schema(
 OK, ERROR = "ok", "error"
 
 
+PLAN_FILE = "plan.json"
+
+
+def check_plan(
+    out: str | Path, cfg_shard_size: int, records: Sequence[ImageRecord], bundles: dict[str, str]
+) -> None:
+    """Resume is by part files, so it is only sound for the same cut of the same input into
+    the same models. The first run writes OUT/plan.json; a rerun that differs is refused."""
+    import hashlib
+    import json
+
+    from model.artifacts import write_json_atomic
+
+    ids = hashlib.sha256("\n".join(r.image_id for r in records).encode()).hexdigest()
+    plan = {
+        "shard_size": cfg_shard_size,
+        "images": len(records),
+        "image_ids_sha256": ids,
+        "bundles": bundles,
+    }
+    path = Path(out) / PLAN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in plan.items():
+            if key == "bundles":
+                changed = [n for n, sha in value.items() if old["bundles"].get(n, sha) != sha]
+                if changed:
+                    raise CapfleetError(
+                        f"{out}: bundle {changed[0]!r} differs from the one that wrote this "
+                        "output; use a new --out (or a new bundle name)"
+                    )
+            elif old.get(key) != value:
+                raise CapfleetError(
+                    f"{out}: was written with a different {key} ({old.get(key)} vs {value}); "
+                    "resume needs the same input and shard size, or use a new --out"
+                )
+        plan["bundles"] = {**old["bundles"], **bundles}
+    write_json_atomic(path, plan)
+
+
 def part_path(out: str | Path, model: str, shard: int) -> Path:
     return Path(out) / "captions" / f"model={model}" / f"part-{shard:06d}.parquet"
 
@@ -225,9 +265,9 @@ class CaptionConfig:
     shard_size: int = 1024  # images per output part file (the unit of resume)
     actors: int = 1  # actors per bundle
     actor_cpus: float = 0.5  # CPUs per actor (its interpreter gets as many threads, >= 1)
-    decode_cpus: float = (
-        0.25  # CPUs per decode task (unlike the actors, so Ray Data does not fuse them)
-    )
+    # CPUs per decode task. Equal to actor_cpus, Ray Data fuses decoding into the actors (the
+    # faster choice on one small machine, measured); different, decoding runs as its own tasks.
+    decode_cpus: float = 0.5
     beam_width: int = 1
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 
@@ -260,8 +300,12 @@ def summarize(
     cfg: CaptionConfig,
     records: Sequence[ImageRecord],
     wall_s: float,
+    images_run: int,
 ) -> pa.Table:
-    """One row per model from the Parquet written, with BLEU where references exist."""
+    """One row per model from the Parquet written, with BLEU where references exist.
+
+    Throughput is the images captioned by this run over its wall time (null when a rerun had
+    nothing left to do)."""
     from model.bundle import read_manifest
     from model.metrics import corpus_bleu_scores
     from model.text import clean_caption
@@ -287,7 +331,7 @@ def summarize(
                 "images": len(t),
                 "ok": len(ok),
                 "failed": len(t) - len(ok),
-                "throughput_img_s": len(t) / wall_s if wall_s > 0 else None,
+                "throughput_img_s": images_run / wall_s if images_run and wall_s > 0 else None,
                 "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
                 "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
                 "size_mb": manifest.get("size_mb"),

@@ -47,6 +47,12 @@ def mixed_manifest(shapes_dir, tmp_path_factory):
     return root / "manifest.csv", len(good), bad
 
 
+def small_cfg(bundle, data, out, **kw):
+    """The shapes train split in shards of 8, batches of 8 (many small shards)."""
+    kw = {"split": "train", "shard_size": 8, "batch_size": 8, **kw}
+    return CaptionConfig(bundles=(str(bundle),), input=str(data), out=str(out), **kw)
+
+
 def expected_reason(image_id):
     return {
         "empty": "empty",
@@ -93,17 +99,13 @@ def test_two_bundles_every_image_once_with_error_reasons_and_bleu(
 
 def test_rerun_finishes_only_missing_shards(local_ray, tiny_bundle, shapes_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = CaptionConfig(
-        bundles=(str(tiny_bundle),),
-        input=str(shapes_dir),
-        split="train",
-        out=str(out),
-        shard_size=16,
-    )
+    cfg = small_cfg(tiny_bundle, shapes_dir, out, shard_size=16)
     run_caption_job(cfg, log=lambda _: None)
     first = read_captions(out).select(["image_id", "caption", "status", "shard"]).to_pylist()
     again = run_caption_job(cfg, log=lambda _: None)
     assert again["shards"]["run"] == 0  # nothing left to do
+    summary = pq.read_table(out / "summary.parquet").to_pylist()[0]
+    assert summary["throughput_img_s"] is None and summary["images"] == 64
     (out / "captions" / "model=tiny-fp32" / "part-000002.parquet").unlink()
     again = run_caption_job(cfg, log=lambda _: None)
     assert again["shards"] == {"total": 4, "run": 1}
@@ -170,14 +172,7 @@ def test_resume_after_sigkill_of_the_driver(local_ray, tiny_bundle, many_images,
     done_before = len(list(parts.glob("part-*.parquet")))
     assert 3 <= done_before < 40, done_before
 
-    cfg = CaptionConfig(
-        bundles=(str(tiny_bundle),),
-        input=str(many_images),
-        split="train",
-        out=str(out),
-        shard_size=8,
-        batch_size=8,
-    )
+    cfg = small_cfg(tiny_bundle, many_images, out)
     meta = run_caption_job(cfg, log=lambda _: None)  # the rerun, on the test's Ray
     assert meta["shards"] == {"total": 40, "run": 40 - done_before}
     rows = read_captions(out).to_pylist()
@@ -202,16 +197,16 @@ def test_killed_actor_is_restarted_and_the_job_completes(
     import time
 
     out = tmp_path / "out"
-    cfg = CaptionConfig(
-        bundles=(str(tiny_bundle),),
-        input=str(many_images),
-        split="train",
-        out=str(out),
-        shard_size=8,
-        batch_size=8,
-    )
-    result = {}
-    job = threading.Thread(target=lambda: result.update(run_caption_job(cfg, log=lambda _: None)))
+    cfg = small_cfg(tiny_bundle, many_images, out)
+    result: dict = {}
+
+    def run():
+        try:
+            result.update(run_caption_job(cfg, log=lambda _: None))
+        except BaseException as e:  # noqa: BLE001  reported by the assertion below
+            result["error"] = e
+
+    job = threading.Thread(target=run)
     job.start()
     parts = out / "captions" / "model=tiny-fp32"
     deadline = time.time() + 120
@@ -222,8 +217,22 @@ def test_killed_actor_is_restarted_and_the_job_completes(
     pid = int(worker.rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)  # the caption actor this job started
     job.join(timeout=300)
-    assert not job.is_alive() and first.is_file()
+    assert not job.is_alive() and "error" not in result, result.get("error")
+    assert result["rows"] == {"tiny-fp32": 320} and first.is_file()
     rows = read_captions(out).to_pylist()
     assert len(rows) == 320 and len({r["image_id"] for r in rows}) == 320
     workers = {r["worker"] for r in rows}
     assert worker in workers and len(workers) >= 2, workers  # a new actor took over
+
+
+def test_empty_input_and_a_changed_plan_are_refused(local_ray, tiny_bundle, shapes_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CapfleetError, match="no images to caption"):
+        run_caption_job(small_cfg(tiny_bundle, tmp_path / "empty", tmp_path / "o1"))
+    out = tmp_path / "o2"
+    run_caption_job(small_cfg(tiny_bundle, shapes_dir, out), log=lambda _: None)
+    with pytest.raises(CapfleetError, match="different shard_size"):
+        run_caption_job(small_cfg(tiny_bundle, shapes_dir, out, shard_size=16))
+    with pytest.raises(CapfleetError, match="was written with a different images"):
+        run_caption_job(small_cfg(tiny_bundle, shapes_dir, out, split="dev"))
+    assert read_captions(out).num_rows == 64  # nothing was touched by the refused runs
