@@ -69,8 +69,11 @@ def _caption(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     print(
-        "capfleet demo: not yet available. So far capfleet has its data readers, the shapes data\n"
-        "set (`capfleet data shapes --out DIR`), text, image preprocessing and BLEU.",
+        "capfleet demo: not built yet (it needs the compression trials). What runs today:\n"
+        "  capfleet data shapes --out DIR      the embedded data set\n"
+        "  capfleet train SPEC.toml            e.g. jobs/examples/train_shapes.toml\n"
+        "  capfleet export MODEL --out BUNDLE  a TF-free bundle\n"
+        "  capfleet caption --bundle BUNDLE --input DIR --out OUT   bulk captioning on Ray\n",
         file=sys.stderr,
     )
     return 2
