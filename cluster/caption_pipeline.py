@@ -47,11 +47,13 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
     t0 = time.perf_counter()
     manifests = [read_manifest(b) for b in cfg.bundles]  # refuse a bad bundle before any work
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
-    records = [_absolute(r) for r in open_reader(cfg.input, cfg.split).records()]
+    records = [_absolute(r) for r in open_reader(cfg.input, cfg.split or None).records()]
     if not records:
         raise CapfleetError(f"{cfg.input}: no images to caption")
     if cfg.references:
-        by_id = {r.image_id: r.captions for r in open_reader(cfg.references, cfg.split).records()}
+        by_id = {
+            r.image_id: r.captions for r in open_reader(cfg.references, cfg.split or None).records()
+        }
         matched = sum(r.image_id in by_id for r in records)
         log(f"caption: {matched} of {len(records)} images have references in {cfg.references}")
         records = [replace(r, captions=by_id.get(r.image_id, r.captions)) for r in records]

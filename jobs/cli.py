@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder, a .parquet/.csv manifest, a Flickr8k directory or a COCO JSON",
     )
     cap.add_argument("--out", required=True, help="output directory (rerun it to resume)")
-    cap.add_argument("--split", default="test", help="split of a Flickr8k/Karpathy input")
+    cap.add_argument(
+        "--split",
+        default="",
+        help="split of a Flickr8k input (default test) or a Karpathy JSON (default all)",
+    )
     cap.add_argument("--references", help="a captioned data set to score BLEU against")
     cap.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
     cap.add_argument("--batch-size", type=int, default=256, help="images per model call")

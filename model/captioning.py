@@ -258,7 +258,7 @@ class CaptionConfig:
     bundles: tuple[str, ...]  # bundle directories; each model's name is its manifest's name
     input: str  # folder, manifest (.parquet/.csv), Flickr8k directory or COCO JSON
     out: str
-    split: str = "test"  # for a Flickr8k directory or a Karpathy JSON
+    split: str = ""  # Flickr8k: "" = test; Karpathy JSON: "" = every image; else ignored
     references: str = ""  # a captioned data set to score against ("" = the input's own)
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
     batch_size: int = 256  # images per model call

@@ -236,3 +236,21 @@ def test_empty_input_and_a_changed_plan_are_refused(local_ray, tiny_bundle, shap
     with pytest.raises(CapfleetError, match="was written with a different images"):
         run_caption_job(small_cfg(tiny_bundle, shapes_dir, out, split="dev"))
     assert read_captions(out).num_rows == 64  # nothing was touched by the refused runs
+
+
+def test_plain_coco_json_input_is_read_whole(local_ray, tiny_bundle, shapes_dir, tmp_path):
+    recs = Flickr8kReader(shapes_dir, "test").records()
+    coco = {
+        "images": [{"id": i, "file_name": r.uri} for i, r in enumerate(recs)],
+        "annotations": [{"image_id": i, "caption": r.captions[0]} for i, r in enumerate(recs)],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    cfg = CaptionConfig(
+        bundles=(str(tiny_bundle),),
+        input=str(tmp_path / "captions.json"),
+        out=str(tmp_path / "out"),
+    )
+    job = run_caption_job(cfg, log=lambda _: None)
+    assert job["rows"] == {"tiny-fp32": len(recs)}
+    summary = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()[0]
+    assert summary["ok"] == len(recs) and summary["bleu1"] is not None
