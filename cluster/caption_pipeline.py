@@ -16,11 +16,8 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from cluster.connect import ray_session
-from model.artifacts import package_versions, write_bytes_atomic, write_json_atomic
+from model.artifacts import package_versions, write_json_atomic
 from model.bundle import read_manifest
 from model.captioning import (
     CaptionConfig,
@@ -28,9 +25,9 @@ from model.captioning import (
     check_plan,
     decode_batch,
     missing_models,
-    read_captions,
     shard_records,
     summarize,
+    write_parquet_atomic,
 )
 from model.data import ImageRecord, open_reader
 from model.errors import CapfleetError
@@ -122,10 +119,8 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
 
     wall = time.perf_counter() - t0
     summary = summarize(out, cfg, records, wall, sum(len(shards[i]) for i in pending))
-    sink = pa.BufferOutputStream()
-    pq.write_table(summary, sink)
-    write_bytes_atomic(out / "summary.parquet", sink.getvalue().to_pybytes())
-    counts = {name: read_captions(out, name).num_rows for name in cfg.names}
+    write_parquet_atomic(out / "summary.parquet", summary)
+    counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
     job = {
         "kind": "caption",
         "spec": asdict(cfg),

@@ -10,6 +10,8 @@ shards that are missing and never writes a row twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
@@ -21,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.artifacts import write_bytes_atomic
+from model.artifacts import write_bytes_atomic, write_json_atomic
 from model.data import ImageRecord
 from model.errors import CapfleetError
 from model.images import UNREADABLE, ImageError, decode_image
@@ -49,7 +51,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("images", pa.int64()),
         ("ok", pa.int64()),
         ("failed", pa.int64()),
-        ("throughput_img_s", pa.float64()),  # images / wall time of the whole job
+        ("throughput_img_s", pa.float64()),  # images captioned by this run / its wall time
         ("latency_p50_ms", pa.float64()),
         ("latency_p95_ms", pa.float64()),
         ("size_mb", pa.float64()),
@@ -72,11 +74,6 @@ def check_plan(
 ) -> None:
     """Resume is by part files, so it is only sound for the same cut of the same input into
     the same models. The first run writes OUT/plan.json; a rerun that differs is refused."""
-    import hashlib
-    import json
-
-    from model.artifacts import write_json_atomic
-
     ids = hashlib.sha256("\n".join(r.image_id for r in records).encode()).hexdigest()
     plan = {
         "shard_size": cfg_shard_size,
@@ -102,6 +99,13 @@ def check_plan(
                 )
         plan["bundles"] = {**old["bundles"], **bundles}
     write_json_atomic(path, plan)
+
+
+def write_parquet_atomic(path: str | Path, table: pa.Table) -> None:
+    """A Parquet file that readers see whole or not at all."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
 def part_path(out: str | Path, model: str, shard: int) -> Path:
@@ -198,9 +202,7 @@ class CaptionWorker:
                 batch[f"image_{self.runner.input_size}"][0],
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            write_bytes_atomic(path, sink.getvalue().to_pybytes())
+            write_parquet_atomic(path, table)
         return {"shard": batch["shard"]} if self.last else batch
 
     def caption_shard(

@@ -141,21 +141,19 @@ def _caption_sets(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: in
     return out
 
 
-class _TimeBudget:
-    """Stops training after the epoch in which the time budget runs out."""
+def _time_budget(seconds: float):
+    """A Keras callback that stops training after the epoch in which `seconds` run out."""
+    import tf_keras as keras
 
-    def __new__(cls, seconds: float):
-        import tf_keras as keras
+    class TimeBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
 
-        class Callback(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.start = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            if seconds and time.perf_counter() - self.start > seconds:
+                self.model.stop_training = True
 
-            def on_epoch_end(self, epoch, logs=None):
-                if seconds and time.perf_counter() - self.start > seconds:
-                    self.model.stop_training = True
-
-        return Callback()
+    return TimeBudget()
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -227,7 +225,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         .prefetch(2)
     )
     dev = ((x_dev, dev_tokens[:, :, :-1]), dev_tokens[:, :, 1:])
-    callbacks = [_TimeBudget(cfg.time_budget_s)]
+    callbacks = [_time_budget(cfg.time_budget_s)]
     if cfg.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
