@@ -1,12 +1,30 @@
-"""Keras graphs -> TFLite flatbuffers with named signatures and a dynamic batch."""
+"""Keras graphs -> TFLite flatbuffers with named signatures, a dynamic batch, and a quantization
+mode. Quantization is done by TensorFlow's TFLite converter (recorded in bundle manifests as
+`tflite-converter`):
+
+    fp32     no quantization
+    dynamic  dynamic-range: int8 weights, float activations
+    float16  float16 weights (smaller; no faster on CPU, see PITFALLS.md)
+    int8     full integer: int8 weights and activations, calibrated on `representative` samples
+             (dicts keyed by the signature's input names), float inputs and outputs
+    qat-int8 a quantization-aware-trained graph: its own ranges, converted to int8
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import model  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from model.errors import CapfleetError
+
+MODES = ("fp32", "dynamic", "float16", "int8", "qat-int8")
+QUANTIZER = "tflite-converter"
+
+Representative = Callable[[], Iterable[dict]]
 
 
-def encoder_to_tflite(encoder) -> bytes:
-    """Encoder graph (images -> img_proj) -> fp32 TFLite with signature inputs {image}."""
+def encoder_to_tflite(encoder, mode: str = "fp32", representative: Representative | None = None):
+    """Encoder graph (images -> img_proj) -> TFLite with signature inputs {image}."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *encoder.input_shape[1:]], tf.float32, name="image")
@@ -15,11 +33,13 @@ def encoder_to_tflite(encoder) -> bytes:
     def serve(image):
         return {"img_proj": encoder(image, training=False)}
 
-    return _convert(serve, encoder)
+    return _convert(serve, encoder, mode, representative)
 
 
-def step_to_tflite(step, units: int) -> bytes:
-    """Decoder step graph -> fp32 TFLite, inputs {token, h, c, img_proj}, outputs {logits, h, c}."""
+def step_to_tflite(
+    step, units: int, mode: str = "fp32", representative: Representative | None = None
+) -> bytes:
+    """Decoder step graph -> TFLite, inputs {token, h, c, img_proj}, outputs {logits, h, c}."""
     import tensorflow as tf
 
     specs = [
@@ -34,13 +54,27 @@ def step_to_tflite(step, units: int) -> bytes:
         logits, h2, c2 = step([token, h, c, img_proj], training=False)
         return {"logits": logits, "h": h2, "c": c2}
 
-    return _convert(serve, step)
+    return _convert(serve, step, mode, representative)
 
 
-def _convert(fn, keras_model) -> bytes:
+def _convert(fn, keras_model, mode: str, representative: Representative | None) -> bytes:
     import tensorflow as tf
 
+    if mode not in MODES:
+        raise CapfleetError(f"unknown conversion mode {mode!r}; allowed: {', '.join(MODES)}")
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [fn.get_concrete_function()], keras_model
     )
-    return converter.convert()
+    if mode != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode == "int8":
+        if representative is None:
+            raise CapfleetError("int8 conversion needs representative samples to calibrate on")
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return converter.convert()
+    except Exception as e:  # noqa: BLE001  the converter raises ConverterError and friends
+        raise CapfleetError(f"{keras_model.name}: TFLite conversion ({mode}) failed: {e}") from e

@@ -67,6 +67,27 @@ def _caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from cluster.trials import run_compress_job
+    from compression.trial import CompressConfig
+    from jobs.specs import load_spec
+
+    cfg = load_spec(args.spec)
+    if not isinstance(cfg, CompressConfig):
+        raise CapfleetError(f"{args.spec}: `capfleet compress` needs a spec of kind 'compress'")
+    job = run_compress_job(cfg, args.address or None)
+    print(f"trials in {cfg.out}/trials.parquet, report in {job['report']}")
+    return 0 if job["ok"] else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from compression.report import write_report
+
+    path = write_report(args.dir)
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "capfleet demo: not built yet (it needs the compression trials). What runs today:\n"
@@ -133,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--beam-width", type=int, default=1, help="1 = greedy")
     cap.set_defaults(func=_caption)
+
+    co = sub.add_parser("compress", help='run compression trials on Ray (kind = "compress")')
+    co.add_argument("spec", help="a TOML spec file")
+    co.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
+    co.set_defaults(func=_compress)
+
+    rep = sub.add_parser("report", help="re-render report.md/png of a compress output")
+    rep.add_argument("dir", help="a compress output directory (holding trials.parquet)")
+    rep.set_defaults(func=_report)
 
     demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

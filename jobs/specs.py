@@ -16,6 +16,7 @@ import sys
 import typing
 from pathlib import Path
 
+from compression.trial import CompressConfig
 from model.errors import CapfleetError
 from model.training import TrainConfig
 
@@ -24,14 +25,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KINDS = {"train": TrainConfig}
+KINDS = {"train": TrainConfig, "compress": CompressConfig}
 
 
-def _check_type(where: str, key: str, value, annotation) -> None:
-    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[annotation]
-    ok = isinstance(value, allowed) and not (annotation != "bool" and isinstance(value, bool))
+def _check_type(where: str, key: str, value, hint):
+    """`value` checked against the field's type and converted (a TOML array -> a tuple)."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise CapfleetError(f"{where}: {key} must be a table [{key}], got {value!r}")
+        return build(hint, value, f"{where}.{key}")
+    name = getattr(hint, "__name__", str(hint))
+    if name == "tuple":  # tuple[str, ...]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CapfleetError(f"{where}: {key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[name]
+    ok = isinstance(value, allowed) and not (name != "bool" and isinstance(value, bool))
     if not ok:
-        raise CapfleetError(f"{where}: {key} must be {annotation}, got {value!r}")
+        raise CapfleetError(f"{where}: {key} must be {name}, got {value!r}")
+    return value
 
 
 def build(cls, table: dict, where: str):
@@ -42,8 +54,7 @@ def build(cls, table: dict, where: str):
     if unknown:
         raise CapfleetError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
-    for key, value in table.items():
-        _check_type(where, key, value, hints[key].__name__)
+    values = {key: _check_type(where, key, value, hints[key]) for key, value in table.items()}
     missing = [
         n
         for n, f in names.items()
@@ -54,7 +65,7 @@ def build(cls, table: dict, where: str):
     if missing:
         raise CapfleetError(f"{where}: missing required key {missing[0]!r}")
     try:
-        return cls(**table)
+        return cls(**values)
     except CapfleetError as e:
         raise CapfleetError(f"{where}: {e}") from None
 

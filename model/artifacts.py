@@ -14,6 +14,7 @@ from model.errors import CapfleetError
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write under a temporary name in the same folder, then rename: never half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

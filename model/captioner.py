@@ -64,6 +64,7 @@ class Captioner:
         self.embedding = layers.Embedding(config.vocab_size, config.embed_dim, name="embedding")
         self.txt_dropout = layers.Dropout(config.dropout, name="txt_dropout")
         self.lstm = layers.LSTM(u, return_sequences=True, name="lstm")
+        self.merge_add = layers.Add(name="add")
         self.merge_dense = layers.Dense(u, activation="relu", name="merge")
         self.out_dense = layers.Dense(config.vocab_size, name="logits")
         # Trainable encoders (the small CNN) are part of the training graph; frozen backbones
@@ -74,12 +75,38 @@ class Captioner:
             self.encoder = build_encoder(config.encoder)
         self.training_model = self._training_graph()
 
+    # layer attribute -> the layer's name in the training graph
+    LAYERS = {
+        "img_dropout": "img_dropout",
+        "img_dense": "img_proj",
+        "embedding": "embedding",
+        "txt_dropout": "txt_dropout",
+        "lstm": "lstm",
+        "merge_add": "add",
+        "merge_dense": "merge",
+        "out_dense": "logits",
+    }
+
+    def rebind(self, model) -> None:
+        """Use the layers of `model`, a copy of the training graph whose layers may be wrapped
+        (tfmot's quantize_apply names a wrapped layer "quant_<name>"), for every graph built
+        from now on. This is how a QAT model becomes step and encoder graphs for export."""
+        by_name = {layer.name: layer for layer in model.layers}
+        for attr, name in self.LAYERS.items():
+            layer = by_name.get(f"quant_{name}", by_name.get(name))
+            if layer is None:
+                raise ValueError(f"{model.name} has no layer {name!r}")
+            setattr(self, attr, layer)
+        if self.trainable_encoder:
+            self.encoder = by_name[self.encoder.name]
+        self.training_model = model
+
     # -- pieces ------------------------------------------------------------------------
     def _project(self, features):
         return self.img_dense(self.img_dropout(features))  # (B, U)
 
     def _head(self, text_state, img_proj):
-        merged = self.keras.layers.add([text_state, img_proj])
+        merged = self.merge_add([text_state, img_proj])
         return self.out_dense(self.merge_dense(merged))  # (B, [T,] V)
 
     def _image_input(self):

@@ -131,7 +131,7 @@ def read_split(data: str, split: str) -> list[ImageRecord]:
     return records
 
 
-def _caption_sets(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int, k: int):
+def caption_sets(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int, k: int):
     """(N, k, max_len) token ids: k captions per image, cycling an image's captions when it
     has fewer than k and keeping the first k when it has more."""
     out = np.zeros((len(records), k, max_len), np.int32)
@@ -158,7 +158,6 @@ def _time_budget(seconds: float):
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train one captioner and write its model directory. Returns the manifest written."""
-    import tensorflow as tf
     import tf_keras as keras
 
     configure_threads(cfg.threads)
@@ -185,46 +184,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         f"max_len {max_len}, encoder {cfg.encoder} ({cfg.weights})"
     )
 
-    backbone = None
-    if info.trainable:
-        x_train = preprocess(train_imgs, info.preprocess)
-        x_dev = preprocess(dev_imgs, info.preprocess)
-        encoder = build_encoder(cfg.encoder, cfg.weights_arg)
-    else:
-        backbone = build_encoder(cfg.encoder, cfg.weights_arg)
-        weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
-        cache = cfg.cache_dir or str(out.parent / "feature_cache")
-        x_train = cached_features(
-            backbone,
-            cfg.encoder,
-            weights_id,
-            info.preprocess,
-            train_imgs,
-            train_recs,
-            cache,
-            log=log,
-        )
-        x_dev = cached_features(
-            backbone, cfg.encoder, weights_id, info.preprocess, dev_imgs, dev_recs, cache, log=log
-        )
-        encoder = None
+    backbone = None if info.trainable else build_encoder(cfg.encoder, cfg.weights_arg)
+    encoder = build_encoder(cfg.encoder, cfg.weights_arg) if info.trainable else None
+    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
+    cache = cfg.cache_dir or str(out.parent / "feature_cache")
+    x_train = model_inputs(train_imgs, train_recs, info, backbone, weights_id, cache, log)
+    x_dev = model_inputs(dev_imgs, dev_recs, info, backbone, weights_id, cache, log)
     del train_imgs, dev_imgs
 
     cap = Captioner(config, encoder=encoder)
-    model = cap.training_model
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
-    )
-    tokens = _caption_sets(train_recs, vocab, max_len, cfg.captions_per_image)  # (N, K, T)
-    dev_tokens = _caption_sets(dev_recs, vocab, max_len, cfg.captions_per_image)
-    ds = (
-        tf.data.Dataset.from_tensor_slices(((x_train, tokens[:, :, :-1]), tokens[:, :, 1:]))
-        .shuffle(len(tokens), seed=cfg.seed, reshuffle_each_iteration=True)
-        .batch(cfg.batch_size)
-        .prefetch(2)
-    )
-    dev = ((x_dev, dev_tokens[:, :, :-1]), dev_tokens[:, :, 1:])
+    tokens = caption_sets(train_recs, vocab, max_len, cfg.captions_per_image)  # (N, K, T)
+    dev_tokens = caption_sets(dev_recs, vocab, max_len, cfg.captions_per_image)
     callbacks = [_time_budget(cfg.time_budget_s)]
     if cfg.patience:
         callbacks.append(
@@ -232,16 +202,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 monitor="val_loss", patience=cfg.patience, restore_best_weights=True
             )
         )
-    history = model.fit(
-        ds,
-        epochs=cfg.epochs,
-        validation_data=dev,
-        validation_batch_size=64,
-        callbacks=callbacks,
-        verbose=2,
+    history = fit_captions(
+        cap.training_model,
+        (x_train, tokens),
+        (x_dev, dev_tokens),
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.seed,
+        callbacks,
     )
     train_s = time.perf_counter() - t0
-    model.save_weights(str(out / WEIGHTS_FILE))
+    cap.training_model.save_weights(str(out / WEIGHTS_FILE))
     if backbone is not None and cfg.weights == "none":
         backbone.save_weights(str(out / ENCODER_WEIGHTS_FILE))
     vocab.save(out / "vocab.json")
@@ -264,6 +236,60 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+def model_inputs(images, records, info, backbone, weights_id: str, cache_dir: str, log=print):
+    """What the training graph takes for these images: preprocessed pixels for a jointly
+    trained encoder, a frozen backbone's features (cached on disk, computed once) otherwise."""
+    if info.trainable:
+        return preprocess(images, info.preprocess)
+    return cached_features(
+        backbone, info.name, weights_id, info.preprocess, images, records, cache_dir, log=log
+    )
+
+
+def fit_captions(model, train_data, dev_data, epochs, batch_size, learning_rate, seed, callbacks):
+    """Teacher forcing: (inputs, tokens (N, K, T)) -> fit `model` to predict each next token,
+    ignoring padding. Returns the Keras History."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    (x, tokens), (x_dev, dev_tokens) = train_data, dev_data
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    )
+    ds = (
+        tf.data.Dataset.from_tensor_slices(((x, tokens[:, :, :-1]), tokens[:, :, 1:]))
+        .shuffle(len(tokens), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .prefetch(2)
+    )
+    return model.fit(
+        ds,
+        epochs=epochs,
+        validation_data=((x_dev, dev_tokens[:, :, :-1]), dev_tokens[:, :, 1:]),
+        validation_batch_size=64,
+        callbacks=callbacks,
+        verbose=2,
+    )
+
+
+def finetune_data(cap: Captioner, backbone, manifest: dict, vocab: Vocabulary, log=print):
+    """The training and dev inputs of a trained model's own data set, for fine-tuning it:
+    ((x_train, tokens), (x_dev, tokens), TrainConfig). A frozen backbone's features come from
+    the feature cache the training wrote (computed again only if it is gone)."""
+    cfg = TrainConfig(**manifest["train"])
+    info = encoder_info(cap.config.encoder)
+    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
+    cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
+    splits = []
+    for split in ("train", "dev"):
+        images, records = load_images(read_split(cfg.data, split), info.input_size, log)
+        x = model_inputs(images, records, info, backbone, weights_id, cache, log)
+        tokens = caption_sets(records, vocab, cap.config.max_len, cfg.captions_per_image)
+        splits.append((x, tokens))
+    return splits[0], splits[1], cfg
 
 
 def encoder_section(name: str, weights: str) -> dict:

@@ -1,0 +1,135 @@
+"""Compression trials as Ray tasks: every (model, trial) of a compress job at once, each task
+with the CPUs it declares, TensorFlow limited to them, a fresh worker process per trial. Then
+each bundle's latency is measured alone, one task at a time, so that no trial's timing is
+disturbed by another's work.
+
+A trial that raises is recorded as a failed row at once (the error is deterministic); a task
+whose worker dies is retried `max_retries` times by Ray, then recorded as failed. Each finished
+trial's record is written to OUT/records/ as it arrives, so a rerun does only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from cluster.connect import ray_session
+from compression.report import failed_record, write_report, write_trials
+from compression.trial import (
+    CompressConfig,
+    TrialSettings,
+    checked_plan,
+    measure_bundle,
+    run_trial,
+    slug,
+)
+from model.artifacts import write_json_atomic
+from model.errors import CapfleetError
+
+
+def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> dict:
+    """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record."""
+    try:
+        return run_trial(model_dir, trial, bundle_dir, TrialSettings(**settings), log=print)
+    except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
+        detail = str(e) if isinstance(e, CapfleetError) else traceback.format_exc(limit=3)
+        return failed_record(Path(model_dir).name, trial, f"{type(e).__name__}: {detail}")
+
+
+def _measure_task(record: dict, settings: dict) -> dict:
+    return {**record, **measure_bundle(record["bundle"], record["data"], TrialSettings(**settings))}
+
+
+def _record_path(out: Path, model_dir: str, trial: str) -> Path:
+    return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
+
+
+def _progress(done: int, total: int, r: dict) -> str:
+    head = f"[{done}/{total}] {r['model']} {r['trial']}"
+    if r["status"] != "ok":
+        return f"{head}: FAILED {r['error'].splitlines()[0]}"
+    return (
+        f"{head}: BLEU-4 {r['bleu4']:.3f}, {r['size_mb']:.2f} MB ({r['gzip_mb']:.2f} gzip), "
+        f"built in {r['wall_s']:.0f} s"
+    )
+
+
+def run_compress_job(
+    cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png. Returns counts."""
+    t0 = time.perf_counter()
+    plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, int(cfg.cpus_per_trial))
+    settings = asdict(replace(cfg.settings, threads=threads))
+    records: dict[tuple[str, str], dict] = {}
+    todo = []
+    for model_dir, trial in plan:
+        path = _record_path(out, model_dir, trial)
+        if path.is_file():  # done by an earlier run into the same OUT
+            records[(model_dir, trial)] = json.loads(path.read_text())
+        else:
+            todo.append((model_dir, trial))
+    if records:
+        log(f"compress: {len(records)} of {len(plan)} trials already done in {out}")
+    if todo:
+        with ray_session(address) as ray:
+            task = ray.remote(
+                num_cpus=cfg.cpus_per_trial, max_retries=cfg.max_retries, max_calls=1
+            )(_trial_task)
+            pending, built = {}, {}
+            for model_dir, trial in todo:
+                bundle = out / "bundles" / Path(model_dir).name / slug(trial)
+                ref = task.remote(
+                    str(Path(model_dir).resolve()), trial, str(bundle.resolve()), settings
+                )
+                pending[ref] = (model_dir, trial)
+            log(
+                f"compress: {len(todo)} trials on Ray, {cfg.cpus_per_trial:g} CPU each; "
+                "then each bundle is timed alone"
+            )
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                model_dir, trial = pending.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker died, retries spent
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    rec = failed_record(
+                        Path(model_dir).name,
+                        trial,
+                        f"{type(e).__name__} after {cfg.max_retries + 1} attempts: {first}",
+                    )
+                if rec["status"] == "ok":  # timed alone, below, with nothing else running
+                    built[(model_dir, trial)] = rec
+                else:
+                    records[(model_dir, trial)] = rec
+                log(_progress(len(built) + len(records), len(plan), rec))
+            measure = ray.remote(num_cpus=cfg.cpus_per_trial)(_measure_task)
+            for n, (key, rec) in enumerate(built.items(), 1):
+                try:
+                    rec = ray.get(measure.remote(rec, settings))
+                    write_json_atomic(_record_path(out, *key), rec)  # failures: tried next run
+                except ray.exceptions.RayError as e:
+                    rec = failed_record(rec["model"], rec["trial"], f"timing failed: {e}")
+                records[key] = rec
+                timed = f"{rec['e2e_ms']:.2f} ms/image" if rec["status"] == "ok" else rec["error"]
+                log(f"timed [{n}/{len(built)}] {rec['model']} {rec['trial']}: {timed}")
+    ordered = [records[k] for k in plan]
+    write_trials(out, ordered)
+    report = write_report(out)
+    failed = sum(r["status"] != "ok" for r in ordered)
+    wall = time.perf_counter() - t0
+    log(f"compress: {len(ordered) - failed} ok, {failed} failed in {wall:.0f} s; {report}")
+    return {
+        "trials": len(ordered),
+        "ok": len(ordered) - failed,
+        "failed": failed,
+        "report": str(report),
+    }

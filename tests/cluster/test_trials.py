@@ -1,0 +1,57 @@
+"""Compression trials as tasks on a real local Ray: a small grid, two trials at once, one
+model made to fail, and a rerun that redoes nothing."""
+
+import shutil
+
+import pyarrow.parquet as pq
+
+from compression.trial import CompressConfig, TrialSettings
+
+
+def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
+    from cluster.trials import run_compress_job
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "weights.h5").write_bytes(b"not hdf5")
+    cfg = CompressConfig(
+        models=(str(tiny_model), str(broken)),
+        out=str(tmp_path / "out"),
+        trials=("int8", "shrink-50+int8"),
+        cpus_per_trial=1.0,
+        max_retries=0,
+        settings=TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1),
+    )
+    lines = []
+    job = run_compress_job(cfg, log=lines.append)
+    assert (job["trials"], job["ok"], job["failed"]) == (6, 3, 3)
+    rows = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
+    ok = {r["trial"]: r for r in rows if r["model"] == "tiny"}
+    assert set(ok) == {"fp32:fp32", "int8:int8", "shrink-50+int8:shrink-50+int8"}
+    for r in ok.values():
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["e2e_ms"] > 0 and r["size_mb"] > 0 and r["gzip_mb"] > 0
+        assert 0.0 <= r["bleu4"] <= 1.0 and r["bench_batch"] == 8
+    base = ok["fp32:fp32"]
+    assert base["size_ratio"] == 1.0 and base["delta_bleu4"] == 0.0
+    assert ok["int8:int8"]["size_ratio"] < 0.35
+    assert ok["shrink-50+int8:shrink-50+int8"]["size_mb"] < ok["int8:int8"]["size_mb"]
+    spans = sorted((r["started"], r["finished"]) for r in ok.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), (
+        "no two trials ran at once"
+    )
+    failed = [r for r in rows if r["model"] == "broken"]
+    assert len(failed) == 3 and all(r["status"] == "error" for r in failed)
+    assert all("cannot load the model's weights" in r["error"] for r in failed)
+    assert sum(line.startswith("[") for line in lines) == 6  # a progress line per trial
+    assert (tmp_path / "out" / "report.md").read_text().count("| tiny |") == 3
+    assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    (broken / "weights.h5").unlink()  # the rerun retries only the failed trials
+    shutil.copy(tiny_model / "weights.h5", broken / "weights.h5")
+    lines.clear()
+    job = run_compress_job(cfg, log=lines.append)
+    assert (job["ok"], job["failed"]) == (6, 0)
+    assert "3 of 6 trials already done" in lines[0]
+    again = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
+    assert [(r["model"], r["trial"]) for r in again] == [(r["model"], r["trial"]) for r in rows]

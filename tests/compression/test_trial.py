@@ -1,0 +1,47 @@
+"""One trial end to end, without Ray: tuned, converted, scored on the bundle itself."""
+
+import numpy as np
+import pytest
+
+from compression.trial import CompressConfig, TrialSettings, measure_bundle, run_trial
+from model.errors import CapfleetError
+
+QUICK = TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1, threads=2)
+
+
+def _dtypes(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    return {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+
+
+def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
+    rec = run_trial(tiny_model, "prune-50:qat-int8", tmp_path / "b", QUICK, log=lambda _: None)
+    assert rec["status"] == "ok" and rec["trial"] == "prune-50:qat-int8"
+    assert rec["encoder_sparsity"] == pytest.approx(0.5, abs=0.02)  # tfmot reached its target
+    assert rec["decoder_sparsity"] < 0.05
+    assert rec["encoder_gzip_mb"] < 0.75 * rec["encoder_mb"]  # zeros pay only after gzip
+    assert "int8" in _dtypes(tmp_path / "b" / "decoder_step.tflite")  # QAT made it integer
+    assert 0.0 <= rec["bleu4"] <= rec["bleu1"] <= 1.0 and rec["test_images"] == 8
+    timing = measure_bundle(rec["bundle"], rec["data"], QUICK)
+    assert timing["e2e_ms"] > 0 and timing["encoder_ms"] > 0
+
+
+def test_int8_is_smaller_and_integer(tiny_model, tiny_bundle, tmp_path):
+    from model.bundle import read_manifest
+
+    rec = run_trial(tiny_model, "int8", tmp_path / "b", QUICK, log=lambda _: None)
+    fp32 = read_manifest(tiny_bundle)
+    assert rec["size_mb"] < 0.35 * fp32["size_mb"]
+    assert "int8" in _dtypes(tmp_path / "b" / "encoder.tflite")
+    assert read_manifest(tmp_path / "b")["quantizer"] == "tflite-converter"
+
+
+def test_a_bad_plan_is_refused_before_work(tiny_model, tmp_path):
+    with pytest.raises(CapfleetError, match="unknown step"):
+        CompressConfig(models=(str(tiny_model),), out=str(tmp_path), trials=("int3",))
+    with pytest.raises(CapfleetError, match="share a name"):
+        CompressConfig(models=(str(tiny_model), str(tiny_model)), out=str(tmp_path))
+    plan = CompressConfig(models=(str(tiny_model),), out=str(tmp_path), trials=("int8",)).plan()
+    assert [t for _, t in plan] == ["fp32:fp32", "int8:int8"]  # the baseline always runs
