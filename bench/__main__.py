@@ -4,7 +4,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("decoding", "training", "encoders", "caption", "train_quality")
+BENCHMARKS = ("decoding", "training", "encoders", "study", "caption", "train_quality", "compress")
 
 
 def main(argv: list[str]) -> int:

@@ -22,10 +22,16 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jobs.specs import load_spec
+    from jobs.specs import TrainGrid, load_spec
     from model.training import TrainConfig, train
 
     cfg = load_spec(args.spec)
+    if isinstance(cfg, TrainGrid):
+        from cluster.variants import run_train_job
+
+        table = run_train_job(cfg, args.address or None)
+        failed = table.column("status").to_pylist().count("error")
+        return 1 if failed == len(table) else 0
     if not isinstance(cfg, TrainConfig):
         raise CapfleetError(f"{args.spec}: `capfleet train` needs a spec of kind 'train'")
     manifest = train(cfg)
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help='train a captioner from a spec (kind = "train")')
     tr.add_argument("spec", help="a TOML spec file")
+    tr.add_argument(
+        "--address", help="a running Ray cluster for a [grid] spec: auto or ray://HOST:10001"
+    )
     tr.set_defaults(func=_train)
 
     ex = sub.add_parser("export", help="export a trained model directory to an fp32 bundle")

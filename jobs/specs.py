@@ -6,12 +6,15 @@
     out = "runs/demo/train/small_cnn"
     epochs = 30
 
-Relative paths are taken from the directory the command runs in.
+A train spec may add a [grid] of values to try: every combination is a variant, trained as its
+own Ray task into <out>/<variant name> (see TrainGrid). Relative paths are taken from the
+directory the command runs in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import typing
 from pathlib import Path
@@ -70,6 +73,45 @@ def build(cls, table: dict, where: str):
         raise CapfleetError(f"{where}: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainGrid:
+    """A train spec with a [grid]: one TrainConfig per combination of the grid's values."""
+
+    out: str  # the parent of every variant's model directory
+    variants: tuple[TrainConfig, ...]
+    names: tuple[str, ...]
+
+
+def _format(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def expand_grid(base: dict, grid: dict, where: str) -> TrainGrid:
+    """[train] + [grid] -> every variant, each validated; names say what varies."""
+    fields = set(TrainConfig.field_names()) - {"data", "out"}
+    for key, values in grid.items():
+        if key not in fields:
+            raise CapfleetError(
+                f"{where} [grid]: {key!r} cannot vary; allowed: {', '.join(sorted(fields))}"
+            )
+        if not isinstance(values, list) or not values:
+            raise CapfleetError(f"{where} [grid]: {key} must be a non-empty list of values")
+    if "out" not in base:
+        raise CapfleetError(f"{where} [train]: missing required key 'out'")
+    keys = list(grid)
+    variants, names = [], []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        name = "-".join(f"{k}={_format(v)}" for k, v in values.items() if len(grid[k]) > 1)
+        name = name or "base"
+        table = {**base, **values, "out": str(Path(base["out"]) / name)}
+        variants.append(build(TrainConfig, table, f"{where} variant {name}"))
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise CapfleetError(f"{where} [grid]: two variants would share a name")
+    return TrainGrid(base["out"], tuple(variants), tuple(names))
+
+
 def load_spec(path: str | Path):
     """Read a spec file; returns the config dataclass of its kind."""
     p = Path(path)
@@ -84,12 +126,17 @@ def load_spec(path: str | Path):
     kind = doc.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise CapfleetError(f"{p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    extra = sorted(set(doc) - {"kind", kind})
+    allowed = {"kind", kind} | ({"grid"} if kind == "train" else set())
+    extra = sorted(set(doc) - allowed)
     if extra:
         raise CapfleetError(
-            f"{p}: unknown top-level key {extra[0]!r}; expected 'kind' and [{kind}]"
+            f"{p}: unknown top-level key {extra[0]!r}; expected {', '.join(sorted(allowed))}"
         )
     table = doc.get(kind)
     if not isinstance(table, dict):
         raise CapfleetError(f"{p}: missing the [{kind}] table")
+    if "grid" in doc:
+        if not isinstance(doc["grid"], dict):
+            raise CapfleetError(f"{p}: grid must be a table [grid]")
+        return expand_grid(table, doc["grid"], str(p))
     return build(KINDS[kind], table, f"{p} [{kind}]")

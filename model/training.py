@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from model.artifacts import package_versions, read_manifest_json, write_json_atomic
 from model.captioner import Captioner, CaptionerConfig
@@ -25,6 +27,52 @@ from model.text import Vocabulary, clean_caption
 MODEL_FORMAT = "capfleet-model/1"
 WEIGHTS_FILE = "weights.h5"  # HDF5, not pickle
 ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # only for a frozen encoder with random weights
+
+
+# variants.parquet: one row per trained variant of a train job with a [grid].
+VARIANT_SCHEMA = pa.schema(
+    [
+        ("variant", pa.string()),  # the grid values that make it, e.g. "learning_rate=0.003"
+        ("model_dir", pa.string()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),
+        ("encoder", pa.string()),
+        ("weights", pa.string()),
+        ("units", pa.int32()),
+        ("embed_dim", pa.int32()),
+        ("dropout", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("batch_size", pa.int32()),
+        ("seed", pa.int32()),
+        ("epochs_run", pa.int32()),
+        ("train_seconds", pa.float64()),
+        ("bleu1", pa.float64()),  # Keras greedy captions of the test split
+        ("bleu2", pa.float64()),
+        ("bleu3", pa.float64()),
+        ("bleu4", pa.float64()),
+        ("content_accuracy", pa.float64()),  # shapes data only
+        ("spec", pa.string()),  # the variant's whole TrainConfig, JSON
+        ("started", pa.float64()),  # Unix time
+        ("finished", pa.float64()),
+    ]
+)
+
+
+def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str | None) -> dict:
+    """A variants.parquet row for a trained (manifest) or failed (error) variant."""
+    m = (manifest or {}).get("test_metrics", {})
+    return {
+        "variant": name,
+        "model_dir": cfg.out,
+        "status": "ok" if manifest else "error",
+        "error": error,
+        **{k: getattr(cfg, k) for k in ("encoder", "weights", "units", "embed_dim")},
+        **{k: getattr(cfg, k) for k in ("dropout", "learning_rate", "batch_size", "seed")},
+        "epochs_run": (manifest or {}).get("epochs_run"),
+        "train_seconds": (manifest or {}).get("train_seconds"),
+        **{k: m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "content_accuracy")},
+        "spec": json.dumps(asdict(cfg), sort_keys=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -236,6 +284,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+def warm_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+    """Compute a frozen backbone's train and dev features into the cache that `train(cfg)`
+    reads, so that variants sharing a backbone compute them once (a no-op for the small CNN)."""
+    import tf_keras as keras
+
+    info = encoder_info(cfg.encoder)
+    if info.trainable:
+        return
+    configure_threads(cfg.threads)
+    keras.utils.set_random_seed(cfg.seed)  # as train(): a random backbone is the same one
+    backbone = build_encoder(cfg.encoder, cfg.weights_arg)
+    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
+    cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
+    for split in ("train", "dev"):
+        images, records = load_images(read_split(cfg.data, split), info.input_size, log)
+        model_inputs(images, records, info, backbone, weights_id, cache, log)
 
 
 def model_inputs(images, records, info, backbone, weights_id: str, cache_dir: str, log=print):

@@ -69,3 +69,43 @@ def test_every_example_spec_loads():
     assert examples
     for p in examples:
         load_spec(p)
+
+
+def test_grid_expands_to_named_validated_variants(tmp_path):
+    body = (
+        'kind = "train"\n[train]\ndata = "d"\nout = "o"\nepochs = 3\n'
+        "[grid]\nlearning_rate = [0.001, 0.003]\nunits = [64]\n"
+    )
+    grid = load_spec(write(tmp_path, body))
+    assert grid.names == ("learning_rate=0.001", "learning_rate=0.003")
+    assert [v.out for v in grid.variants] == ["o/learning_rate=0.001", "o/learning_rate=0.003"]
+    assert {v.units for v in grid.variants} == {64}
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ('data = ["a", "b"]', "'data' cannot vary"),
+        ("units = 3", "units must be a non-empty list"),
+        ('units = [8, "x"]', "variant units=x.*units must be int"),
+        ("dropout = [0.1, 1.5]", "dropout: must be in"),
+    ],
+)
+def test_bad_grids_are_refused(tmp_path, grid, message):
+    body = f'kind = "train"\n[train]\ndata = "d"\nout = "o"\n[grid]\n{grid}\n'
+    with pytest.raises(CapfleetError, match=message):
+        load_spec(write(tmp_path, body))
+
+
+def test_compress_spec_with_nested_settings(tmp_path):
+    body = (
+        'kind = "compress"\n[compress]\nmodels = ["m"]\nout = "c"\ntrials = ["int8"]\n'
+        "[compress.settings]\nfinetune_epochs = 2\n"
+    )
+    cfg = load_spec(write(tmp_path, body))
+    assert cfg.models == ("m",) and cfg.settings.finetune_epochs == 2
+    bad = body.replace("finetune_epochs = 2", "finetune_epoch = 2")
+    with pytest.raises(CapfleetError, match=r"\[compress\].settings: unknown key 'finetune_epoch'"):
+        load_spec(write(tmp_path, bad))
+    with pytest.raises(CapfleetError, match="trials must be a list of strings"):
+        load_spec(write(tmp_path, body.replace('["int8"]', '"int8"')))

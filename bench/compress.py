@@ -1,0 +1,90 @@
+"""Compression trials on the embedded data set: the small-CNN model trained by
+jobs/examples/train_shapes.toml (3,000 images, seed 0), then fp32, dynamic, int8, qat-int8,
+prune-50+int8 and shrink-50+int8 as Ray tasks (1 CPU each: two at once on 2 cores), each
+bundle timed alone at batch 32 with 1 thread. Then the same trials one after another (one task
+at a time with both CPUs) for the parallel speed-up, same machine, same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench.common import RESULTS, Timer, write_result
+
+SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
+TRIALS = ("fp32", "dynamic", "int8", "qat-int8", "prune-50+int8", "shrink-50+int8")
+
+
+def run() -> None:
+    from cluster.trials import run_compress_job
+    from compression.trial import CompressConfig
+    from jobs.specs import load_spec
+    from model import shapes
+    from model.training import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shapes.generate(tmp / "data", images=3000, seed=0)
+        spec = load_spec(SPEC)
+        model_dir = tmp / "small_cnn"
+        cfg = dataclasses.replace(spec, data=str(tmp / "data"), out=str(model_dir))
+        manifest = train(cfg, log=lambda _: None)
+        runs = {}
+        for mode, cpus in (("parallel", 1.0), ("sequential", 2.0)):
+            job = CompressConfig(
+                models=(str(model_dir),), out=str(tmp / mode), trials=TRIALS, cpus_per_trial=cpus
+            )
+            with Timer() as t:
+                run_compress_job(job)
+            runs[mode] = round(t.seconds, 1)
+            print(mode, runs[mode], flush=True)
+        from compression.report import read_trials
+
+        rows = read_trials(tmp / "parallel")
+        shutil.copy(tmp / "parallel" / "report.md", RESULTS / "compress_report.md")
+        shutil.copy(tmp / "parallel" / "report.png", RESULTS / "compress_report.png")
+    keep = (
+        "trial",
+        "size_mb",
+        "gzip_mb",
+        "encoder_ms",
+        "decoder_ms",
+        "e2e_ms",
+        "bleu1",
+        "bleu4",
+        "content_accuracy",
+        "size_ratio",
+        "speedup",
+        "delta_bleu4",
+        "encoder_sparsity",
+        "decoder_sparsity",
+        "wall_s",
+        "status",
+        "error",
+    )
+    by = {r["trial"]: r for r in rows}
+    fp32, int8 = by["fp32:fp32"], by["int8:int8"]
+    shrink = by["shrink-50+int8:shrink-50+int8"]
+    write_result(
+        "compress",
+        {
+            "what": __doc__,
+            "model": {
+                "spec": dataclasses.asdict(spec),
+                "test_metrics": manifest["test_metrics"],
+                "train_seconds": manifest["train_seconds"],
+            },
+            "trials": [{k: r.get(k) for k in keep} for r in rows],
+            "wall_s": runs,
+            "parallel_speedup": round(runs["sequential"] / runs["parallel"], 2),
+            "targets": {
+                "int8_size_ratio_le_0.30": int8["size_ratio"],
+                "int8_delta_bleu4_within_0.02": int8["delta_bleu4"],
+                "shrink_faster_than_int8": [shrink["e2e_ms"], int8["e2e_ms"]],
+                "shrink_delta_bleu4_within_0.03": shrink["delta_bleu4"],
+            },
+            "fp32_bleu4": fp32["bleu4"],
+        },
+    )

@@ -1,0 +1,42 @@
+"""Training variants of a [grid] spec as tasks on a real local Ray."""
+
+import pyarrow.parquet as pq
+
+from jobs.specs import load_spec
+
+
+def test_grid_trains_every_variant_and_shares_features(local_ray, shapes_dir, tmp_path):
+    from cluster.variants import run_train_job
+
+    spec = tmp_path / "grid.toml"
+    spec.write_text(
+        f"""kind = "train"
+[train]
+data = "{shapes_dir}"
+out = "{tmp_path / "train"}"
+units = 16
+embed_dim = 8
+epochs = 2
+patience = 0
+threads = 1
+[grid]
+encoder = ["small_cnn", "mobilenet_v2"]
+"""
+    )
+    grid = load_spec(spec)
+    assert grid.names == ("encoder=small_cnn", "encoder=mobilenet_v2")
+    lines = []
+    table = run_train_job(grid, log=lines.append)
+    rows = pq.read_table(tmp_path / "train" / "variants.parquet").to_pylist()
+    assert rows == table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["error"] for r in rows]
+    for r in rows:
+        assert 0.0 <= r["bleu4"] <= r["bleu1"] <= 1.0 and r["epochs_run"] == 2
+        assert (tmp_path / "train" / r["variant"] / "manifest.json").is_file()
+    # mobilenet's features were computed once, before its variant started, then only read
+    cache = sorted((tmp_path / "train" / "feature_cache").glob("*.npy"))
+    assert len(cache) == 2  # train and dev
+    mobile = next(r for r in rows if r["encoder"] == "mobilenet_v2")
+    assert all(p.stat().st_mtime < mobile["started"] for p in cache)
+    assert any("computing features of 1 frozen backbone" in line for line in lines)
+    assert sum(line.startswith("[") for line in lines) == 2
