@@ -43,6 +43,8 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     manifests = [read_manifest(b) for b in cfg.bundles]  # refuse a bad bundle before any work
+    if not cfg.names:  # the spec was loaded before its bundles existed
+        cfg = replace(cfg, names=())
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
     records = [_absolute(r) for r in open_reader(cfg.input, cfg.split or None).records()]
     if not records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from model.errors import CapfleetError
@@ -23,20 +24,12 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from jobs.specs import TrainGrid, load_spec
-    from model.training import TrainConfig, train
+    from model.training import TrainConfig
 
     cfg = load_spec(args.spec)
-    if isinstance(cfg, TrainGrid):
-        from cluster.variants import run_train_job
-
-        table = run_train_job(cfg, args.address or None)
-        failed = table.column("status").to_pylist().count("error")
-        return 1 if failed == len(table) else 0
-    if not isinstance(cfg, TrainConfig):
+    if not isinstance(cfg, TrainConfig | TrainGrid):
         raise CapfleetError(f"{args.spec}: `capfleet train` needs a spec of kind 'train'")
-    manifest = train(cfg)
-    print(f"model written to {cfg.out} ({manifest['train_seconds']} s)")
-    return 0
+    return run_spec(cfg, args.address or None)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -74,16 +67,13 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from cluster.trials import run_compress_job
     from compression.trial import CompressConfig
     from jobs.specs import load_spec
 
     cfg = load_spec(args.spec)
     if not isinstance(cfg, CompressConfig):
         raise CapfleetError(f"{args.spec}: `capfleet compress` needs a spec of kind 'compress'")
-    job = run_compress_job(cfg, args.address or None)
-    print(f"trials in {cfg.out}/trials.parquet, report in {job['report']}")
-    return 0 if job["ok"] else 1
+    return run_spec(cfg, args.address or None)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -94,16 +84,68 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_spec(cfg, address: str | None) -> int:
+    """Run a loaded spec of any kind; the same outputs embedded, attached or submitted."""
+    from dataclasses import replace
+
+    from compression.trial import CompressConfig
+    from jobs.pipeline import PipelineConfig, run_pipeline
+    from jobs.specs import TrainGrid
+    from model.captioning import CaptionConfig
+    from model.training import TrainConfig, train
+
+    if isinstance(cfg, PipelineConfig):
+        run_pipeline(cfg, address)
+        return 0
+    if isinstance(cfg, TrainGrid):
+        from cluster.variants import run_train_job
+
+        table = run_train_job(cfg, address)
+        return 1 if table.column("status").to_pylist().count("ok") == 0 else 0
+    if isinstance(cfg, TrainConfig):
+        if address:  # on the cluster: one variant, one task
+            from cluster.variants import run_train_job
+
+            grid = TrainGrid(str(Path(cfg.out).parent), (cfg,), (Path(cfg.out).name,))
+            table = run_train_job(grid, address)
+            return 1 if table.column("status").to_pylist().count("ok") == 0 else 0
+        manifest = train(cfg)
+        print(f"model written to {cfg.out} ({manifest['train_seconds']} s)")
+        return 0
+    if isinstance(cfg, CompressConfig):
+        from cluster.trials import run_compress_job
+
+        job = run_compress_job(cfg, address)
+        print(f"trials in {cfg.out}/trials.parquet, report in {job['report']}")
+        return 0 if job["ok"] else 1
+    if isinstance(cfg, CaptionConfig):
+        from cluster.caption_pipeline import run_caption_job
+
+        job = run_caption_job(replace(cfg, address=address or cfg.address))
+        print(f"captions in {cfg.out}/captions/, summary in {cfg.out}/summary.parquet")
+        return 0
+    raise CapfleetError(f"cannot run a {type(cfg).__name__}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jobs.specs import load_spec
+
+    return run_spec(load_spec(args.spec), args.address or None)
+
+
+DEMO_SPEC = Path(__file__).resolve().parent / "examples" / "demo.toml"
+
+
 def _demo(args: argparse.Namespace) -> int:
-    print(
-        "capfleet demo: not built yet (it needs the compression trials). What runs today:\n"
-        "  capfleet data shapes --out DIR      the embedded data set\n"
-        "  capfleet train SPEC.toml            e.g. jobs/examples/train_shapes.toml\n"
-        "  capfleet export MODEL --out BUNDLE  a TF-free bundle\n"
-        "  capfleet caption --bundle BUNDLE --input DIR --out OUT   bulk captioning on Ray\n",
-        file=sys.stderr,
-    )
-    return 2
+    from jobs.pipeline import run_pipeline
+    from jobs.specs import build_pipeline, read_spec
+
+    doc = read_spec(DEMO_SPEC)
+    table = {**doc["pipeline"], "out": args.out}
+    cfg = build_pipeline(table, f"{DEMO_SPEC} [pipeline]")
+    print(f"capfleet demo: the whole product on the embedded shapes data set, into {args.out}")
+    run_pipeline(cfg, args.address or None)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", help="a compress output directory (holding trials.parquet)")
     rep.set_defaults(func=_report)
 
+    run = sub.add_parser("run", help="run a spec of any kind (train, compress, caption, pipeline)")
+    run.add_argument("spec", help="a TOML spec file")
+    run.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
+    run.set_defaults(func=_run)
+
     demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--address", help="a running Ray cluster instead of the embedded one")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -20,6 +20,8 @@ import typing
 from pathlib import Path
 
 from compression.trial import CompressConfig
+from jobs.pipeline import CaptionStep, DataStep, PipelineConfig
+from model.captioning import CaptionConfig
 from model.errors import CapfleetError
 from model.training import TrainConfig
 
@@ -28,7 +30,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KINDS = {"train": TrainConfig, "compress": CompressConfig}
+KINDS = {
+    "train": TrainConfig,
+    "compress": CompressConfig,
+    "caption": CaptionConfig,
+    "pipeline": PipelineConfig,
+}
 
 
 def _check_type(where: str, key: str, value, hint):
@@ -112,17 +119,61 @@ def expand_grid(base: dict, grid: dict, where: str) -> TrainGrid:
     return TrainGrid(base["out"], tuple(variants), tuple(names))
 
 
-def load_spec(path: str | Path):
-    """Read a spec file; returns the config dataclass of its kind."""
+def build_pipeline(table: dict, where: str) -> PipelineConfig:
+    """[pipeline] with its step tables; the paths between steps are the pipeline's to set."""
+    allowed = {"out", "data", "train", "grid", "compress", "caption"}
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise CapfleetError(
+            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+    if not isinstance(table.get("out"), str):
+        raise CapfleetError(f"{where}: out must be the output directory (a string)")
+    for step in ("data", "train", "grid", "compress", "caption"):
+        if not isinstance(table.get(step, {}), dict):
+            raise CapfleetError(f"{where}: {step} must be a table [pipeline.{step}]")
+    out = Path(table["out"])
+    data = build(DataStep, table.get("data", {}), f"{where}.data")
+    for step, keys in (("train", ("data", "out")), ("compress", ("models", "out"))):
+        taken = sorted(set(table.get(step, {})) & set(keys))
+        if taken:
+            raise CapfleetError(f"{where}.{step}: {taken[0]} is set by the pipeline; remove it")
+    base = {
+        **table.get("train", {}),
+        "data": data.path or str(out / "data"),
+        "out": str(out / "train"),
+    }
+    grid = expand_grid(base, table.get("grid", {}), f"{where}.train")
+    compress = build(
+        CompressConfig,
+        {
+            **table.get("compress", {}),
+            "models": [v.out for v in grid.variants],
+            "out": str(out / "compress"),
+        },
+        f"{where}.compress",
+    )
+    caption = build(CaptionStep, table.get("caption", {}), f"{where}.caption")
+    return PipelineConfig(str(out), data, grid, compress, caption)
+
+
+def read_spec(path: str | Path) -> dict:
+    """A spec file's TOML document; unreadable or invalid files are clear errors."""
     p = Path(path)
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise CapfleetError(f"{p}: cannot read spec ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
         raise CapfleetError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except tomllib.TOMLDecodeError as e:
         raise CapfleetError(f"{p}: invalid TOML ({e})") from e
+
+
+def load_spec(path: str | Path):
+    """Read a spec file; returns the config dataclass of its kind."""
+    p = Path(path)
+    doc = read_spec(p)
     kind = doc.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise CapfleetError(f"{p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -135,6 +186,8 @@ def load_spec(path: str | Path):
     table = doc.get(kind)
     if not isinstance(table, dict):
         raise CapfleetError(f"{p}: missing the [{kind}] table")
+    if kind == "pipeline":
+        return build_pipeline(table, f"{p} [pipeline]")
     if "grid" in doc:
         if not isinstance(doc["grid"], dict):
             raise CapfleetError(f"{p}: grid must be a table [grid]")

@@ -282,7 +282,9 @@ class CaptionConfig:
         for key in ("actor_cpus", "decode_cpus"):
             if not 0 < getattr(self, key) <= 64:
                 raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
-        if not self.names:
+        if not self.names and all(Path(b).is_dir() for b in self.bundles):
+            # bundles that do not exist yet (a spec loaded before its pipeline made them)
+            # get their names when the job starts; run_caption_job refuses missing ones
             from model.bundle import read_manifest
 
             names = tuple(

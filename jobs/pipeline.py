@@ -1,0 +1,185 @@
+"""A pipeline job: data -> train variants -> compression trials -> caption, in one Ray session.
+
+Each step writes the layout of the command it stands for, under OUT:
+    OUT/data/       the shapes data set (Flickr8k layout), unless [pipeline.data] path is given
+    OUT/train/      one model directory per variant + variants.parquet   (capfleet train)
+    OUT/compress/   bundles, trials.parquet, report.md/png               (capfleet compress)
+    OUT/caption/    captions/, summary.parquet, job.json                 (capfleet caption)
+A rerun into the same OUT keeps what is done: the data set, trained variants whose spec is
+unchanged, finished trials, captioned shards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from compression.recipes import parse_trial
+from compression.trial import CompressConfig
+from model.errors import CapfleetError
+
+
+@dataclass(frozen=True)
+class DataStep:
+    path: str = ""  # an existing Flickr8k-layout data set; "" = generate the shapes data set
+    images: int = 3000  # shapes images to generate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.path and self.images < 3:
+            raise CapfleetError(f"images: must be >= 3, got {self.images}")
+
+
+@dataclass(frozen=True)
+class CaptionStep:
+    trials: tuple[str, ...] = ("fp32", "int8")  # bundles of the best variant to caption with
+    split: str = "test"  # which split of the data set to caption (its captions are references)
+    batch_size: int = 256
+    shard_size: int = 1024
+    actors: int = 1
+    actor_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.trials:
+            raise CapfleetError("trials: give at least one trial to caption with")
+        for t in self.trials:
+            parse_trial(t)
+        if self.split not in ("train", "dev", "test"):
+            raise CapfleetError(f"split: must be train, dev or test, got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    out: str
+    data: DataStep
+    train: object  # jobs.specs.TrainGrid
+    compress: CompressConfig
+    caption: CaptionStep
+
+
+def _data(cfg: PipelineConfig, log) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    from model import shapes
+
+    root = Path(cfg.out) / "data"
+    marker = root / "capfleet-data.json"
+    want = {"generator": "shapes", "images": cfg.data.images, "seed": cfg.data.seed}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        log(f"data: {root} already holds {cfg.data.images} shapes images (seed {cfg.data.seed})")
+        return str(root)
+    t0 = time.perf_counter()
+    counts = shapes.generate(root, cfg.data.images, cfg.data.seed)
+    marker.write_text(json.dumps(want))
+    log(f"data: {sum(counts.values())} shapes images {counts} in {time.perf_counter() - t0:.0f} s")
+    return str(root)
+
+
+def bundle_name(trial: dict) -> str:
+    """The caption job's model name for a trial's bundle, e.g. "base-int8"."""
+    from compression.report import label
+    from compression.trial import slug
+
+    return slug(f"{trial['model']}-{label(trial)}")
+
+
+def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
+    """The study's table shape, one row per bundle: model | BLEU | size MB | time for 2000."""
+    from compression.report import label, minutes_per_2000
+
+    thr = {r["model"]: r["throughput_img_s"] for r in caption_rows}
+    head = (
+        f"{'model':<44} {'BLEU-1':>7} {'BLEU-4':>7} {'size MB':>8} "
+        f"{'2000 imgs (min)':>15} {'job img/s':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in sorted(trials, key=lambda r: (r["model"], -r["size_mb"])):
+        name = f"{r['model']}/{label(r)}"
+        job = thr.get(bundle_name(r))
+        lines.append(
+            f"{name:<44} {r['bleu1']:>7.3f} {r['bleu4']:>7.3f} {r['size_mb']:>8.3f} "
+            f"{minutes_per_2000(r['e2e_ms']):>15.3f} {(f'{job:.0f}' if job else '-'):>9}"
+        )
+    return lines
+
+
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable = print) -> dict:
+    """Run every step; returns where the outputs are and the best bundle's scores."""
+    from cluster.caption_pipeline import run_caption_job
+    from cluster.connect import ray_session
+    from cluster.trials import run_compress_job
+    from cluster.variants import run_train_job
+    from compression.report import label, read_trials
+    from model.captioning import CaptionConfig
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    data = _data(cfg, log)
+    with ray_session(address):
+        grid = _with_data(cfg.train, data)
+        variants = run_train_job(grid, log=log).to_pylist()
+        ok = [v for v in variants if v["status"] == "ok"]
+        if not ok:
+            raise CapfleetError(f"every variant failed, e.g. {variants[0]['error']}")
+        models = tuple(v["model_dir"] for v in ok)
+        compress = CompressConfig(**{**_fields(cfg.compress), "models": models})
+        run_compress_job(compress, log=log)
+        trials = [r for r in read_trials(compress.out) if r["status"] == "ok"]
+        if not trials:
+            raise CapfleetError(f"every trial failed; see {compress.out}/report.md")
+        best = max((r for r in trials if r["trial"] == "fp32:fp32"), key=lambda r: r["bleu4"])[
+            "model"
+        ]
+        names = [parse_trial(t).name for t in cfg.caption.trials]
+        chosen = {r["trial"]: r for r in trials if r["model"] == best and r["trial"] in names}
+        if not chosen:
+            raise CapfleetError(f"none of the caption trials {names} succeeded for {best}")
+        bundles = [chosen[n]["bundle"] for n in names if n in chosen]
+        caption = CaptionConfig(
+            bundles=tuple(bundles),
+            input=data,
+            out=str(out / "caption"),
+            split=cfg.caption.split,
+            batch_size=cfg.caption.batch_size,
+            shard_size=cfg.caption.shard_size,
+            actors=cfg.caption.actors,
+            actor_cpus=cfg.caption.actor_cpus,
+            decode_cpus=cfg.caption.actor_cpus,
+            names=tuple(bundle_name(chosen[n]) for n in names if n in chosen),
+        )
+        run_caption_job(caption, log=log)
+    import pyarrow.parquet as pq
+
+    summary = pq.read_table(out / "caption" / "summary.parquet").to_pylist()
+    top = max(trials, key=lambda r: r["bleu4"])
+    lines = _study_table(trials, summary)
+    wall = time.perf_counter() - t0
+    for line in lines:
+        log(line)
+    log(
+        f"pipeline: done in {wall / 60:.1f} min. Best BLEU-4 {top['bleu4']:.3f} "
+        f"({top['model']}/{label(top)}). Outputs: {out}/data, {out}/train "
+        f"(variants.parquet), {out}/compress (trials.parquet, report.md, report.png), "
+        f"{out}/caption (captions/, summary.parquet)"
+    )
+    return {
+        "wall_seconds": round(wall, 1),
+        "best": {"model": top["model"], "trial": top["trial"], "bleu4": top["bleu4"]},
+        "table": lines,
+        "report": str(Path(compress.out) / "report.md"),
+    }
+
+
+def _fields(obj) -> dict:
+    return {k: getattr(obj, k) for k in asdict(obj)}
+
+
+def _with_data(grid, data: str):
+    from dataclasses import replace
+
+    from jobs.specs import TrainGrid
+
+    return TrainGrid(grid.out, tuple(replace(v, data=data) for v in grid.variants), grid.names)
