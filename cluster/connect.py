@@ -54,8 +54,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
             ray.shutdown()
             raise CapfleetError(f"the embedded Ray left loopback: nodes on {sorted(nodes)}")
     else:
+        # A driver that runs as a submitted job already has the job's runtime env (which
+        # carries these variables, cluster/submit.py); Ray refuses a second one.
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        runtime_env = None if submitted else {"env_vars": env}
         try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         except ConnectionError as e:
             raise CapfleetError(f"cannot reach a Ray cluster at {address!r} ({e})") from e
     try:

@@ -133,6 +133,42 @@ def _run(args: argparse.Namespace) -> int:
     return run_spec(load_spec(args.spec), args.address or None)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from cluster import submit
+    from jobs.specs import load_spec
+
+    load_spec(args.spec)  # a bad spec is refused here, not on the cluster
+    job_id = submit.submit(args.spec, args.address, args.install_deps)
+    print(f"submitted {args.spec} as {job_id} to {args.address}")
+    if not args.follow:
+        print(f"follow it: capfleet jobs logs {job_id} --address {args.address} --follow")
+        return 0
+    final = submit.follow(args.address, job_id, lambda s: print(s, end="", flush=True))
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from cluster import submit
+
+    if args.action == "list":
+        for j in submit.list_jobs(args.address):
+            print(f"{j['id']}  {j['status']:<10} {j['spec'] or j['entrypoint']}")
+        return 0
+    if not args.job_id:
+        raise CapfleetError(f"`capfleet jobs {args.action}` needs a job id")
+    if args.action == "status":
+        print(submit.status(args.address, args.job_id))
+    elif args.action == "logs" and args.follow:
+        print(f"job {args.job_id}: " + submit.follow(args.address, args.job_id, print))
+    elif args.action == "logs":
+        print(submit.logs(args.address, args.job_id), end="")
+    else:
+        stopped = submit.stop(args.address, args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 DEMO_SPEC = Path(__file__).resolve().parent / "examples" / "demo.toml"
 
 
@@ -219,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="a TOML spec file")
     run.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
     run.set_defaults(func=_run)
+
+    sb = sub.add_parser("submit", help="submit a spec to a Ray cluster (Ray Jobs API)")
+    sb.add_argument("spec", help="a TOML spec file; its paths are the cluster's paths")
+    sb.add_argument("--address", required=True, help="the Jobs API, e.g. http://HEAD:8265")
+    sb.add_argument("--follow", action="store_true", help="stream the logs until it ends")
+    sb.add_argument(
+        "--install-deps",
+        action="store_true",
+        help="have Ray pip-install capfleet's dependencies (when the cluster image lacks them)",
+    )
+    sb.set_defaults(func=_submit)
+
+    jb = sub.add_parser("jobs", help="list submitted jobs, or a job's status, logs; stop one")
+    jb.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jb.add_argument("job_id", nargs="?", help="the id `capfleet submit` printed")
+    jb.add_argument("--address", required=True, help="the Jobs API, e.g. http://HEAD:8265")
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jb.set_defaults(func=_jobs)
 
     demo = sub.add_parser("demo", help="run the whole product on the embedded data set")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

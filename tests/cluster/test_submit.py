@@ -1,0 +1,98 @@
+"""A real Ray head (`ray start --head`, dashboard on 127.0.0.1, token authentication on), a
+caption spec submitted through `capfleet submit`, followed to success, its Parquet checked."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.connect import LOOPBACK_ENV
+from jobs.cli import main
+from model.captioning import read_captions
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        **LOOPBACK_ENV,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
+        "TF_USE_LEGACY_KERAS": "1",
+    }
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,  # its own process group: ended below by that group's id
+        stdout=open(tmp_path / "head.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from cluster.submit import list_jobs
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                list_jobs(address)
+                break
+            except Exception:
+                if time.time() > deadline or head.poll() is not None:
+                    raise AssertionError((tmp_path / "head.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+
+
+def test_submit_a_caption_spec_and_follow_it(ray_head, tiny_bundle, shapes_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    spec = tmp_path / "caption.toml"
+    spec.write_text(
+        f'kind = "caption"\n[caption]\nbundles = ["{tiny_bundle}"]\ninput = "{shapes_dir}"\n'
+        f'out = "{out}"\nsplit = "test"\nbatch_size = 8\n'
+    )
+    assert os.environ.get("RAY_AUTH_MODE", "token") == "token"
+    assert main(["submit", str(spec), "--address", ray_head, "--follow"]) == 0
+    printed = capsys.readouterr().out
+    job_id = printed.split(" as ", 1)[1].split()[0]
+    assert "SUCCEEDED" in printed and "summary" in printed
+    rows = read_captions(out).to_pylist()
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert pq.read_table(out / "summary.parquet").to_pylist()[0]["bleu4"] is not None
+    assert main(["jobs", "status", job_id, "--address", ray_head]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert main(["jobs", "list", "--address", ray_head]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "status", "nope", "--address", ray_head]) == 2  # a clear error
