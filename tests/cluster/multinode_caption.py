@@ -30,8 +30,8 @@ def main(bundle: str, images: str, out: str) -> None:
             bundles=(bundle,),
             input=images,
             out=out,
-            batch_size=16,
-            shard_size=20,
+            batch_size=8,
+            shard_size=50,
             actors=2,
             actor_cpus=0.6,  # two cannot share a 1-CPU node: one actor per worker node
             decode_cpus=0.6,
