@@ -213,6 +213,36 @@ class FolderReader:
         return out
 
 
+class PrefixReader:
+    """Every image under an object-store prefix or other filesystem URI (s3://bucket/images/,
+    gs://..., file:///data/), listed through pyarrow filesystems with the usual credentials;
+    id = the key relative to the prefix."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.stats = ReadStats()
+
+    def records(self) -> list[ImageRecord]:
+        import pyarrow.fs as pafs
+
+        scheme = self.uri.split("://", 1)[0]
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(self.uri)
+            infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.uri}: cannot list ({e})") from e
+        keys = sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS
+        )
+        root = root.rstrip("/")
+        head = "file://" if scheme == "file" else f"{scheme}://"
+        out = [ImageRecord(k[len(root) + 1 :], head + k) for k in keys]
+        self.stats = ReadStats(records=len(out))
+        return out
+
+
 class ManifestReader:
     """A Parquet or CSV table with a `path` or `uri` column; optional `image_id`/`id` and
     `caption` (one per row, rows of one image grouped) or `captions` (a list per row).
@@ -282,7 +312,10 @@ class ManifestReader:
 
 
 def open_reader(path: str | Path, split: str | None = None):
-    """Pick the reader for a path: Flickr8k directory, folder, COCO JSON or manifest."""
+    """Pick the reader for a path: Flickr8k directory, folder, COCO JSON or manifest; a URI
+    with a scheme (s3://, gs://, file://) is an object-store prefix of images."""
+    if isinstance(path, str) and "://" in path:
+        return PrefixReader(path)
     p = Path(path)
     if p.is_dir():
         has_tokens = (p / FLICKR_TOKEN_FILE).is_file() or (

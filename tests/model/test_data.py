@@ -178,3 +178,18 @@ def test_open_reader_detects_format(tmp_path):
     assert isinstance(open_reader(tmp_path / "m.csv"), ManifestReader)
     with pytest.raises(DataError, match="no such file"):
         open_reader(tmp_path / "missing")
+
+
+def test_a_uri_prefix_lists_images_through_pyarrow_filesystems(tmp_path):
+    from model.data import PrefixReader, open_reader
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.PNG", "a/notes.txt"):
+        (tmp_path / name).write_bytes(b"data")
+    reader = open_reader(f"file://{tmp_path}/a/")
+    assert isinstance(reader, PrefixReader)
+    recs = reader.records()
+    assert [(r.image_id, r.uri) for r in recs] == [
+        ("b/y.PNG", f"file://{tmp_path}/a/b/y.PNG"),
+        ("x.jpg", f"file://{tmp_path}/a/x.jpg"),
+    ]

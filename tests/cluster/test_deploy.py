@@ -1,0 +1,68 @@
+"""The deploy configs a platform engineer applies: the cluster launcher YAML against Ray's own
+schema, and the KubeRay RayJob's required fields and image / command / path consistency."""
+
+import re
+import shlex
+from pathlib import Path
+
+import tomllib
+import yaml
+
+from jobs.specs import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "cluster" / "deploy"
+
+
+def _ray_pin() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(re.search(r"==([\d.]+)", d).group(1) for d in deps if d.startswith("ray["))
+
+
+def test_launcher_yaml_passes_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((DEPLOY / "aws.yaml").read_text())
+    validate_config(config)  # raises jsonschema.ValidationError on any unknown or bad field
+    assert config["head_node_type"] in config["available_node_types"]
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard`'s tunnel
+    assert "TF_USE_LEGACY_KERAS=1" in head
+    assert all("TF_USE_LEGACY_KERAS=1" in c for c in config["worker_start_ray_commands"][1:])
+    assert config["file_mounts"] == {"~/capfleet": "."}  # the project, installed by setup
+    assert any("pip install" in c and "~/capfleet" in c for c in config["setup_commands"])
+
+
+def test_rayjob_manifest_is_complete_and_consistent():
+    job = yaml.safe_load((DEPLOY / "rayjob-caption.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["metadata"]["name"]
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == _ray_pin()
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    containers = [c for p in pods for c in p["containers"]]
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"]
+    images = {c["image"] for c in containers + submitter}
+    assert len(images) == 1, f"one image everywhere, got {images}"
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{_ray_pin()}-py311" in dockerfile
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
+    for c in containers:
+        assert c["workingDir"] == workdir
+        assert {"name": "TF_USE_LEGACY_KERAS", "value": "1"} in c["env"]
+
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "jobs.cli", "run"] and argv[-2:] == ["--address", "auto"]
+    spec_file = ROOT / argv[4]  # the image holds the repository at WORKDIR
+    caption = load_spec(spec_file)
+    mounts = [m["mountPath"] for c in containers for m in c.get("volumeMounts", [])]
+    for path in (*caption.bundles, caption.out):
+        for c in containers:  # every node reads the bundles and writes OUT
+            assert any(path.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]), path
+    for p in pods:
+        claims = {v["name"] for v in p["volumes"]}
+        assert {m["name"] for c in p["containers"] for m in c["volumeMounts"]} <= claims
+    assert mounts
