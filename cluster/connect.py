@@ -42,6 +42,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     if address is None:
         ray.init(
+            address="local",  # a new instance: never whatever `ray start` left in /tmp/ray
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

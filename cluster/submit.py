@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jobs", "model", "compression", "cluster")
 SPEC_NAME = "capfleet-spec.toml"
 ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+AGENT_WAIT_S = 60
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,15 +76,20 @@ def submit(
         runtime_env: dict = {"working_dir": str(stage(spec, Path(tmp))), "env_vars": dict(ENV)}
         if install_deps:
             runtime_env["pip"] = dependencies()
-        try:
-            return client.submit_job(
-                entrypoint=f"python -m jobs.cli run {SPEC_NAME} --address auto",
-                runtime_env=runtime_env,
-                metadata={"capfleet_spec": Path(spec).name},
-                entrypoint_num_cpus=entrypoint_cpus or None,
-            )
-        except RuntimeError as e:
-            raise CapfleetError(f"the cluster at {address} refused the job: {e}") from e
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=f"python -m jobs.cli run {SPEC_NAME} --address auto",
+                    runtime_env=runtime_env,
+                    metadata={"capfleet_spec": Path(spec).name},
+                    entrypoint_num_cpus=entrypoint_cpus or None,
+                )
+            except RuntimeError as e:
+                # a head that has just started answers before its job agent is up
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise CapfleetError(f"the cluster at {address} refused the job: {e}") from e
+                time.sleep(2)
 
 
 def follow(address: str, job_id: str, write: Callable[[str], None]) -> str:

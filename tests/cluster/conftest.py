@@ -11,6 +11,7 @@ def local_ray():
     import ray
 
     ray.init(
+        address="local",  # a new instance: never whatever `ray start` left in /tmp/ray
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

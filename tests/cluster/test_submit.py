@@ -47,6 +47,17 @@ def ray_head(tmp_path):
             "--num-cpus=2",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            # ports of its own: the test session's Ray may hold the default agent ports
+            *(
+                f"--{flag}={_free_port()}"
+                for flag in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "ray-client-server-port",
+                )
+            ),
         ],
         env=env,
         start_new_session=True,  # its own process group: ended below by that group's id
