@@ -1,8 +1,9 @@
 """Caption job throughput vs a plain one-process baseline doing the same work on the same images
 with no Ray (decode + preprocess on a 2-thread pool, BundleRunner with 2 threads on full batches).
 Also: the bundle alone on preloaded batches (the model-bound limit), 1 vs 2 actors, and the
-resident memory of each caption actor. Small-CNN bundle with random weights (speed does not
-depend on what the weights learnt; every caption runs to full length, the worst case)."""
+resident memory of each caption actor. Small-CNN fp32 and VGG16 int8 bundles with random
+weights (speed does not depend on what the weights learnt; every caption runs to full length,
+the worst case); 128x128 shapes JPEGs, resized to each encoder's input."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bench.common import Timer, write_result
 
 IMAGES = 3000  # distinct shapes JPEGs (128x128)
 REPEAT = 10  # the manifest lists each image this many times under different ids: 30,000 rows
+VGG16_IMAGES = 2400  # VGG16 int8 runs ~30 img/s here: 2,400 rows, once each
 BATCH = 256
 SHARD = 1024
 
@@ -103,76 +105,96 @@ def actor_rss_sampler(stop: threading.Event, peak: dict) -> None:
         stop.wait(0.5)
 
 
-def run() -> None:
+def job_runs(bundle: Path, manifest_csv: Path, rows: int, base: float, sizings, tmp: Path):
     from cluster.caption_pipeline import run_caption_job
-    from model import shapes
     from model.captioning import CaptionConfig
+
+    jobs = []
+    for actors, cpus in sizings:
+        peak: dict = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=actor_rss_sampler, args=(stop, peak))
+        sampler.start()
+        cfg = CaptionConfig(
+            bundles=(str(bundle),),
+            input=str(manifest_csv),
+            out=str(tmp / f"out-{bundle.name}-{actors}-{cpus}"),
+            batch_size=BATCH,
+            shard_size=SHARD,
+            actors=actors,
+            actor_cpus=cpus,
+            decode_cpus=cpus,
+        )
+        t0 = time.perf_counter()
+        job = run_caption_job(cfg, log=lambda _: None)
+        wall = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        ips = rows / wall
+        jobs.append(
+            {
+                "actors": actors,
+                "actor_cpus": cpus,
+                "interpreter_threads": max(1, int(cpus)),
+                "decode": "fused into the actors",
+                "images_per_s_incl_startup": round(ips, 1),
+                "vs_baseline": round(ips / base, 3),
+                "wall_s": round(wall, 1),
+                "rows": job["rows"],
+                "actor_rss_mb": sorted(round(v / 1e6) for v in peak.values()),
+            }
+        )
+        print(jobs[-1], flush=True)
+    return jobs
+
+
+def manifest(tmp: Path, name: str, uris: list[str]) -> Path:
+    lines = [f"{i},{u}" for i, u in enumerate(uris)]
+    path = tmp / f"{name}.csv"
+    path.write_text("image_id,path\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def run() -> None:
+    from bench.study import KEEP as VGG16_INT8
+    from model import shapes
     from model.data import Flickr8kReader
     from model.text import Vocabulary, clean_caption
 
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shapes.generate(tmp / "data", images=IMAGES + IMAGES // 4 + 2, seed=0)
         recs = Flickr8kReader(tmp / "data", "train").records()[:IMAGES]
         vocab = Vocabulary.build(clean_caption(c) for r in recs for c in r.captions)
-        bundle = make_bundle(tmp / "bundle", vocab)
-        uris = [r.uri for r in recs] * REPEAT
-        # the job reads a manifest of exactly these rows
-        lines = [f"{i},{u}" for i, u in enumerate(uris)]
-        (tmp / "m.csv").write_text("image_id,path\n" + "\n".join(lines) + "\n")
-        alone = bundle_alone(bundle, uris)
-        print("bundle alone", round(alone, 1), flush=True)
-        base = baseline(bundle, uris)
-        print("baseline", round(base, 1), flush=True)
-        jobs = []
-        for actors, cpus in ((1, 1.0), (2, 0.5), (2, 1.0)):
-            peak: dict = {}
-            stop = threading.Event()
-            sampler = threading.Thread(target=actor_rss_sampler, args=(stop, peak))
-            sampler.start()
-            cfg = CaptionConfig(
-                bundles=(str(bundle),),
-                input=str(tmp / "m.csv"),
-                out=str(tmp / f"out{actors}-{cpus}"),
-                batch_size=BATCH,
-                shard_size=SHARD,
-                actors=actors,
-                actor_cpus=cpus,
-                decode_cpus=cpus,
-            )
-            t0 = time.perf_counter()
-            job = run_caption_job(cfg, log=lambda _: None)
-            wall = time.perf_counter() - t0
-            stop.set()
-            sampler.join()
-            ips = len(uris) / wall
-            jobs.append(
-                {
-                    "actors": actors,
-                    "actor_cpus": cpus,
-                    "interpreter_threads": max(1, int(cpus)),
-                    "decode": "fused into the actors",
-                    "images_per_s_incl_startup": round(ips, 1),
-                    "vs_baseline": round(ips / base, 3),
-                    "wall_s": round(wall, 1),
-                    "rows": job["rows"],
-                    "actor_rss_mb": sorted(round(v / 1e6) for v in peak.values()),
-                }
-            )
-            print(jobs[-1], flush=True)
+        small = make_bundle(tmp / "bundle", vocab)
+        plans = [("small_cnn fp32, random weights", small, REPEAT, ((1, 1.0), (2, 0.5), (2, 1.0)))]
+        if (VGG16_INT8 / "manifest.json").is_file():
+            plans.append(("vgg16 int8 (bench.study), random weights", VGG16_INT8, 1, ((2, 0.5),)))
+        else:
+            print(f"no VGG16 int8 bundle at {VGG16_INT8}: run `python -m bench study` first")
+        for what, bundle, repeat, sizings in plans:
+            uris = [r.uri for r in recs][: (IMAGES if repeat > 1 else VGG16_IMAGES)] * repeat
+            csv = manifest(tmp, bundle.name, uris)
+            alone = bundle_alone(bundle, uris)
+            print(what, "bundle alone", round(alone, 1), flush=True)
+            base = baseline(bundle, uris)
+            print(what, "baseline", round(base, 1), flush=True)
+            results[what] = {
+                "rows": len(uris),
+                "bundle_alone_images_per_s": round(alone, 1),
+                "baseline_one_process_images_per_s": round(base, 1),
+                "ray_job": job_runs(bundle, csv, len(uris), base, sizings, tmp),
+            }
     write_result(
         "caption",
         {
             "what": __doc__,
-            "rows": len(uris),
             "distinct_images": IMAGES,
             "image_side_px": shapes.IMAGE_SIDE,
             "batch": BATCH,
             "shard_size": SHARD,
-            "bundle": "small_cnn fp32, random weights",
-            "bundle_alone_images_per_s": round(alone, 1),
-            "baseline_one_process_images_per_s": round(base, 1),
-            "ray_job": jobs,
+            "bundles": results,
             "target": ">= 0.85 of the baseline on 2 CPUs",
         },
     )

@@ -4,13 +4,16 @@
 Frozen backbones' features are computed first, once per distinct backbone, by one task each;
 the variants then read them from the shared feature cache instead of each computing them.
 A variant that raises becomes a failed row; a worker that dies is retried `max_retries` times.
+A variant whose model directory was trained from the very same spec is kept, not retrained.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +37,16 @@ def _train_task(name: str, cfg: TrainConfig) -> dict:
     return {**row, "started": started, "finished": time.time()}
 
 
+def _trained(cfg: TrainConfig) -> dict | None:
+    """The manifest of a model directory trained from exactly this spec, if there is one."""
+    path = Path(cfg.out) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("train") == asdict(cfg) else None
+
+
 def _cache_key(cfg: TrainConfig) -> tuple:
     seed = cfg.seed if cfg.weights == "none" else None  # a random backbone depends on the seed
     cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
@@ -55,6 +68,15 @@ def run_train_job(
         if not encoder_info(cfg.encoder).trainable:
             frozen.setdefault(_cache_key(cfg), cfg)
     rows = {}
+    todo = []
+    for name, cfg in zip(grid.names, grid.variants, strict=True):
+        done = _trained(cfg)
+        if done:  # trained by an earlier run with this very spec
+            rows[name] = {**variant_row(name, cfg, done, None), "started": None, "finished": None}
+            log(f"train: {name} already trained in {cfg.out}")
+        else:
+            todo.append((name, cfg))
+    frozen = {k: c for k, c in frozen.items() if any(_cache_key(t) == k for _, t in todo)}
     with ray_session(address) as ray:
         if frozen:
             log(f"train: computing features of {len(frozen)} frozen backbone(s) once")
@@ -63,9 +85,10 @@ def run_train_job(
         task = ray.remote(max_retries=max_retries, max_calls=1)(_train_task)
         pending = {
             task.options(num_cpus=max(1, cfg.threads)).remote(name, cfg): (name, cfg)
-            for name, cfg in zip(grid.names, grid.variants, strict=True)
+            for name, cfg in todo
         }
-        log(f"train: {len(pending)} variants on Ray into {out}")
+        if pending:
+            log(f"train: {len(pending)} variants on Ray into {out}")
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             name, cfg = pending.pop(ref)

@@ -58,6 +58,13 @@ class PipelineConfig:
     train: object  # jobs.specs.TrainGrid
     compress: CompressConfig
     caption: CaptionStep
+    compress_variants: str = "best"  # "best": the variant with the best dev loss; or "all"
+
+    def __post_init__(self) -> None:
+        if self.compress_variants not in ("best", "all"):
+            raise CapfleetError(
+                f"compress_variants: must be 'best' or 'all', got {self.compress_variants!r}"
+            )
 
 
 def _data(cfg: PipelineConfig, log) -> str:
@@ -124,15 +131,17 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
         ok = [v for v in variants if v["status"] == "ok"]
         if not ok:
             raise CapfleetError(f"every variant failed, e.g. {variants[0]['error']}")
+        best_variant = min(ok, key=_dev_loss)  # chosen on dev, not on the test split
+        if cfg.compress_variants == "best":
+            ok = [best_variant]
+            log(f"pipeline: compressing the variant with the best dev loss, {ok[0]['variant']}")
         models = tuple(v["model_dir"] for v in ok)
         compress = CompressConfig(**{**_fields(cfg.compress), "models": models})
         run_compress_job(compress, log=log)
         trials = [r for r in read_trials(compress.out) if r["status"] == "ok"]
         if not trials:
             raise CapfleetError(f"every trial failed; see {compress.out}/report.md")
-        best = max((r for r in trials if r["trial"] == "fp32:fp32"), key=lambda r: r["bleu4"])[
-            "model"
-        ]
+        best = Path(best_variant["model_dir"]).name
         names = [parse_trial(t).name for t in cfg.caption.trials]
         chosen = {r["trial"]: r for r in trials if r["model"] == best and r["trial"] in names}
         if not chosen:
@@ -171,6 +180,12 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
         "table": lines,
         "report": str(Path(compress.out) / "report.md"),
     }
+
+
+def _dev_loss(variant: dict) -> float:
+    """The best dev loss a variant reached (chosen on dev, never on the test split)."""
+    manifest = json.loads((Path(variant["model_dir"]) / "manifest.json").read_text())
+    return min(manifest["history"].get("val_loss", [float("inf")]))
 
 
 def _fields(obj) -> dict:

@@ -121,7 +121,7 @@ def expand_grid(base: dict, grid: dict, where: str) -> TrainGrid:
 
 def build_pipeline(table: dict, where: str) -> PipelineConfig:
     """[pipeline] with its step tables; the paths between steps are the pipeline's to set."""
-    allowed = {"out", "data", "train", "grid", "compress", "caption"}
+    allowed = {"out", "data", "train", "grid", "compress", "caption", "compress_variants"}
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise CapfleetError(
@@ -154,7 +154,13 @@ def build_pipeline(table: dict, where: str) -> PipelineConfig:
         f"{where}.compress",
     )
     caption = build(CaptionStep, table.get("caption", {}), f"{where}.caption")
-    return PipelineConfig(str(out), data, grid, compress, caption)
+    variants = table.get("compress_variants", "best")
+    if not isinstance(variants, str):
+        raise CapfleetError(f"{where}: compress_variants must be 'best' or 'all'")
+    try:
+        return PipelineConfig(str(out), data, grid, compress, caption, variants)
+    except CapfleetError as e:
+        raise CapfleetError(f"{where}: {e}") from None
 
 
 def read_spec(path: str | Path) -> dict:

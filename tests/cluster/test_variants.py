@@ -40,3 +40,8 @@ encoder = ["small_cnn", "mobilenet_v2"]
     assert all(p.stat().st_mtime < mobile["started"] for p in cache)
     assert any("computing features of 1 frozen backbone" in line for line in lines)
     assert sum(line.startswith("[") for line in lines) == 2
+
+    lines.clear()  # a rerun keeps what the same spec already trained
+    again = run_train_job(grid, log=lines.append).to_pylist()
+    assert sum("already trained" in line for line in lines) == 2
+    assert [r["bleu4"] for r in again] == [r["bleu4"] for r in rows]
