@@ -5,10 +5,9 @@ import re
 import shlex
 from pathlib import Path
 
-import tomllib
 import yaml
 
-from jobs.specs import load_spec
+from jobs.specs import load_spec, tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "cluster" / "deploy"
