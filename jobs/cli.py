@@ -160,7 +160,8 @@ def _jobs(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(submit.status(args.address, args.job_id))
     elif args.action == "logs" and args.follow:
-        print(f"job {args.job_id}: " + submit.follow(args.address, args.job_id, print))
+        final = submit.follow(args.address, args.job_id, lambda s: print(s, end="", flush=True))
+        print(f"job {args.job_id}: {final}")
     elif args.action == "logs":
         print(submit.logs(args.address, args.job_id), end="")
     else:
