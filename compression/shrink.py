@@ -7,7 +7,8 @@ LSTM state are added); a unit's importance is the L2 norm of what it feeds the n
 (merge rows for the shared width, logits rows for the merge layer's outputs).
 Small CNN: each Conv2D keeps its output channels with the largest L1 filter norms; the layers
 after it (BatchNorm, the next Conv2D, the Dense after Flatten) keep the matching slices. The
-feature width stays, so the decoder is unchanged by an encoder shrink.
+feature width stays (a last Conv2D that is the output keeps all its channels), so the decoder
+is unchanged by an encoder shrink.
 """
 
 from __future__ import annotations
@@ -99,11 +100,14 @@ def shrink_cnn(cnn, share: float):
                 f"shrink: {cnn.name} layer {layer.name} ({type(layer).__name__}) is not "
                 "supported; shrink handles chains of Conv2D/BatchNorm/pooling/Flatten/Dense"
             )
+    convs = [i for i, x in enumerate(layers) if isinstance(x, keras.layers.Conv2D)]
+    dense = [i for i, x in enumerate(layers) if isinstance(x, keras.layers.Dense)]
     keep: dict[str, np.ndarray] = {}
-    for layer in layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            w = layer.get_weights()[0]  # (kh, kw, in, out)
-            keep[layer.name] = _top(np.abs(w).sum(axis=(0, 1, 2)), keep_count(w.shape[-1], share))
+    for i in convs:
+        if i == convs[-1] and max(dense, default=-1) < i:  # sets the feature width: kept whole
+            continue
+        w = layers[i].get_weights()[0]  # (kh, kw, in, out)
+        keep[layers[i].name] = _top(np.abs(w).sum(axis=(0, 1, 2)), keep_count(w.shape[-1], share))
     for spec in config["layers"]:
         if spec["name"] in keep:
             spec["config"]["filters"] = int(len(keep[spec["name"]]))
@@ -116,7 +120,7 @@ def shrink_cnn(cnn, share: float):
         weights = layer.get_weights()
         if isinstance(layer, keras.layers.Conv2D):
             w = weights[0] if channels is None else weights[0][:, :, channels, :]
-            idx = keep[layer.name]
+            idx = keep.get(layer.name, np.arange(w.shape[-1]))
             new.set_weights([w[..., idx], *[b[idx] for b in weights[1:]]])
             channels = idx
         elif isinstance(layer, keras.layers.BatchNormalization):

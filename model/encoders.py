@@ -27,7 +27,7 @@ ENCODERS = {
     "vgg16": EncoderInfo("vgg16", 224, 4096, "caffe", False, True),  # fc2, as the study
     "resnet50": EncoderInfo("resnet50", 224, 2048, "caffe", False, True),  # global average pool
     "mobilenet_v2": EncoderInfo("mobilenet_v2", 224, 1280, "tf", False, True),  # global avg pool
-    "small_cnn": EncoderInfo("small_cnn", 64, 256, "unit", True, False),  # for the shapes data
+    "small_cnn": EncoderInfo("small_cnn", 72, 153, "unit", True, False),  # for the shapes data
 }
 
 
@@ -95,16 +95,31 @@ def build_encoder(name: str, weights: str | None = None):
         raise CapfleetError(f"encoder {name!r}: cannot use weights {weights!r}{hint}: {e}") from e
 
 
+CELL_GRID = 3  # the small CNN describes each cell of the shapes data set's 3x3 layout
+# ...with one score per value of each attribute, "none" included: size (3), colour (6), shape
+# (5), background (3). model/shapes.py cell_targets() writes labels in this layout.
+CELL_SCORES = 17
+
+
 def _small_cnn(keras, shape: tuple[int, int, int], feature_dim: int):
-    """Three conv blocks to an 8x8 map, flattened so that where things are survives."""
+    """Three conv blocks (72 -> 36 -> 18 -> 9), a max pool to the 3x3 cells of the shapes
+    layout, then per cell (shared 1x1 convs) a 16-d code and 17 attribute scores in [0, 1]:
+    what is in the cell (size, colour, shape, or nothing) and the background. Flattened, so
+    what is where survives, and every cell is read by the same weights. Trained jointly with
+    the decoder, or first on the scores' labels (TrainConfig.pretrain_epochs) and then frozen.
+    A chain of layers, so compression/shrink.py can cut its channels."""
     layers = keras.layers
     x = inp = keras.Input(shape, name="image")
     for i, filters in enumerate((24, 48, 96)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)  # trains several times faster
+        # momentum 0.9: with 0.99 the moving statistics lag a short run and inference drifts
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
         x = layers.ReLU(name=f"relu{i + 1}")(x)
-        x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)  # 64 -> 32 -> 16 -> 8
-    x = layers.Conv2D(32, 1, activation="relu", name="squeeze")(x)  # (B, 8, 8, 32)
-    x = layers.Flatten(name="flatten")(x)  # (B, 2048)
-    x = layers.Dense(feature_dim, activation="relu", name="features")(x)
+        x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)  # 72 -> 36 -> 18 -> 9
+    x = layers.MaxPooling2D(shape[0] // 8 // CELL_GRID, name="cell_pool")(x)  # 9x9 -> 3x3
+    x = layers.Conv2D(16, 1, activation="relu", name="cells")(x)  # (B, 3, 3, 16)
+    x = layers.Conv2D(CELL_SCORES, 1, name="cell_logits")(x)
+    x = layers.Activation("sigmoid", name="cell_scores")(x)  # (B, 3, 3, 17)
+    x = layers.Flatten(name="flatten")(x)  # (B, 153)
+    assert x.shape[-1] == feature_dim, (x.shape, feature_dim)
     return keras.Model(inp, x, name="small_cnn")

@@ -236,6 +236,30 @@ def load_objects(root: str | Path) -> dict[str, ShapesImage]:
     return out
 
 
+def cell_targets(scenes: list[ShapesImage]) -> np.ndarray:
+    """Per-cell labels of the GRID x GRID layout, for pretraining an encoder: (N, GRID, GRID,
+    17) float32, in each cell one-hot groups for size (none, small, large), colour (none + 5),
+    shape (none + 4) and the image's background (3)."""
+    sizes, colours, backgrounds = list(SIZES), list(COLOURS), list(BACKGROUNDS)
+    groups = (1 + len(sizes), 1 + len(colours), 1 + len(SHAPES), len(backgrounds))
+    offsets = np.cumsum((0, *groups[:-1]))
+    out = np.zeros((len(scenes), GRID, GRID, sum(groups)), np.float32)
+    out[..., offsets[0]] = out[..., offsets[1]] = out[..., offsets[2]] = 1.0  # empty cells
+    for i, scene in enumerate(scenes):
+        out[i, :, :, offsets[3] + backgrounds.index(scene.background)] = 1.0
+        for o in scene.objects:
+            row, col = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+            cell = out[i, row, col]
+            cell[offsets[0] : offsets[3]] = 0.0
+            cell[offsets[0] + 1 + sizes.index(o.size)] = 1.0
+            cell[offsets[1] + 1 + colours.index(o.colour)] = 1.0
+            cell[offsets[2] + 1 + SHAPES.index(o.shape)] = 1.0
+    return out
+
+
+CELL_GROUPS = {"size": (0, 3), "colour": (3, 9), "shape": (9, 14), "background": (14, 17)}
+
+
 def content_correct(caption: str, scene: ShapesImage) -> bool:
     """True when a (cleaned) caption names exactly the scene's objects, each with its size,
     colour and shape, and any count word it uses matches the number of objects."""

@@ -45,16 +45,21 @@ def _silence_cnn_channels(cnn, share):
     for i, layer in enumerate(layers):
         if not isinstance(layer, keras.layers.Conv2D):
             continue
+        consumer = next(
+            (
+                lyr
+                for lyr in layers[i + 1 :]
+                if isinstance(lyr, keras.layers.Conv2D | keras.layers.Dense)
+            ),
+            None,
+        )
+        if consumer is None:  # the output layer: shrink keeps all its channels
+            continue
         w, *rest = layer.get_weights()
         n = w.shape[-1]
         removed = np.arange(keep_count(n, share), n)
         w[..., removed] *= 1e-6
         layer.set_weights([w, *rest])
-        consumer = next(
-            lyr
-            for lyr in layers[i + 1 :]
-            if isinstance(lyr, keras.layers.Conv2D | keras.layers.Dense)
-        )
         cw, *crest = consumer.get_weights()
         if isinstance(consumer, keras.layers.Conv2D):
             cw[:, :, removed, :] = 0.0

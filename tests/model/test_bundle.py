@@ -34,7 +34,7 @@ def test_bundle_manifest_sizes_and_hashes(tiny_bundle):
 
 def test_litert_bundle_captions_equal_keras(tiny_model, tiny_bundle, shapes_dir):
     recs = Flickr8kReader(shapes_dir, "test").records()
-    images, _ = load_images(recs, 64)
+    images, _ = load_images(recs, 72)
     cap, backbone, vocab, _ = load_trained(tiny_model)
     keras_ids = keras_caption_ids(cap, backbone, images)
     runner = BundleRunner(tiny_bundle)
@@ -49,7 +49,7 @@ import sys, numpy as np
 from model.bundle import BundleRunner
 from model.data import Flickr8kReader
 from model.features import load_images
-images, _ = load_images(Flickr8kReader({str(shapes_dir)!r}, "test").records(), 64)
+images, _ = load_images(Flickr8kReader({str(shapes_dir)!r}, "test").records(), 72)
 caps = BundleRunner({str(tiny_bundle)!r}, beam_width=2).caption(images)
 assert len(caps) == len(images)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))
@@ -92,8 +92,8 @@ def test_incomplete_manifest_and_wrong_image_shape_are_refused(tiny_bundle, tmp_
     with pytest.raises(BundleError, match="lists no encoder.tflite"):
         BundleRunner(copy)
     runner = BundleRunner(tiny_bundle)
-    with pytest.raises(CapfleetError, match=r"images must be \(B, 64, 64, 3\)"):
+    with pytest.raises(CapfleetError, match=r"images must be \(B, 72, 72, 3\)"):
         runner.caption_ids(np.zeros((2, 32, 32, 3), np.float32))
-    assert runner.caption_ids(np.zeros((0, 64, 64, 3), np.float32)).shape[0] == 0
+    assert runner.caption_ids(np.zeros((0, 72, 72, 3), np.float32)).shape[0] == 0
     with pytest.raises(CapfleetError, match="beam_width"):
         BundleRunner(tiny_bundle, beam_width=0)

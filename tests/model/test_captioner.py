@@ -111,5 +111,5 @@ def test_encoder_registry_errors_name_what_is_allowed(tmp_path):
 
 def test_small_cnn_output_shape():
     enc = build_encoder("small_cnn")
-    out = enc.predict_on_batch(np.zeros((2, 64, 64, 3), np.float32))
-    assert out.shape == (2, 256)
+    out = enc.predict_on_batch(np.zeros((2, 72, 72, 3), np.float32))
+    assert out.shape == (2, 153)  # 17 attribute scores for each of the 3x3 cells

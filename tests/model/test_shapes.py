@@ -91,3 +91,32 @@ def test_every_split_gets_an_image_even_for_tiny_sets(tmp_path):
     for n in (3, 4, 5, 11):
         counts = shapes.generate(tmp_path / str(n), images=n, seed=0)
         assert min(counts.values()) >= 1 and sum(counts.values()) == n, (n, counts)
+
+
+def test_cell_targets_put_each_object_in_its_cell():
+    from model.shapes import CELL_GROUPS, ShapeObject, ShapesImage, cell_targets
+
+    scene = ShapesImage(
+        "x",
+        "gray",
+        (
+            ShapeObject("small", "red", "star", 0.15, 0.5),  # left column, middle row
+            ShapeObject("large", "blue", "circle", 0.85, 0.5),  # right column, middle row
+        ),
+        "left",
+    )
+    t = cell_targets([scene])[0]
+
+    def group(cell, name):
+        a, b = CELL_GROUPS[name]
+        return int(cell[a:b].argmax())
+
+    assert [group(t[1, 0], k) for k in ("size", "colour", "shape")] == [1, 1, 4]  # small red star
+    assert [group(t[1, 2], k) for k in ("size", "colour", "shape")] == [
+        2,
+        3,
+        1,
+    ]  # large blue circle
+    assert sum(group(t[r, c], "shape") > 0 for r in range(3) for c in range(3)) == 2
+    assert all(group(t[r, c], "background") == 1 for r in range(3) for c in range(3))  # gray
+    assert t.sum() == 9 * 4  # one-hot groups: four ones in every cell

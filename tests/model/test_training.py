@@ -1,8 +1,13 @@
 """Training with a frozen backbone: features computed once and cached, the model reloadable."""
 
+import dataclasses
+import shutil
+
 import numpy as np
+import pytest
 
 from model.data import Flickr8kReader
+from model.errors import CapfleetError
 from model.features import load_images
 from model.training import TrainConfig, keras_caption_ids, load_trained, score_captions, train
 
@@ -60,3 +65,30 @@ def test_training_data_without_splits_is_refused_before_work(tmp_path):
     coco.write_text(_json.dumps({"images": [], "annotations": []}))
     with pytest.raises(CapfleetError, match="has no 'train' split"):
         read_split(str(coco), "train")
+
+
+def test_pretraining_freezes_the_small_cnn_and_needs_the_sidecar(shapes_dir, tmp_path):
+    cfg = TrainConfig(
+        data=str(shapes_dir),
+        out=str(tmp_path / "m"),
+        units=16,
+        embed_dim=8,
+        epochs=1,
+        patience=0,
+        pretrain_epochs=1,
+        threads=2,
+    )
+    lines = []
+    manifest = train(cfg, log=lines.append)
+    assert any(line.startswith("pretrain: 1 epochs") for line in lines)
+    assert manifest["train"]["pretrain_epochs"] == 1
+    cap, _, _, _ = load_trained(tmp_path / "m")  # the pretrained CNN is in weights.h5
+    assert cap.encoder.get_layer("cell_scores").output.shape[1:] == (3, 3, 17)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(shapes_dir, bare)
+    (bare / "shapes_objects.jsonl").unlink()
+    with pytest.raises(CapfleetError, match="no shapes_objects.jsonl"):
+        train(dataclasses.replace(cfg, data=str(bare), out=str(tmp_path / "m2")), log=print)
+    with pytest.raises(CapfleetError, match="only the small CNN is pretrained"):
+        TrainConfig(data="d", out="o", encoder="mobilenet_v2", pretrain_epochs=1)
