@@ -105,7 +105,9 @@ def actor_rss_sampler(stop: threading.Event, peak: dict) -> None:
         stop.wait(0.5)
 
 
-def job_runs(bundle: Path, manifest_csv: Path, rows: int, base: float, sizings, tmp: Path):
+def job_runs(
+    bundle: Path, manifest_csv: Path, rows: int, base: float, sizings, tmp: Path, shard: int
+):
     from cluster.caption_pipeline import run_caption_job
     from model.captioning import CaptionConfig
 
@@ -119,8 +121,8 @@ def job_runs(bundle: Path, manifest_csv: Path, rows: int, base: float, sizings, 
             bundles=(str(bundle),),
             input=str(manifest_csv),
             out=str(tmp / f"out-{bundle.name}-{actors}-{cpus}"),
-            batch_size=BATCH,
-            shard_size=SHARD,
+            batch_size=min(BATCH, shard),
+            shard_size=shard,
             actors=actors,
             actor_cpus=cpus,
             decode_cpus=cpus,
@@ -131,8 +133,12 @@ def job_runs(bundle: Path, manifest_csv: Path, rows: int, base: float, sizings, 
         stop.set()
         sampler.join()
         ips = rows / wall
+        run_s = wall - job["ray_start_seconds"]
         jobs.append(
             {
+                "images_per_s_after_ray_start": round(rows / run_s, 1),
+                "vs_baseline_after_ray_start": round(rows / run_s / base, 3),
+                "ray_start_s": job["ray_start_seconds"],
                 "actors": actors,
                 "actor_cpus": cpus,
                 "interpreter_threads": max(1, int(cpus)),
@@ -168,12 +174,15 @@ def run() -> None:
         recs = Flickr8kReader(tmp / "data", "train").records()[:IMAGES]
         vocab = Vocabulary.build(clean_caption(c) for r in recs for c in r.captions)
         small = make_bundle(tmp / "bundle", vocab)
-        plans = [("small_cnn fp32, random weights", small, REPEAT, ((1, 1.0), (2, 0.5), (2, 1.0)))]
-        if (VGG16_INT8 / "manifest.json").is_file():
-            plans.append(("vgg16 int8 (bench.study), random weights", VGG16_INT8, 1, ((2, 0.5),)))
+        sizes = ((1, 1.0), (2, 0.5), (2, 1.0))
+        plans = [("small_cnn fp32, random weights", small, REPEAT, sizes, SHARD)]
+        if (VGG16_INT8 / "manifest.json").is_file():  # shards of 50: work for both actors
+            plans.append(
+                ("vgg16 int8 (bench.study), random weights", VGG16_INT8, 1, ((2, 0.5),), 50)
+            )
         else:
             print(f"no VGG16 int8 bundle at {VGG16_INT8}: run `python -m bench study` first")
-        for what, bundle, repeat, sizings in plans:
+        for what, bundle, repeat, sizings, shard in plans:
             uris = [r.uri for r in recs][: (IMAGES if repeat > 1 else VGG16_IMAGES)] * repeat
             csv = manifest(tmp, bundle.name, uris)
             alone = bundle_alone(bundle, uris, 1024 if repeat > 1 else 256)
@@ -184,7 +193,8 @@ def run() -> None:
                 "rows": len(uris),
                 "bundle_alone_images_per_s": round(alone, 1),
                 "baseline_one_process_images_per_s": round(base, 1),
-                "ray_job": job_runs(bundle, csv, len(uris), base, sizings, tmp),
+                "shard_size": shard,
+                "ray_job": job_runs(bundle, csv, len(uris), base, sizings, tmp, shard),
             }
     write_result(
         "caption",

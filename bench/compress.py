@@ -1,12 +1,15 @@
 """Compression trials on the embedded data set: the small-CNN model trained by
 jobs/examples/train_shapes.toml (3,000 images, seed 0), then fp32, dynamic, int8, qat-int8,
-prune-50+int8 and shrink-50+int8 as Ray tasks (1 CPU each: two at once on 2 cores), each
-bundle timed alone at batch 32 with 1 thread. Then the same trials one after another (one task
-at a time with both CPUs) for the parallel speed-up, same machine, same run."""
+prune-50+int8, shrink-50+int8 and shrink-25+int8 as Ray tasks (1 CPU each: two at once on 2
+cores), each bundle timed alone at batch 32 with 1 thread. Then the same trials one after
+another (one task at a time with both CPUs) for the parallel speed-up, same machine, same run.
+CAPFLEET_BENCH_MODEL=DIR reuses a model trained by that spec on that data instead."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +17,15 @@ from pathlib import Path
 from bench.common import RESULTS, Timer, write_result
 
 SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
-TRIALS = ("fp32", "dynamic", "int8", "qat-int8", "prune-50+int8", "shrink-50+int8")
+TRIALS = (
+    "fp32",
+    "dynamic",
+    "int8",
+    "qat-int8",
+    "prune-50+int8",
+    "shrink-50+int8",
+    "shrink-25+int8",
+)
 
 
 def run() -> None:
@@ -29,8 +40,13 @@ def run() -> None:
         shapes.generate(tmp / "data", images=3000, seed=0)
         spec = load_spec(SPEC)
         model_dir = tmp / "small_cnn"
-        cfg = dataclasses.replace(spec, data=str(tmp / "data"), out=str(model_dir))
-        manifest = train(cfg, log=lambda _: None)
+        if os.environ.get("CAPFLEET_BENCH_MODEL"):  # a model train_shapes.toml made on the
+            shutil.copytree(os.environ["CAPFLEET_BENCH_MODEL"], model_dir)  # same data, seed 0
+            manifest = json.loads((model_dir / "manifest.json").read_text())
+            spec = dataclasses.replace(spec, **manifest["train"])
+        else:
+            cfg = dataclasses.replace(spec, data=str(tmp / "data"), out=str(model_dir))
+            manifest = train(cfg, log=lambda _: None)
         runs = {}
         for mode, cpus in (("parallel", 1.0), ("sequential", 2.0)):
             job = CompressConfig(
@@ -67,6 +83,7 @@ def run() -> None:
     by = {r["trial"]: r for r in rows}
     fp32, int8 = by["fp32:fp32"], by["int8:int8"]
     shrink = by["shrink-50+int8:shrink-50+int8"]
+    shrink25 = by["shrink-25+int8:shrink-25+int8"]
     write_result(
         "compress",
         {
@@ -84,6 +101,8 @@ def run() -> None:
                 "int8_delta_bleu4_within_0.02": int8["delta_bleu4"],
                 "shrink_faster_than_int8": [shrink["e2e_ms"], int8["e2e_ms"]],
                 "shrink_delta_bleu4_within_0.03": shrink["delta_bleu4"],
+                "shrink25_faster_than_int8": [shrink25["e2e_ms"], int8["e2e_ms"]],
+                "shrink25_delta_bleu4_within_0.03": shrink25["delta_bleu4"],
             },
             "fp32_bleu4": fp32["bleu4"],
         },

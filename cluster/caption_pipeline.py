@@ -77,8 +77,11 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
         f"{len(shards) - len(pending)} shards already done"
     )
 
+    ray_start = 0.0
     if pending:
+        t_ray = time.perf_counter()
         with ray_session(cfg.address or None) as ray:
+            ray_start = time.perf_counter() - t_ray  # a new embedded instance: ~4-6 s here
             items = [
                 {
                     "shard": i,
@@ -130,6 +133,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
         "start": started.isoformat(timespec="seconds"),
         "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 2),
+        "ray_start_seconds": round(ray_start, 2),  # starting or joining Ray, within the wall
         "images": len(records),
         "rows": counts,
         "shards": {"total": len(shards), "run": len(pending)},

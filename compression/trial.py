@@ -8,6 +8,7 @@ split. Deltas against the fp32 baseline are added by whoever holds all the recor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -34,6 +35,7 @@ from model.training import (
     finetune_data,
     fit_captions,
     load_trained,
+    pretrain_cells,
     read_split,
     score_captions,
 )
@@ -97,7 +99,7 @@ def _calibration(cap, backbone, images: np.ndarray, style: str):
         for i in range(len(t))
     ]
     rng = np.random.default_rng(0)
-    picked = [rows[i] for i in rng.permutation(len(rows))[:400]]
+    picked = [rows[i] for i in rng.permutation(len(rows))[:2000]]
 
     def encoder_samples():
         for i in range(len(x)):
@@ -159,12 +161,21 @@ def run_trial(
     lr, seed = settings.finetune_learning_rate, settings.seed
     data = None
     if enc.needs_tuning and info.trainable or dec.needs_tuning:
-        train_data, dev_data, _ = finetune_data(cap, backbone, manifest, vocab, log)
+        train_data, dev_data, train_cfg, (train_recs, dev_recs) = finetune_data(
+            cap, backbone, manifest, vocab, log
+        )
         data = (train_data, dev_data)
 
     if enc.shrink or dec.shrink:
         log(f"{recipe.name}: shrink encoder {enc.shrink:.0%}, decoder {dec.shrink:.0%}")
         cap = shrink_captioner(cap, enc.shrink, dec.shrink)
+        if enc.shrink and train_cfg.pretrain_epochs:
+            # the CNN was pretrained on per-cell labels and frozen: the shrunk one is tuned
+            # the same way, then frozen while the (maybe shrunk) decoder is tuned
+            tuned = dataclasses.replace(train_cfg, pretrain_epochs=settings.finetune_epochs)
+            x_train, x_dev = train_data[0], dev_data[0]
+            pretrain_cells(cap.encoder, x_train, train_recs, x_dev, dev_recs, tuned, log)
+            cap.encoder.trainable = False
         fit_captions(cap.training_model, *data, tune[0], tune[1], lr, seed, [])
     if enc.prune and not info.trainable:
         log(f"{recipe.name}: one-shot pruning of the frozen {info.name} to {enc.prune:.0%}")

@@ -396,19 +396,21 @@ def fit_captions(model, train_data, dev_data, epochs, batch_size, learning_rate,
 
 def finetune_data(cap: Captioner, backbone, manifest: dict, vocab: Vocabulary, log=print):
     """The training and dev inputs of a trained model's own data set, for fine-tuning it:
-    ((x_train, tokens), (x_dev, tokens), TrainConfig). A frozen backbone's features come from
-    the feature cache the training wrote (computed again only if it is gone)."""
+    ((x_train, tokens), (x_dev, tokens), TrainConfig, [train records, dev records]). A frozen
+    backbone's features come from the feature cache the training wrote (computed again only if
+    it is gone)."""
     cfg = TrainConfig(**manifest["train"])
     info = encoder_info(cap.config.encoder)
     weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
     cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
-    splits = []
+    splits, records_by_split = [], []
     for split in ("train", "dev"):
         images, records = load_images(read_split(cfg.data, split), info.input_size, log)
         x = model_inputs(images, records, info, backbone, weights_id, cache, log)
         tokens = caption_sets(records, vocab, cap.config.max_len, cfg.captions_per_image)
         splits.append((x, tokens))
-    return splits[0], splits[1], cfg
+        records_by_split.append(records)
+    return splits[0], splits[1], cfg, records_by_split
 
 
 def encoder_section(name: str, weights: str) -> dict:
