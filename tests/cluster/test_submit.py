@@ -2,6 +2,7 @@
 caption spec submitted through `capfleet submit`, followed to success, its Parquet checked."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,11 +27,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
     gcs, dash = _free_port(), _free_port()
+    # Token authentication on, with a token of the test's own: Ray turns it on by itself only
+    # where ~/.ray/auth_token exists, which a fresh machine lacks. The client reads the same.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for key, value in auth.items():
+        monkeypatch.setenv(key, value)
     env = {
         **os.environ,
         **LOOPBACK_ENV,
+        **auth,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
         "TF_USE_LEGACY_KERAS": "1",
     }
@@ -94,7 +101,7 @@ def test_submit_a_caption_spec_and_follow_it(ray_head, tiny_bundle, shapes_dir, 
         f'kind = "caption"\n[caption]\nbundles = ["{tiny_bundle}"]\ninput = "{shapes_dir}"\n'
         f'out = "{out}"\nsplit = "test"\nbatch_size = 8\n'
     )
-    assert os.environ.get("RAY_AUTH_MODE", "token") == "token"
+    assert os.environ["RAY_AUTH_MODE"] == "token"
     assert main(["submit", str(spec), "--address", ray_head, "--follow"]) == 0
     printed = capsys.readouterr().out
     job_id = printed.split(" as ", 1)[1].split()[0]
@@ -107,3 +114,10 @@ def test_submit_a_caption_spec_and_follow_it(ray_head, tiny_bundle, shapes_dir, 
     assert main(["jobs", "list", "--address", ray_head]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["jobs", "status", "nope", "--address", ray_head]) == 2  # a clear error
+
+    # token authentication is on: a client with another token is turned away
+    probe = f"from ray.job_submission import JobSubmissionClient as C; C({ray_head!r}).list_jobs()"
+    env = {**os.environ, "RAY_AUTH_TOKEN": "0" * 64, "HOME": str(tmp_path)}
+    denied = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert denied.returncode != 0, "the Jobs API answered a client with a wrong token"
+    assert "token" in denied.stderr.lower() or "401" in denied.stderr, denied.stderr[-2000:]
