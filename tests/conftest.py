@@ -1,8 +1,17 @@
 """Shared fixtures: tiny generated data and a tiny trained model, no network."""
 
+import os
+import secrets
+from pathlib import Path
+
 import pytest
 
 import model  # noqa: F401  (TF_USE_LEGACY_KERAS before any test imports TensorFlow)
+
+# One Ray token for the whole test session, before anything imports Ray: the user's
+# ~/.ray/auth_token where it exists, else one made here (not written to the home folder).
+if not os.environ.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_token").is_file():
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="session")

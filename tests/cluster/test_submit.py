@@ -2,7 +2,6 @@
 caption spec submitted through `capfleet submit`, followed to success, its Parquet checked."""
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from jobs.cli import main
 from model.captioning import read_captions
 
 BIN = Path(sys.executable).parent
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
 def _free_port() -> int:
@@ -29,9 +29,11 @@ def _free_port() -> int:
 @pytest.fixture()
 def ray_head(tmp_path, monkeypatch):
     gcs, dash = _free_port(), _free_port()
-    # Token authentication on, with a token of the test's own: Ray turns it on by itself only
-    # where ~/.ray/auth_token exists, which a fresh machine lacks. The client reads the same.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Token authentication on, with the token this process already uses (Ray reads it once per
+    # process): the user's ~/.ray/auth_token, or the one tests/conftest.py made for a machine
+    # that has none (Ray turns auth on by itself only where that file exists).
+    token = os.environ.get("RAY_AUTH_TOKEN") or TOKEN_FILE.read_text().strip()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     for key, value in auth.items():
         monkeypatch.setenv(key, value)
     env = {
