@@ -67,3 +67,30 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def failure_text(e: Exception) -> str:
+    """What a task records for an exception it caught: the message of a CapfleetError (bad
+    input), a short traceback of anything else (a bug)."""
+    import traceback
+
+    detail = str(e) if isinstance(e, CapfleetError) else traceback.format_exc(limit=3)
+    return f"{type(e).__name__}: {detail}"
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def completed(ray, pending: dict):
+    """Yield (key, result, error) for each task of `pending` ({ref: key}) as it finishes, in
+    that order: `error` is None, or the RayError of a task whose worker died and whose retries
+    are spent (then `result` is None). Empties `pending`."""
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ref)
+        try:
+            result, error = ray.get(ref), None
+        except ray.exceptions.RayError as e:
+            result, error = None, e
+        yield key, result, error

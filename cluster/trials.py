@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cluster.connect import ray_session
+from cluster.connect import completed, failure_text, first_line, ray_session
 from compression.report import failed_record, write_report, write_trials
 from compression.trial import (
     CompressConfig,
@@ -28,7 +27,6 @@ from compression.trial import (
     slug,
 )
 from model.artifacts import write_json_atomic
-from model.errors import CapfleetError
 
 
 def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> dict:
@@ -36,8 +34,7 @@ def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> 
     try:
         return run_trial(model_dir, trial, bundle_dir, TrialSettings(**settings), log=print)
     except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
-        detail = str(e) if isinstance(e, CapfleetError) else traceback.format_exc(limit=3)
-        return failed_record(Path(model_dir).name, trial, f"{type(e).__name__}: {detail}")
+        return failed_record(Path(model_dir).name, trial, failure_text(e))
 
 
 def _measure_task(record: dict, settings: dict) -> dict:
@@ -94,17 +91,13 @@ def run_compress_job(
                 f"compress: {len(todo)} trials on Ray, {cfg.cpus_per_trial:g} CPU each; "
                 "then each bundle is timed alone"
             )
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                model_dir, trial = pending.pop(ref)
-                try:
-                    rec = ray.get(ref)
-                except ray.exceptions.RayError as e:  # the worker died, retries spent
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            for (model_dir, trial), rec, crash in completed(ray, pending):
+                if crash is not None:  # the worker died, retries spent
                     rec = failed_record(
                         Path(model_dir).name,
                         trial,
-                        f"{type(e).__name__} after {cfg.max_retries + 1} attempts: {first}",
+                        f"{type(crash).__name__} after {cfg.max_retries + 1} attempts: "
+                        f"{first_line(crash)}",
                     )
                 if rec["status"] == "ok":  # timed alone, below, with nothing else running
                     built[(model_dir, trial)] = rec

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 
-from cluster.connect import ray_session
+from cluster.connect import completed, failure_text, first_line, ray_session
 from model.captioning import write_parquet_atomic
 from model.encoders import encoder_info
-from model.errors import CapfleetError
 from model.training import VARIANT_SCHEMA, TrainConfig, train, variant_row, warm_feature_cache
 
 VARIANTS_FILE = "variants.parquet"
@@ -32,8 +30,7 @@ def _train_task(name: str, cfg: TrainConfig) -> dict:
     try:
         row = variant_row(name, cfg, train(cfg), None)
     except Exception as e:  # noqa: BLE001  one failed variant must not sink the job
-        detail = str(e) if isinstance(e, CapfleetError) else traceback.format_exc(limit=3)
-        row = variant_row(name, cfg, None, f"{type(e).__name__}: {detail}")
+        row = variant_row(name, cfg, None, failure_text(e))
     return {**row, "started": started, "finished": time.time()}
 
 
@@ -48,9 +45,7 @@ def _trained(cfg: TrainConfig) -> dict | None:
 
 
 def _cache_key(cfg: TrainConfig) -> tuple:
-    seed = cfg.seed if cfg.weights == "none" else None  # a random backbone depends on the seed
-    cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
-    return (cfg.encoder, cfg.weights, seed, cfg.data, cache)
+    return (cfg.encoder, cfg.weights_id, cfg.data, cfg.feature_cache)
 
 
 def run_train_job(
@@ -89,14 +84,9 @@ def run_train_job(
         }
         if pending:
             log(f"train: {len(pending)} variants on Ray into {out}")
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            name, cfg = pending.pop(ref)
-            try:
-                row = ray.get(ref)
-            except ray.exceptions.RayError as e:  # the worker died, retries spent
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                row = variant_row(name, cfg, None, f"{type(e).__name__}: {first}")
+        for (name, cfg), row, crash in completed(ray, pending):
+            if crash is not None:  # the worker died, retries spent
+                row = variant_row(name, cfg, None, f"{type(crash).__name__}: {first_line(crash)}")
             rows[name] = row
             if row["status"] == "ok":
                 what = (

@@ -224,7 +224,7 @@ def run_trial(
 
     # scored on the bundle as shipped: LiteRT, test split
     runner = BundleRunner(out, num_threads=settings.bench_threads)
-    x, test_recs = _test_inputs(manifest["train"]["data"], info, settings, log)
+    x, test_recs = _test_inputs(manifest["train"]["data"], info, settings.eval_images, log)
     ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
     scores = score_captions(test_recs, [vocab.decode(r) for r in ids], manifest["train"]["data"])
     files = bundle["files"]
@@ -260,10 +260,11 @@ def run_trial(
     }
 
 
-def _test_inputs(data: str, info, settings: TrialSettings, log):
+def _test_inputs(data: str, info, limit: int, log):
+    """Preprocessed test-split images, the first `limit` of them (0 = all), and their records."""
     records = read_split(data, "test")
-    if settings.eval_images:
-        records = records[: settings.eval_images]
+    if limit:
+        records = records[:limit]
     images, records = load_images(records, info.input_size, log)
     return preprocess(images, info.preprocess), records
 
@@ -274,10 +275,8 @@ def measure_bundle(bundle_dir: str | Path, data: str, settings: TrialSettings) -
     nothing else busy on the machine: trials measured side by side disturb each other."""
     runner = BundleRunner(bundle_dir, num_threads=settings.bench_threads)
     info = encoder_info(runner.manifest["encoder"]["name"])
-    x, _ = _test_inputs(data, info, settings, lambda _: None)
-    return measure_latency(
-        runner, x[: settings.bench_batch], settings.bench_batch, settings.bench_repeats
-    )
+    x, _ = _test_inputs(data, info, settings.bench_batch, lambda _: None)  # one batch's worth
+    return measure_latency(runner, x, settings.bench_batch, settings.bench_repeats)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,6 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from jobs.specs import TrainGrid, load_spec
-    from model.training import TrainConfig
-
-    cfg = load_spec(args.spec)
-    if not isinstance(cfg, TrainConfig | TrainGrid):
-        raise CapfleetError(f"{args.spec}: `capfleet train` needs a spec of kind 'train'")
-    return run_spec(cfg, args.address or None)
-
-
 def _export(args: argparse.Namespace) -> int:
     from compression.export import export_bundle
 
@@ -64,16 +54,6 @@ def _caption(args: argparse.Namespace) -> int:
         f"({job['wall_seconds']} s)"
     )
     return 0
-
-
-def _compress(args: argparse.Namespace) -> int:
-    from compression.trial import CompressConfig
-    from jobs.specs import load_spec
-
-    cfg = load_spec(args.spec)
-    if not isinstance(cfg, CompressConfig):
-        raise CapfleetError(f"{args.spec}: `capfleet compress` needs a spec of kind 'compress'")
-    return run_spec(cfg, args.address or None)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -128,9 +108,10 @@ def run_spec(cfg, address: str | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """capfleet run, train and compress: the last two take only specs of their own kind."""
     from jobs.specs import load_spec
 
-    return run_spec(load_spec(args.spec), args.address or None)
+    return run_spec(load_spec(args.spec, args.kind), args.address or None)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -198,12 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sh.set_defaults(func=_data_shapes)
 
-    tr = sub.add_parser("train", help='train a captioner from a spec (kind = "train")')
-    tr.add_argument("spec", help="a TOML spec file")
-    tr.add_argument(
-        "--address", help="a running Ray cluster for a [grid] spec: auto or ray://HOST:10001"
-    )
-    tr.set_defaults(func=_train)
+    def spec_command(name: str, help: str, kind: str | None) -> None:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("spec", help="a TOML spec file")
+        p.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
+        p.set_defaults(func=_run, kind=kind)
+
+    spec_command("train", 'train a captioner, or a [grid] of them on Ray (kind = "train")', "train")
 
     ex = sub.add_parser("export", help="export a trained model directory to an fp32 bundle")
     ex.add_argument("model", help="a model directory written by `capfleet train`")
@@ -243,19 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--beam-width", type=int, default=1, help="1 = greedy")
     cap.set_defaults(func=_caption)
 
-    co = sub.add_parser("compress", help='run compression trials on Ray (kind = "compress")')
-    co.add_argument("spec", help="a TOML spec file")
-    co.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
-    co.set_defaults(func=_compress)
+    spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")
 
     rep = sub.add_parser("report", help="re-render report.md/png of a compress output")
     rep.add_argument("dir", help="a compress output directory (holding trials.parquet)")
     rep.set_defaults(func=_report)
 
-    run = sub.add_parser("run", help="run a spec of any kind (train, compress, caption, pipeline)")
-    run.add_argument("spec", help="a TOML spec file")
-    run.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
-    run.set_defaults(func=_run)
+    spec_command("run", "run a spec of any kind (train, compress, caption, pipeline)", None)
 
     sb = sub.add_parser("submit", help="submit a spec to a Ray cluster (Ray Jobs API)")
     sb.add_argument("spec", help="a TOML spec file; its paths are the cluster's paths")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from compression.recipes import parse_trial
@@ -136,7 +136,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
             ok = [best_variant]
             log(f"pipeline: compressing the variant with the best dev loss, {ok[0]['variant']}")
         models = tuple(v["model_dir"] for v in ok)
-        compress = CompressConfig(**{**_fields(cfg.compress), "models": models})
+        compress = replace(cfg.compress, models=models)
         run_compress_job(compress, log=log)
         trials = [r for r in read_trials(compress.out) if r["status"] == "ok"]
         if not trials:
@@ -188,13 +188,7 @@ def _dev_loss(variant: dict) -> float:
     return min(manifest["history"].get("val_loss", [float("inf")]))
 
 
-def _fields(obj) -> dict:
-    return {k: getattr(obj, k) for k in asdict(obj)}
-
-
 def _with_data(grid, data: str):
-    from dataclasses import replace
-
     from jobs.specs import TrainGrid
 
     return TrainGrid(grid.out, tuple(replace(v, data=data) for v in grid.variants), grid.names)

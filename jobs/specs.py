@@ -176,13 +176,16 @@ def read_spec(path: str | Path) -> dict:
         raise CapfleetError(f"{p}: invalid TOML ({e})") from e
 
 
-def load_spec(path: str | Path):
-    """Read a spec file; returns the config dataclass of its kind."""
+def load_spec(path: str | Path, expect: str | None = None):
+    """Read a spec file; returns the config dataclass of its kind (which must be `expect`, the
+    kind a command such as `capfleet train` runs, when given)."""
     p = Path(path)
     doc = read_spec(p)
     kind = doc.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise CapfleetError(f"{p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if expect and kind != expect:
+        raise CapfleetError(f"{p}: `capfleet {expect}` needs a spec of kind '{expect}'")
     allowed = {"kind", kind} | ({"grid"} if kind == "train" else set())
     extra = sorted(set(doc) - allowed)
     if extra:

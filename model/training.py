@@ -140,6 +140,15 @@ class TrainConfig:
     def weights_arg(self) -> str | None:
         return None if self.weights == "none" else self.weights
 
+    @property
+    def weights_id(self) -> str:
+        """What a frozen backbone's features depend on: its weights, or the seed of random ones."""
+        return self.weights if self.weights != "none" else f"none-seed{self.seed}"
+
+    @property
+    def feature_cache(self) -> str:
+        return self.cache_dir or str(Path(self.out).parent / "feature_cache")
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -243,10 +252,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     backbone = None if info.trainable else build_encoder(cfg.encoder, cfg.weights_arg)
     encoder = build_encoder(cfg.encoder, cfg.weights_arg) if info.trainable else None
-    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
-    cache = cfg.cache_dir or str(out.parent / "feature_cache")
-    x_train = model_inputs(train_imgs, train_recs, info, backbone, weights_id, cache, log)
-    x_dev = model_inputs(dev_imgs, dev_recs, info, backbone, weights_id, cache, log)
+    x_train = model_inputs(train_imgs, train_recs, info, backbone, cfg, log)
+    x_dev = model_inputs(dev_imgs, dev_recs, info, backbone, cfg, log)
     del train_imgs, dev_imgs
 
     if cfg.pretrain_epochs:
@@ -350,20 +357,25 @@ def warm_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) -> 
     configure_threads(cfg.threads)
     keras.utils.set_random_seed(cfg.seed)  # as train(): a random backbone is the same one
     backbone = build_encoder(cfg.encoder, cfg.weights_arg)
-    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
-    cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
     for split in ("train", "dev"):
         images, records = load_images(read_split(cfg.data, split), info.input_size, log)
-        model_inputs(images, records, info, backbone, weights_id, cache, log)
+        model_inputs(images, records, info, backbone, cfg, log)
 
 
-def model_inputs(images, records, info, backbone, weights_id: str, cache_dir: str, log=print):
+def model_inputs(images, records, info, backbone, cfg: TrainConfig, log=print):
     """What the training graph takes for these images: preprocessed pixels for a jointly
     trained encoder, a frozen backbone's features (cached on disk, computed once) otherwise."""
     if info.trainable:
         return preprocess(images, info.preprocess)
     return cached_features(
-        backbone, info.name, weights_id, info.preprocess, images, records, cache_dir, log=log
+        backbone,
+        info.name,
+        cfg.weights_id,
+        info.preprocess,
+        images,
+        records,
+        cfg.feature_cache,
+        log=log,
     )
 
 
@@ -401,12 +413,10 @@ def finetune_data(cap: Captioner, backbone, manifest: dict, vocab: Vocabulary, l
     it is gone)."""
     cfg = TrainConfig(**manifest["train"])
     info = encoder_info(cap.config.encoder)
-    weights_id = cfg.weights if cfg.weights != "none" else f"none-seed{cfg.seed}"
-    cache = cfg.cache_dir or str(Path(cfg.out).parent / "feature_cache")
     splits, records_by_split = [], []
     for split in ("train", "dev"):
         images, records = load_images(read_split(cfg.data, split), info.input_size, log)
-        x = model_inputs(images, records, info, backbone, weights_id, cache, log)
+        x = model_inputs(images, records, info, backbone, cfg, log)
         tokens = caption_sets(records, vocab, cap.config.max_len, cfg.captions_per_image)
         splits.append((x, tokens))
         records_by_split.append(records)
