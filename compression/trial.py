@@ -192,7 +192,7 @@ def run_trial(
     step_model = cap.step_model()
     sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
     enc_samples = dec_samples = None
-    if "int8" in (enc.quant, dec.quant):
+    if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
         calib = read_split(manifest["train"]["data"], "train")[: settings.calibration_images]
         calib_images, _ = load_images(calib, info.input_size, log)
         enc_samples, dec_samples = _calibration(cap, backbone, calib_images, info.preprocess)

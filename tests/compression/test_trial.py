@@ -16,6 +16,18 @@ def _dtypes(path):
     return {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
 
 
+def _float_matrices(path):
+    """Names of the float32 weight matrices left in a model (activations have a batch of 1)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    return [
+        t["name"]
+        for t in it.get_tensor_details()
+        if np.dtype(t["dtype"]) == np.float32 and len(t["shape"]) == 2 and min(t["shape"]) > 1
+    ]
+
+
 def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
     rec = run_trial(tiny_model, "prune-50:qat-int8", tmp_path / "b", QUICK, log=lambda _: None)
     assert rec["status"] == "ok" and rec["trial"] == "prune-50:qat-int8"
@@ -23,7 +35,9 @@ def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
     assert 0.4 < rec["encoder_sparsity"] <= 0.5
     assert rec["decoder_sparsity"] < 0.05
     assert rec["encoder_gzip_mb"] < 0.75 * rec["encoder_mb"]  # zeros pay only after gzip
-    assert "int8" in _dtypes(tmp_path / "b" / "decoder_step.tflite")  # QAT made it integer
+    decoder = tmp_path / "b" / "decoder_step.tflite"
+    assert "int8" in _dtypes(decoder)  # QAT made it integer...
+    assert _float_matrices(decoder) == []  # ...the LSTM cell and embedding too, not only Dense
     assert 0.0 <= rec["bleu4"] <= rec["bleu1"] <= 1.0 and rec["test_images"] == 8
     timing = measure_bundle(rec["bundle"], rec["data"], QUICK)
     assert timing["e2e_ms"] > 0 and timing["encoder_ms"] > 0
