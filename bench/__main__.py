@@ -4,7 +4,16 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("decoding", "training", "encoders", "study", "caption", "train_quality", "compress")
+BENCHMARKS = (
+    "decoding",
+    "training",
+    "encoders",
+    "study",
+    "caption",
+    "train_quality",
+    "compress",
+    "int8_decoder",
+)
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,181 @@
+"""Where the int8 decoder loses BLEU, on the small-CNN shapes model (jobs/examples/
+train_shapes.toml, 3,000 images, seed 0; CAPFLEET_BENCH_MODEL=DIR reuses one that spec made).
+
+The encoder is int8 throughout (an int8 encoder with an fp32 decoder loses almost nothing); the
+decoder step is converted four ways, each calibrated on the same decoder steps as the `int8`
+recipe: fp32; full int8 (the `int8` recipe); full int8 with its output layer (the logits) left
+in float through the TFLite converter's selective quantization; and 16x8 (int8 weights, int16
+activations). Each bundle is scored on the test split and timed at batch 32 with one thread.
+The QuantizationDebugger's per-op error is recorded for the full int8 step.
+
+This is a diagnosis, not a recipe: neither alternative is offered by `capfleet compress`
+(see the closing figures in the JSON)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import write_result
+
+SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
+LOGITS = "StatefulPartitionedCall:2"  # the step's first output, "logits", in converted graphs
+
+
+def _trained_model(tmp: Path) -> Path:
+    from jobs.specs import load_spec
+    from model import shapes
+    from model.training import train
+
+    model_dir = tmp / "small_cnn"
+    if os.environ.get("CAPFLEET_BENCH_MODEL"):
+        shutil.copytree(os.environ["CAPFLEET_BENCH_MODEL"], model_dir)
+        return model_dir
+    shapes.generate(tmp / "data", images=3000, seed=0)
+    cfg = dataclasses.replace(load_spec(SPEC), data=str(tmp / "data"), out=str(model_dir))
+    train(cfg, log=lambda _: None)
+    return model_dir
+
+
+def run() -> None:
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from compression import trial as T
+    from compression.convert import encoder_to_tflite, step_to_tflite
+    from model.bundle import BundleRunner, write_bundle
+    from model.encoders import encoder_info
+    from model.features import load_images
+    from model.training import configure_threads, load_trained, read_split, score_captions
+
+    configure_threads(2)
+    settings = T.TrialSettings()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = _trained_model(tmp)
+        cap, backbone, vocab, manifest = load_trained(model_dir)
+        data = manifest["train"]["data"]
+        info = encoder_info(cap.config.encoder)
+        calib = read_split(data, "train")[: settings.calibration_images]
+        calib_images, _ = load_images(calib, info.input_size, lambda _: None)
+        enc_samples, dec_samples = T._calibration(cap, backbone, calib_images, info.preprocess)
+        encoder, step, units = cap.encoder_model(backbone), cap.step_model(), cap.config.units
+        x, test_recs = T._test_inputs(data, info, 0, lambda _: None)
+
+        step_int8 = step_to_tflite(step, units, "int8", dec_samples)
+        # the QuantizationDebugger feeds lists in the interpreter's input order
+        names = [d["name"] for d in Interpreter(model_content=step_int8).get_input_details()]
+        order = [next(k for k in ("token", "img_proj", "h", "c") if f"_{k}:" in n) for n in names]
+
+        def listed():
+            for sample in dec_samples():
+                yield [sample[k] for k in order]
+
+        def converter(ops):
+            spec = [
+                tf.TensorSpec([None], tf.int32, name="token"),
+                *(tf.TensorSpec([None, units], tf.float32, name=n) for n in ("h", "c", "img_proj")),
+            ]
+
+            @tf.function(input_signature=spec)
+            def serve(token, h, c, img_proj):
+                logits, h2, c2 = step([token, h, c, img_proj], training=False)
+                return {"logits": logits, "h": h2, "c": c2}
+
+            conv = tf.lite.TFLiteConverter.from_concrete_functions(
+                [serve.get_concrete_function()], step
+            )
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = dec_samples
+            conv.target_spec.supported_ops = [ops]
+            return conv
+
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter(tf.lite.OpsSet.TFLITE_BUILTINS_INT8), debug_dataset=listed
+        )
+        debugger.run()
+        dump = io.StringIO()
+        debugger.layer_statistics_dump(dump)
+        dump.seek(0)
+        per_op = [
+            {
+                "op": r["op_name"],
+                "tensor": r["tensor_name"],
+                # quantization error in units of the tensor's int8 step: 0.29 is rounding alone
+                "rmse_in_steps": round(
+                    float(r["mean_squared_error"]) ** 0.5 / float(r["scale"]), 3
+                ),
+            }
+            for r in csv.DictReader(dump)
+            if r["scale"] and float(r["scale"]) > 0
+        ]
+        float_logits = tf.lite.experimental.QuantizationDebugger(
+            converter=converter(tf.lite.OpsSet.TFLITE_BUILTINS_INT8),
+            debug_dataset=listed,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=[LOGITS]),
+        ).get_nondebug_quantized_model()
+        x16 = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        decoders = {
+            "fp32": step_to_tflite(step, units, "fp32"),
+            "int8": step_int8,
+            "int8, logits layer in float": float_logits,
+            "16x8 (int16 activations)": converter(x16).convert(),
+        }
+        encoders = {"fp32": encoder_to_tflite(encoder, "fp32")}
+        encoders["int8"] = encoder_to_tflite(encoder, "int8", enc_samples)
+
+        rows = []
+        for enc_name, dec_name in [("fp32", "fp32"), ("int8", "fp32")] + [
+            ("int8", d) for d in decoders if d != "fp32"
+        ]:
+            out = tmp / f"bundle-{len(rows)}"
+            bundle = write_bundle(
+                out,
+                encoders[enc_name],
+                decoders[dec_name],
+                vocab,
+                {
+                    "name": out.name,
+                    "recipe": {"encoder": enc_name, "decoder": dec_name},
+                    "quantizer": "tflite-converter",
+                    "config": cap.config.to_dict(),
+                    "encoder": T.encoder_section(info.name, "none"),
+                    "source_model": {},
+                },
+            )
+            runner = BundleRunner(out, num_threads=settings.bench_threads)
+            ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
+            scores = score_captions(test_recs, [vocab.decode(r) for r in ids], data)
+            timing = T.measure_latency(runner, x, settings.bench_batch, settings.bench_repeats)
+            rows.append(
+                {
+                    "encoder": enc_name,
+                    "decoder": dec_name,
+                    "bleu4": round(scores["bleu4"], 4),
+                    "content_accuracy": round(scores["content_accuracy"], 4),
+                    "size_mb": bundle["size_mb"],
+                    "decoder_mb": round(bundle["files"]["decoder_step.tflite"]["bytes"] / 1e6, 4),
+                    **{k: round(v, 3) for k, v in timing.items()},
+                }
+            )
+            print(rows[-1], flush=True)
+    fp32 = rows[0]
+    for r in rows:
+        r["size_ratio"] = round(r["size_mb"] / fp32["size_mb"], 3)
+        r["delta_bleu4"] = round(r["bleu4"] - fp32["bleu4"], 4)
+    write_result(
+        "int8_decoder",
+        {
+            "what": __doc__,
+            "model_test_metrics": manifest["test_metrics"],
+            "bundles": rows,
+            "int8_step_error_per_op": per_op,
+        },
+    )
