@@ -1,7 +1,8 @@
 """Compression trials on the embedded data set: the small-CNN model trained by
 jobs/examples/train_shapes.toml (3,000 images, seed 0), then fp32, dynamic, int8, qat-int8,
-prune-50+int8, shrink-50+int8 and shrink-25+int8 as Ray tasks (1 CPU each: two at once on 2
-cores), each bundle timed alone at batch 32 with 1 thread. Then the same trials one after
+prune-50+int8, shrink-50+int8 (also of each part alone, to see which part loses what) and
+shrink-25+int8 as Ray tasks (1 CPU each: two at once on 2 cores), each bundle timed alone at
+batch 32 with 1 thread. Then the same trials one after
 another (one task at a time with both CPUs) for the parallel speed-up, same machine, same run.
 CAPFLEET_BENCH_MODEL=DIR reuses a model trained by that spec on that data instead."""
 
@@ -24,6 +25,8 @@ TRIALS = (
     "qat-int8",
     "prune-50+int8",
     "shrink-50+int8",
+    "shrink-50+int8:int8",
+    "int8:shrink-50+int8",
     "shrink-25+int8",
 )
 
@@ -81,7 +84,7 @@ def run() -> None:
         "error",
     )
     by = {r["trial"]: r for r in rows}
-    fp32, int8 = by["fp32:fp32"], by["int8:int8"]
+    fp32, int8, qat = by["fp32:fp32"], by["int8:int8"], by["int8:qat-int8"]
     shrink = by["shrink-50+int8:shrink-50+int8"]
     shrink25 = by["shrink-25+int8:shrink-25+int8"]
     write_result(
@@ -99,6 +102,8 @@ def run() -> None:
             "targets": {
                 "int8_size_ratio_le_0.30": int8["size_ratio"],
                 "int8_delta_bleu4_within_0.02": int8["delta_bleu4"],
+                "qat_int8_size_ratio_le_0.30": qat["size_ratio"],
+                "qat_int8_delta_bleu4_within_0.02": qat["delta_bleu4"],
                 "shrink_faster_than_int8": [shrink["e2e_ms"], int8["e2e_ms"]],
                 "shrink_delta_bleu4_within_0.03": shrink["delta_bleu4"],
                 "shrink25_faster_than_int8": [shrink25["e2e_ms"], int8["e2e_ms"]],
