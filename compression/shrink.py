@@ -76,7 +76,13 @@ def _copy_decoder(src: Captioner, dst: Captioner, keep_u, keep_m) -> None:
 
 def shrink_cnn(cnn, share: float):
     """A copy of a chain-shaped CNN (Conv2D / BatchNorm / activations / pooling / Flatten /
-    Dense) with `share` of every Conv2D's channels removed; the final feature width stays."""
+    Dense) with `share` of its Conv2D channels removed; the final feature width stays.
+
+    The head, the convs after the chain's last pooling layer, keeps its width too: it maps
+    each position to the features the decoder reads (the small CNN's per-cell scores), so
+    thinning it removes information rather than spare capacity. Measured: the half-width
+    small CNN with its 8-channel `cells` layer stalled at per-cell shape accuracy 0.95 after
+    9 re-pretraining epochs; with the 16 channels kept it reached 0.996 in 3."""
     import tf_keras as keras
 
     config = cnn.get_config()
@@ -102,9 +108,16 @@ def shrink_cnn(cnn, share: float):
             )
     convs = [i for i, x in enumerate(layers) if isinstance(x, keras.layers.Conv2D)]
     dense = [i for i, x in enumerate(layers) if isinstance(x, keras.layers.Dense)]
+    pools = [
+        i
+        for i, x in enumerate(layers)
+        if isinstance(x, keras.layers.MaxPooling2D | keras.layers.AveragePooling2D)
+    ]
     keep: dict[str, np.ndarray] = {}
     for i in convs:
         if i == convs[-1] and max(dense, default=-1) < i:  # sets the feature width: kept whole
+            continue
+        if pools and i > pools[-1]:  # the head: kept whole
             continue
         w = layers[i].get_weights()[0]  # (kh, kw, in, out)
         keep[layers[i].name] = _top(np.abs(w).sum(axis=(0, 1, 2)), keep_count(w.shape[-1], share))

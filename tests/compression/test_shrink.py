@@ -37,13 +37,14 @@ def _silence_decoder_units(cap, removed):
 
 
 def _silence_cnn_channels(cnn, share):
-    """Each Conv2D's removed channels get tiny filters (so they rank last) and the next layer
-    that reads them (Conv2D or the Dense after Flatten) ignores them."""
+    """Each shrinkable Conv2D's removed channels get tiny filters (so they rank last) and the
+    next layer that reads them (Conv2D or the Dense after Flatten) ignores them."""
     import tf_keras as keras
 
     layers = cnn.layers[1:]
+    last_pool = max(i for i, x in enumerate(layers) if isinstance(x, keras.layers.MaxPooling2D))
     for i, layer in enumerate(layers):
-        if not isinstance(layer, keras.layers.Conv2D):
+        if not isinstance(layer, keras.layers.Conv2D) or i > last_pool:  # the head stays whole
             continue
         consumer = next(
             (
@@ -90,6 +91,10 @@ def test_cnn_shrink_keeps_the_working_channels(trained):
     _silence_cnn_channels(cap.encoder, 0.5)
     small = shrink_captioner(cap, 0.5, 0.0)
     assert small.encoder.count_params() < cap.encoder.count_params() * 0.7
+    widths = {x.name: x.filters for x in small.encoder.layers if hasattr(x, "filters")}
+    full = {x.name: x.filters for x in cap.encoder.layers if hasattr(x, "filters")}
+    assert widths["conv3"] == full["conv3"] // 2  # the body is halved...
+    assert widths["cells"] == full["cells"]  # ...the per-cell head is not
     rng = np.random.default_rng(1)
     s = encoder_info(cap.config.encoder).input_size
     images = rng.random((4, s, s, 3), dtype=np.float32)
