@@ -13,6 +13,7 @@ BENCHMARKS = (
     "train_quality",
     "compress",
     "int8_decoder",
+    "shrink_tuning",
 )
 
 

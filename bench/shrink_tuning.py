@@ -1,0 +1,64 @@
+"""Does the half-width model only need longer fine-tuning? `shrink-50+int8` on the small-CNN
+shapes model (jobs/examples/train_shapes.toml, 3,000 images, seed 0; CAPFLEET_BENCH_MODEL=DIR
+reuses one that spec made) with the default 3 fine-tuning epochs and with 8, against `int8`
+alone, as Ray tasks (1 CPU each); each bundle timed alone at batch 32 with 1 thread."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.common import write_result
+from bench.int8_decoder import _trained_model
+
+EPOCHS = (3, 8)
+
+
+def run() -> None:
+    from cluster.trials import run_compress_job
+    from compression.report import read_trials
+    from compression.trial import CompressConfig, TrialSettings
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = _trained_model(tmp)
+        for epochs in EPOCHS:
+            out = tmp / f"epochs-{epochs}"
+            trials = ("int8", "shrink-50+int8") if epochs == EPOCHS[0] else ("shrink-50+int8",)
+            job = CompressConfig(
+                models=(str(model_dir),),
+                out=str(out),
+                trials=trials,
+                cpus_per_trial=1.0,
+                settings=TrialSettings(finetune_epochs=epochs),
+            )
+            run_compress_job(job)
+            runs[epochs] = {r["trial"]: r for r in read_trials(out)}
+    int8 = runs[EPOCHS[0]]["int8:int8"]
+    rows = [
+        {
+            "finetune_epochs": epochs,
+            "trial": trial,
+            "bleu4": round(r["bleu4"], 4),
+            "delta_bleu4": round(r["delta_bleu4"], 4),
+            "content_accuracy": round(r["content_accuracy"], 4),
+            "size_mb": r["size_mb"],
+            "e2e_ms": round(r["e2e_ms"], 3),
+            "wall_s": round(r["wall_s"], 1),
+        }
+        for epochs, by in runs.items()
+        for trial, r in by.items()
+        if trial != "fp32:fp32" or epochs == EPOCHS[0]
+    ]
+    for r in rows:
+        print(r)
+    write_result(
+        "shrink_tuning",
+        {
+            "what": __doc__,
+            "trials": rows,
+            "target": "faster end to end than int8 alone, BLEU-4 within 0.03 of fp32",
+            "int8_e2e_ms": round(int8["e2e_ms"], 3),
+        },
+    )
