@@ -13,6 +13,7 @@ import model  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from model.bundle import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES_SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
 
 
 def machine() -> dict:
@@ -53,3 +54,23 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def shapes_model(tmp: Path) -> tuple[Path, dict]:
+    """The small-CNN model that jobs/examples/train_shapes.toml trains on 3,000 shapes images
+    (seed 0), in tmp/small_cnn, and its manifest. CAPFLEET_BENCH_MODEL=DIR reuses a model that
+    spec made instead of training one (2-4 minutes here)."""
+    import dataclasses
+    import shutil
+
+    from jobs.specs import load_spec
+    from model import shapes
+    from model.training import train
+
+    model_dir = tmp / "small_cnn"
+    if os.environ.get("CAPFLEET_BENCH_MODEL"):
+        shutil.copytree(os.environ["CAPFLEET_BENCH_MODEL"], model_dir)
+        return model_dir, json.loads((model_dir / "manifest.json").read_text())
+    shapes.generate(tmp / "data", images=3000, seed=0)
+    cfg = dataclasses.replace(load_spec(SHAPES_SPEC), data=str(tmp / "data"), out=str(model_dir))
+    return model_dir, train(cfg, log=lambda _: None)

@@ -8,16 +8,12 @@ CAPFLEET_BENCH_MODEL=DIR reuses a model trained by that spec on that data instea
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS, Timer, write_result
+from bench.common import RESULTS, Timer, shapes_model, write_result
 
-SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
 TRIALS = (
     "fp32",
     "dynamic",
@@ -34,22 +30,10 @@ TRIALS = (
 def run() -> None:
     from cluster.trials import run_compress_job
     from compression.trial import CompressConfig
-    from jobs.specs import load_spec
-    from model import shapes
-    from model.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shapes.generate(tmp / "data", images=3000, seed=0)
-        spec = load_spec(SPEC)
-        model_dir = tmp / "small_cnn"
-        if os.environ.get("CAPFLEET_BENCH_MODEL"):  # a model train_shapes.toml made on the
-            shutil.copytree(os.environ["CAPFLEET_BENCH_MODEL"], model_dir)  # same data, seed 0
-            manifest = json.loads((model_dir / "manifest.json").read_text())
-            spec = dataclasses.replace(spec, **manifest["train"])
-        else:
-            cfg = dataclasses.replace(spec, data=str(tmp / "data"), out=str(model_dir))
-            manifest = train(cfg, log=lambda _: None)
+        model_dir, manifest = shapes_model(tmp)
         runs = {}
         for mode, cpus in (("parallel", 1.0), ("sequential", 2.0)):
             job = CompressConfig(
@@ -92,7 +76,7 @@ def run() -> None:
         {
             "what": __doc__,
             "model": {
-                "spec": dataclasses.asdict(spec),
+                "spec": manifest["train"],
                 "test_metrics": manifest["test_metrics"],
                 "train_seconds": manifest["train_seconds"],
             },

@@ -14,34 +14,15 @@ This is a diagnosis, not a recipe: neither alternative is offered by `capfleet c
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import write_result
+from bench.common import shapes_model, write_result
 
-SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
 LOGITS = "StatefulPartitionedCall:2"  # the step's first output, "logits", in converted graphs
-
-
-def _trained_model(tmp: Path) -> Path:
-    from jobs.specs import load_spec
-    from model import shapes
-    from model.training import train
-
-    model_dir = tmp / "small_cnn"
-    if os.environ.get("CAPFLEET_BENCH_MODEL"):
-        shutil.copytree(os.environ["CAPFLEET_BENCH_MODEL"], model_dir)
-        return model_dir
-    shapes.generate(tmp / "data", images=3000, seed=0)
-    cfg = dataclasses.replace(load_spec(SPEC), data=str(tmp / "data"), out=str(model_dir))
-    train(cfg, log=lambda _: None)
-    return model_dir
 
 
 def run() -> None:
@@ -49,7 +30,7 @@ def run() -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     from compression import trial as T
-    from compression.convert import encoder_to_tflite, step_to_tflite
+    from compression.convert import encoder_to_tflite, step_function, step_to_tflite
     from model.bundle import BundleRunner, write_bundle
     from model.encoders import encoder_info
     from model.features import load_images
@@ -59,7 +40,7 @@ def run() -> None:
     settings = T.TrialSettings()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = _trained_model(tmp)
+        model_dir, _ = shapes_model(tmp)
         cap, backbone, vocab, manifest = load_trained(model_dir)
         data = manifest["train"]["data"]
         info = encoder_info(cap.config.encoder)
@@ -79,18 +60,8 @@ def run() -> None:
                 yield [sample[k] for k in order]
 
         def converter(ops):
-            spec = [
-                tf.TensorSpec([None], tf.int32, name="token"),
-                *(tf.TensorSpec([None, units], tf.float32, name=n) for n in ("h", "c", "img_proj")),
-            ]
-
-            @tf.function(input_signature=spec)
-            def serve(token, h, c, img_proj):
-                logits, h2, c2 = step([token, h, c, img_proj], training=False)
-                return {"logits": logits, "h": h2, "c": c2}
-
             conv = tf.lite.TFLiteConverter.from_concrete_functions(
-                [serve.get_concrete_function()], step
+                [step_function(step, units).get_concrete_function()], step
             )
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.representative_dataset = dec_samples

@@ -8,8 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import write_result
-from bench.int8_decoder import _trained_model
+from bench.common import shapes_model, write_result
 
 EPOCHS = (3, 8)
 
@@ -22,7 +21,7 @@ def run() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = _trained_model(tmp)
+        model_dir, _ = shapes_model(tmp)
         for epochs in EPOCHS:
             out = tmp / f"epochs-{epochs}"
             trials = ("int8", "shrink-50+int8") if epochs == EPOCHS[0] else ("shrink-50+int8",)

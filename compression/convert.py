@@ -42,6 +42,11 @@ def step_to_tflite(
     step, units: int, mode: str = "fp32", representative: Representative | None = None
 ) -> bytes:
     """Decoder step graph -> TFLite, inputs {token, h, c, img_proj}, outputs {logits, h, c}."""
+    return _convert(step_function(step, units), step, mode, representative)
+
+
+def step_function(step, units: int):
+    """The step graph as the tf.function that bundles sign: a dynamic batch, named inputs."""
     import tensorflow as tf
 
     specs = [
@@ -56,7 +61,7 @@ def step_to_tflite(
         logits, h2, c2 = step([token, h, c, img_proj], training=False)
         return {"logits": logits, "h": h2, "c": c2}
 
-    return _convert(serve, step, mode, representative)
+    return serve
 
 
 def _convert(fn, keras_model, mode: str, representative: Representative | None) -> bytes:

@@ -9,21 +9,21 @@ from model.errors import CapfleetError
 QUICK = TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1, threads=2)
 
 
-def _dtypes(path):
+def _tensors(path):
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(path))
-    return {np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    return Interpreter(model_path=str(path)).get_tensor_details()
+
+
+def _dtypes(path):
+    return {np.dtype(t["dtype"]).name for t in _tensors(path)}
 
 
 def _float_matrices(path):
     """Names of the float32 weight matrices left in a model (activations have a batch of 1)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
     return [
         t["name"]
-        for t in it.get_tensor_details()
+        for t in _tensors(path)
         if np.dtype(t["dtype"]) == np.float32 and len(t["shape"]) == 2 and min(t["shape"]) > 1
     ]
 
