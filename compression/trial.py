@@ -45,7 +45,8 @@ from model.training import (
 class TrialSettings:
     """How every trial of a run is tuned and measured (the same for all, so they compare)."""
 
-    finetune_epochs: int = 3
+    finetune_epochs: int = 3  # pruning and QAT fine-tuning
+    shrink_epochs: int = 8  # a shrunk model, rebuilt from the kept weights, needs more
     finetune_learning_rate: float = 5e-4
     finetune_batch_size: int = 16
     calibration_images: int = 64  # int8: real preprocessed training images
@@ -59,6 +60,7 @@ class TrialSettings:
     def __post_init__(self) -> None:
         for name in (
             "finetune_epochs",
+            "shrink_epochs",
             "finetune_batch_size",
             "calibration_images",
             "bench_batch",
@@ -172,11 +174,11 @@ def run_trial(
         if enc.shrink and train_cfg.pretrain_epochs:
             # the CNN was pretrained on per-cell labels and frozen: the shrunk one is tuned
             # the same way, then frozen while the (maybe shrunk) decoder is tuned
-            tuned = dataclasses.replace(train_cfg, pretrain_epochs=settings.finetune_epochs)
+            tuned = dataclasses.replace(train_cfg, pretrain_epochs=settings.shrink_epochs)
             x_train, x_dev = train_data[0], dev_data[0]
             pretrain_cells(cap.encoder, x_train, train_recs, x_dev, dev_recs, tuned, log)
             cap.encoder.trainable = False
-        fit_captions(cap.training_model, *data, tune[0], tune[1], lr, seed, [])
+        fit_captions(cap.training_model, *data, settings.shrink_epochs, tune[1], lr, seed, [])
     if enc.prune and not info.trainable:
         log(f"{recipe.name}: one-shot pruning of the frozen {info.name} to {enc.prune:.0%}")
         prune_one_shot(backbone, enc.prune)

@@ -20,7 +20,9 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
         trials=("int8", "shrink-50+int8"),
         cpus_per_trial=1.0,
         max_retries=0,
-        settings=TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1),
+        settings=TrialSettings(
+            finetune_epochs=1, shrink_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1
+        ),
     )
     lines = []
     job = run_compress_job(cfg, log=lines.append)
