@@ -4,6 +4,8 @@ prune-50+int8, shrink-50+int8 (also of each part alone, to see which part loses 
 shrink-25+int8 as Ray tasks (1 CPU each: two at once on 2 cores), each bundle timed alone at
 batch 32 with 1 thread. Then the same trials one after
 another (one task at a time with both CPUs) for the parallel speed-up, same machine, same run.
+Then the trials that fine-tune towards a target (qat-int8, shrink-50+int8) again with other
+fine-tuning seeds, to show how far a target result depends on the seed.
 CAPFLEET_BENCH_MODEL=DIR reuses a model trained by that spec on that data instead."""
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ TRIALS = (
     "int8:shrink-50+int8",
     "shrink-25+int8",
 )
+SEEDED = ("qat-int8", "shrink-50+int8")  # rerun with these fine-tuning seeds (0 is the above)
+SEEDS = (1, 2)
 
 
 def run() -> None:
     from cluster.trials import run_compress_job
-    from compression.trial import CompressConfig
+    from compression.report import read_trials
+    from compression.trial import CompressConfig, TrialSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -43,8 +48,15 @@ def run() -> None:
                 run_compress_job(job)
             runs[mode] = round(t.seconds, 1)
             print(mode, runs[mode], flush=True)
-        from compression.report import read_trials
-
+        seeded = {}
+        for seed in SEEDS:
+            out = tmp / f"seed-{seed}"
+            settings = TrialSettings(seed=seed)
+            job = CompressConfig(
+                models=(str(model_dir),), out=str(out), trials=SEEDED, settings=settings
+            )
+            run_compress_job(job)
+            seeded[seed] = {r["trial"]: r for r in read_trials(out)}
         rows = read_trials(tmp / "parallel")
         shutil.copy(tmp / "parallel" / "report.md", RESULTS / "compress_report.md")
         shutil.copy(tmp / "parallel" / "report.png", RESULTS / "compress_report.png")
@@ -71,6 +83,13 @@ def run() -> None:
     fp32, int8, qat = by["fp32:fp32"], by["int8:int8"], by["int8:qat-int8"]
     shrink = by["shrink-50+int8:shrink-50+int8"]
     shrink25 = by["shrink-25+int8:shrink-25+int8"]
+    spread = {
+        trial: {
+            "seed_0": by[trial]["delta_bleu4"],
+            **{f"seed_{s}": seeded[s][trial]["delta_bleu4"] for s in SEEDS},
+        }
+        for trial in ("int8:qat-int8", "shrink-50+int8:shrink-50+int8")
+    }
     write_result(
         "compress",
         {
@@ -93,6 +112,7 @@ def run() -> None:
                 "shrink25_faster_than_int8": [shrink25["e2e_ms"], int8["e2e_ms"]],
                 "shrink25_delta_bleu4_within_0.03": shrink25["delta_bleu4"],
             },
+            "delta_bleu4_by_seed": spread,
             "fp32_bleu4": fp32["bleu4"],
         },
     )
