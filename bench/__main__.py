@@ -14,6 +14,7 @@ BENCHMARKS = (
     "compress",
     "int8_decoder",
     "shrink_tuning",
+    "int8_kernels",
 )
 
 
