@@ -57,6 +57,9 @@ def run() -> None:
             )
             run_compress_job(job)
             seeded[seed] = {r["trial"]: r for r in read_trials(out)}
+            failed = [t for t, r in seeded[seed].items() if r["status"] != "ok"]
+            if failed:
+                raise RuntimeError(f"seed {seed}: trials failed: {failed}")
         rows = read_trials(tmp / "parallel")
         shutil.copy(tmp / "parallel" / "report.md", RESULTS / "compress_report.md")
         shutil.copy(tmp / "parallel" / "report.png", RESULTS / "compress_report.png")

@@ -1,5 +1,7 @@
 """One trial end to end, without Ray: tuned, converted, scored on the bundle itself."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,14 @@ def test_int8_is_smaller_and_integer(tiny_model, tiny_bundle, tmp_path):
     assert rec["size_mb"] < 0.35 * fp32["size_mb"]
     assert "int8" in _dtypes(tmp_path / "b" / "encoder.tflite")
     assert read_manifest(tmp_path / "b")["quantizer"] == "tflite-converter"
+
+
+def test_a_shrunk_decoder_is_tuned_for_shrink_epochs(tiny_model, tmp_path, capfd):
+    settings = dataclasses.replace(QUICK, finetune_epochs=1, shrink_epochs=2)
+    rec = run_trial(tiny_model, "fp32:shrink-50", tmp_path / "b", settings, log=lambda _: None)
+    assert rec["status"] == "ok" and rec["trial"] == "fp32:shrink-50"
+    printed = capfd.readouterr().out  # Keras prints one line per epoch
+    assert "Epoch 2/2" in printed and "Epoch 1/1" not in printed
 
 
 def test_a_bad_plan_is_refused_before_work(tiny_model, tmp_path):

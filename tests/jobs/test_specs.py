@@ -100,10 +100,13 @@ def test_bad_grids_are_refused(tmp_path, grid, message):
 def test_compress_spec_with_nested_settings(tmp_path):
     body = (
         'kind = "compress"\n[compress]\nmodels = ["m"]\nout = "c"\ntrials = ["int8"]\n'
-        "[compress.settings]\nfinetune_epochs = 2\n"
+        "[compress.settings]\nfinetune_epochs = 2\nshrink_epochs = 5\n"
     )
     cfg = load_spec(write(tmp_path, body))
     assert cfg.models == ("m",) and cfg.settings.finetune_epochs == 2
+    assert cfg.settings.shrink_epochs == 5
+    with pytest.raises(CapfleetError, match="shrink_epochs: must be >= 1, got 0"):
+        load_spec(write(tmp_path, body.replace("shrink_epochs = 5", "shrink_epochs = 0")))
     bad = body.replace("finetune_epochs = 2", "finetune_epoch = 2")
     with pytest.raises(CapfleetError, match=r"\[compress\].settings: unknown key 'finetune_epoch'"):
         load_spec(write(tmp_path, bad))
