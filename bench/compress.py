@@ -10,6 +10,7 @@ CAPFLEET_BENCH_MODEL=DIR reuses a model trained by that spec on that data instea
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,6 +103,7 @@ def run() -> None:
                 "test_metrics": manifest["test_metrics"],
                 "train_seconds": manifest["train_seconds"],
             },
+            "settings": dataclasses.asdict(TrialSettings()),  # seed 0 (the reruns: SEEDS)
             "trials": [{k: r.get(k) for k in keep} for r in rows],
             "wall_s": runs,
             "parallel_speedup": round(runs["sequential"] / runs["parallel"], 2),
