@@ -25,6 +25,7 @@ from compression.trial import (
     measure_bundle,
     run_trial,
     slug,
+    tuning_epochs,
 )
 from model.artifacts import write_json_atomic
 
@@ -81,6 +82,9 @@ def run_compress_job(
                 num_cpus=cfg.cpus_per_trial, max_retries=cfg.max_retries, max_calls=1
             )(_trial_task)
             pending, built = {}, {}
+            # longest first (Ray starts queued tasks of one kind roughly in submission order),
+            # so that no long trial starts last and runs on alone
+            todo.sort(key=lambda mt: -tuning_epochs(mt[1], cfg.settings))
             for model_dir, trial in todo:
                 bundle = out / "bundles" / Path(model_dir).name / slug(trial)
                 ref = task.remote(

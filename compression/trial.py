@@ -81,6 +81,21 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text.replace(":", "__"))
 
 
+def tuning_epochs(trial: str, settings: TrialSettings) -> int:
+    """Epochs of fine-tuning a trial will run (0 for conversion alone): its expected cost, so
+    that a job can start the long trials first instead of leaving one to run on alone."""
+    recipe = parse_trial(trial)
+    enc, dec = recipe.encoder, recipe.decoder
+    epochs = 0
+    if enc.shrink or dec.shrink:
+        epochs += settings.shrink_epochs * (2 if enc.shrink else 1)  # a CNN may be re-pretrained
+    if enc.prune or dec.prune:
+        epochs += settings.finetune_epochs
+    if dec.quant == "qat-int8":
+        epochs += settings.finetune_epochs
+    return epochs
+
+
 def _calibration(cap, backbone, images: np.ndarray, style: str):
     """Representative samples for int8: preprocessed images for the encoder; for the decoder,
     the (token, h, c, img_proj) each step really sees while greedily captioning those images."""

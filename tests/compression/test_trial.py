@@ -5,7 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from compression.trial import CompressConfig, TrialSettings, measure_bundle, run_trial
+from compression.trial import (
+    CompressConfig,
+    TrialSettings,
+    measure_bundle,
+    run_trial,
+    tuning_epochs,
+)
 from model.errors import CapfleetError
 
 QUICK = TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1, threads=2)
@@ -61,6 +67,22 @@ def test_a_shrunk_decoder_is_tuned_for_shrink_epochs(tiny_model, tmp_path, capfd
     assert rec["status"] == "ok" and rec["trial"] == "fp32:shrink-50"
     printed = capfd.readouterr().out  # Keras prints one line per epoch
     assert "Epoch 2/2" in printed and "Epoch 1/1" not in printed
+
+
+def test_trials_are_costed_by_their_tuning_epochs():
+    settings = TrialSettings(finetune_epochs=3, shrink_epochs=8)
+    costs = {
+        t: tuning_epochs(t, settings)
+        for t in ("fp32", "int8", "qat-int8", "prune-50+int8", "int8:shrink-50", "shrink-50+int8")
+    }
+    assert costs == {
+        "fp32": 0,
+        "int8": 0,
+        "qat-int8": 3,
+        "prune-50+int8": 3,
+        "int8:shrink-50": 8,  # the decoder alone
+        "shrink-50+int8": 16,  # the CNN is re-pretrained, then the captioner tuned
+    }
 
 
 def test_a_bad_plan_is_refused_before_work(tiny_model, tmp_path):
