@@ -27,8 +27,8 @@ from bench.common import shapes_model, write_result
 LOGITS = "StatefulPartitionedCall:2"  # the step's first output, "logits", in converted graphs
 
 
-def floored_logits(step, units, samples) -> bytes:
-    """The int8 step with relu(logits) as its output: greedy decoding needs only the top
+def floored_step(step, units):
+    """The step function with relu(logits) as its output: greedy decoding needs only the top
     logits, and a floor at 0 spends the int8 range on them (a diagnosis: the output is no
     longer the logits that beam search reads)."""
     import tensorflow as tf
@@ -42,11 +42,7 @@ def floored_logits(step, units, samples) -> bytes:
         out = base(token, h, c, img_proj)
         return {**out, "logits": tf.nn.relu(out["logits"])}
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], step)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = samples
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return conv.convert()
+    return serve
 
 
 def logit_stats(step, samples) -> dict:
@@ -76,7 +72,7 @@ def run() -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     from compression import trial as T
-    from compression.convert import encoder_to_tflite, step_function, step_to_tflite
+    from compression.convert import _convert, encoder_to_tflite, step_function, step_to_tflite
     from model.bundle import BundleRunner, write_bundle
     from model.encoders import encoder_info
     from model.features import load_images
@@ -143,7 +139,9 @@ def run() -> None:
             "fp32": step_to_tflite(step, units, "fp32"),
             "int8": step_int8,
             "int8, logits layer in float": float_logits,
-            "int8, logits floored at 0": floored_logits(step, units, dec_samples),
+            "int8, logits floored at 0": _convert(
+                floored_step(step, units), step, "int8", dec_samples
+            ),
             "16x8 (int16 activations)": converter(x16).convert(),
         }
         logits = logit_stats(step, dec_samples)

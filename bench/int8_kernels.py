@@ -32,12 +32,11 @@ def cpu_flags() -> list[str]:
 
 
 def run() -> None:
-    import time
-
     import tf_keras as keras
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from compression.convert import encoder_to_tflite
+    from compression.trial import _best_ms
 
     keras.utils.set_random_seed(0)
     inp = keras.Input(SHAPE[1:], name="image")
@@ -65,15 +64,14 @@ def run() -> None:
             it.resize_tensor_input(it.get_input_details()[0]["index"], SHAPE)
             it.allocate_tensors()
             index = it.get_input_details()[0]["index"]
-            it.set_tensor(index, xin)
-            it.invoke()  # warm up
-            best = float("inf")
-            for _ in range(REPEATS):
-                t0 = time.perf_counter()
+
+            def invoke(it=it, index=index):
                 it.set_tensor(index, xin)
                 it.invoke()
-                best = min(best, time.perf_counter() - t0)
-            rows.append({"mode": mode, "kernels": kernel, "ms_per_batch": round(best * 1e3, 1)})
+
+            invoke()  # warm up
+            best = _best_ms(invoke, REPEATS)
+            rows.append({"mode": mode, "kernels": kernel, "ms_per_batch": round(best, 1)})
             print(rows[-1], flush=True)
     ms = {(r["mode"], r["kernels"]): r["ms_per_batch"] for r in rows}
     write_result(
