@@ -182,6 +182,7 @@ def run_trial(
             cap, backbone, manifest, vocab, log
         )
         data = (train_data, dev_data)
+        smoothing = train_cfg.label_smoothing  # fine-tuned on the loss it was trained on
 
     if enc.shrink or dec.shrink:
         log(f"{recipe.name}: shrink encoder {enc.shrink:.0%}, decoder {dec.shrink:.0%}")
@@ -193,17 +194,26 @@ def run_trial(
             x_train, x_dev = train_data[0], dev_data[0]
             pretrain_cells(cap.encoder, x_train, train_recs, x_dev, dev_recs, tuned, log)
             cap.encoder.trainable = False
-        fit_captions(cap.training_model, *data, settings.shrink_epochs, tune[1], lr, seed, [])
+        fit_captions(
+            cap.training_model,
+            *data,
+            settings.shrink_epochs,
+            tune[1],
+            lr,
+            seed,
+            [],
+            label_smoothing=smoothing,
+        )
     if enc.prune and not info.trainable:
         log(f"{recipe.name}: one-shot pruning of the frozen {info.name} to {enc.prune:.0%}")
         prune_one_shot(backbone, enc.prune)
     enc_tuned = enc.prune if info.trainable else 0.0
     if enc_tuned or dec.prune:
         log(f"{recipe.name}: pruning (encoder {enc_tuned:.0%}, decoder {dec.prune:.0%})")
-        prune_finetune(cap, enc_tuned, dec.prune, *data, *tune, lr, seed)
+        prune_finetune(cap, enc_tuned, dec.prune, *data, *tune, lr, seed, smoothing)
     if dec.quant == "qat-int8":
         log(f"{recipe.name}: quantization-aware training of the decoder's Dense layers")
-        qat_finetune(cap, *data, *tune, lr, seed)
+        qat_finetune(cap, *data, *tune, lr, seed, smoothing)
 
     encoder_model = cap.encoder_model(backbone)
     step_model = cap.step_model()

@@ -28,6 +28,7 @@ def prune_finetune(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    label_smoothing: float,
 ) -> None:
     """Prune the trainable parts to their target sparsity while fine-tuning, in place.
 
@@ -76,6 +77,7 @@ def prune_finetune(
         learning_rate,
         seed,
         [sparsity.UpdatePruningStep()],
+        label_smoothing=label_smoothing,
     )
     for w in wrappers:  # the optimizer's last step may have moved masked weights: mask again
         for weight, mask, _ in w.pruning_vars:
@@ -105,6 +107,7 @@ def qat_finetune(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    label_smoothing: float,
 ) -> None:
     """Quantization-aware training of the decoder's Dense layers (image projection, merge,
     logits), as the study did, with the encoder frozen; afterwards `cap` builds its graphs
@@ -125,7 +128,17 @@ def qat_finetune(
     annotated = keras.models.clone_model(cap.training_model, clone_function=annotate)
     with q.quantize_scope():
         qat = q.quantize_apply(annotated)
-    fit_captions(qat, train_data, dev_data, epochs, batch_size, learning_rate, seed, [])
+    fit_captions(
+        qat,
+        train_data,
+        dev_data,
+        epochs,
+        batch_size,
+        learning_rate,
+        seed,
+        [],
+        label_smoothing=label_smoothing,
+    )
     cap.rebind(qat)
 
 

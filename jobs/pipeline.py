@@ -58,7 +58,7 @@ class PipelineConfig:
     train: object  # jobs.specs.TrainGrid
     compress: CompressConfig
     caption: CaptionStep
-    compress_variants: str = "best"  # "best": the variant with the best dev loss; or "all"
+    compress_variants: str = "best"  # "best": the variant with the best dev cross-entropy; or "all"
 
     def __post_init__(self) -> None:
         if self.compress_variants not in ("best", "all"):
@@ -131,10 +131,10 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
         ok = [v for v in variants if v["status"] == "ok"]
         if not ok:
             raise CapfleetError(f"every variant failed, e.g. {variants[0]['error']}")
-        best_variant = min(ok, key=_dev_loss)  # chosen on dev, not on the test split
+        best_variant = min(ok, key=_dev_nll)  # chosen on dev, not on the test split
         if cfg.compress_variants == "best":
             ok = [best_variant]
-            log(f"pipeline: compressing the variant with the best dev loss, {ok[0]['variant']}")
+            log(f"pipeline: compressing {ok[0]['variant']}, the best dev cross-entropy")
         models = tuple(v["model_dir"] for v in ok)
         compress = replace(cfg.compress, models=models)
         run_compress_job(compress, log=log)
@@ -182,10 +182,11 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     }
 
 
-def _dev_loss(variant: dict) -> float:
-    """The best dev loss a variant reached (chosen on dev, never on the test split)."""
-    manifest = json.loads((Path(variant["model_dir"]) / "manifest.json").read_text())
-    return min(manifest["history"].get("val_loss", [float("inf")]))
+def _dev_nll(variant: dict) -> float:
+    """The best dev cross-entropy a variant reached (chosen on dev, never on the test split):
+    the plain one, not the training loss, which grows with label smoothing."""
+    history = json.loads((Path(variant["model_dir"]) / "manifest.json").read_text())["history"]
+    return min(history.get("val_nll", history.get("val_loss", [float("inf")])))
 
 
 def _with_data(grid, data: str):

@@ -42,6 +42,7 @@ VARIANT_SCHEMA = pa.schema(
         ("embed_dim", pa.int32()),
         ("dropout", pa.float64()),
         ("learning_rate", pa.float64()),
+        ("label_smoothing", pa.float64()),
         ("batch_size", pa.int32()),
         ("seed", pa.int32()),
         ("epochs_run", pa.int32()),
@@ -67,7 +68,8 @@ def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str |
         "status": "ok" if manifest else "error",
         "error": error,
         **{k: getattr(cfg, k) for k in ("encoder", "weights", "units", "embed_dim")},
-        **{k: getattr(cfg, k) for k in ("dropout", "learning_rate", "batch_size", "seed")},
+        **{k: getattr(cfg, k) for k in ("dropout", "learning_rate", "label_smoothing")},
+        **{k: getattr(cfg, k) for k in ("batch_size", "seed")},
         "epochs_run": (manifest or {}).get("epochs_run"),
         "train_seconds": (manifest or {}).get("train_seconds"),
         **{k: m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "content_accuracy")},
@@ -90,7 +92,11 @@ class TrainConfig:
     batch_size: int = 16  # images per step; each brings captions_per_image captions
     captions_per_image: int = 5
     learning_rate: float = 1e-3
-    patience: int = 4  # epochs without a better dev loss before stopping
+    # Share of each target word's probability spread evenly over the vocabulary. It keeps the
+    # logits' range to a few units instead of a hundred, which a post-training int8 decoder
+    # can resolve (README: compression); 0 = plain cross-entropy.
+    label_smoothing: float = 0.1
+    patience: int = 4  # epochs without a better dev cross-entropy before stopping
     min_count: int = 1
     max_len: int = 0  # caption tokens incl. start/end; 0 = longest training caption
     time_budget_s: float = 0.0  # stop after the epoch that passes this; 0 = no limit
@@ -133,6 +139,8 @@ class TrainConfig:
             raise CapfleetError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.learning_rate < 1.0:
             raise CapfleetError(f"learning_rate: must be in (0, 1), got {self.learning_rate}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise CapfleetError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if 0 < self.max_len < 3:
             raise CapfleetError(f"max_len: must be 0 (auto) or >= 3, got {self.max_len}")
 
@@ -266,7 +274,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+                monitor="val_nll", patience=cfg.patience, restore_best_weights=True
             )
         )
     history = fit_captions(
@@ -278,6 +286,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         cfg.learning_rate,
         cfg.seed,
         callbacks,
+        label_smoothing=cfg.label_smoothing,
     )
     train_s = time.perf_counter() - t0
     if encoder is not None:  # save in the layout load_trained() builds (a trainable CNN):
@@ -379,16 +388,35 @@ def model_inputs(images, records, info, backbone, cfg: TrainConfig, log=print):
     )
 
 
-def fit_captions(model, train_data, dev_data, epochs, batch_size, learning_rate, seed, callbacks):
+def fit_captions(
+    model,
+    train_data,
+    dev_data,
+    epochs,
+    batch_size,
+    learning_rate,
+    seed,
+    callbacks,
+    *,
+    label_smoothing: float,
+):
     """Teacher forcing: (inputs, tokens (N, K, T)) -> fit `model` to predict each next token,
-    ignoring padding. Returns the Keras History."""
+    ignoring padding. Returns the Keras History; besides the loss it holds `nll` and `val_nll`,
+    the plain cross-entropy, which stays comparable across label smoothings.
+
+    Fine-tuning passes the label smoothing the model was trained with: the same loss."""
     import tensorflow as tf
     import tf_keras as keras
 
     (x, tokens), (x_dev, dev_tokens) = train_data, dev_data
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+        loss=caption_loss(label_smoothing),
+        metrics=[
+            keras.metrics.SparseCategoricalCrossentropy(
+                name="nll", from_logits=True, ignore_class=0
+            )
+        ],
     )
     ds = (
         tf.data.Dataset.from_tensor_slices(((x, tokens[:, :, :-1]), tokens[:, :, 1:]))
@@ -406,12 +434,40 @@ def fit_captions(model, train_data, dev_data, epochs, batch_size, learning_rate,
     )
 
 
+def trained_config(manifest: dict) -> TrainConfig:
+    """The TrainConfig a model manifest records. A model trained before label smoothing existed
+    was trained on plain cross-entropy, and is fine-tuned on it."""
+    return TrainConfig(**{"label_smoothing": 0.0, **manifest["train"]})
+
+
+def caption_loss(label_smoothing: float):
+    """Cross-entropy of the next token, padding (id 0) ignored; with label smoothing e the target
+    is (1 - e) on the true token plus e spread evenly over the vocabulary."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
+
+    def smoothed_cross_entropy(tokens, logits):
+        tokens = tf.cast(tokens, tf.int32)
+        vocab = tf.shape(logits)[-1]
+        target = (1.0 - label_smoothing) * tf.one_hot(tokens, vocab) + label_smoothing / tf.cast(
+            vocab, logits.dtype
+        )
+        per_token = -tf.reduce_sum(target * tf.nn.log_softmax(logits), axis=-1)
+        real = tf.cast(tokens != 0, logits.dtype)
+        return tf.reduce_sum(per_token * real) / tf.maximum(tf.reduce_sum(real), 1.0)
+
+    return smoothed_cross_entropy
+
+
 def finetune_data(cap: Captioner, backbone, manifest: dict, vocab: Vocabulary, log=print):
     """The training and dev inputs of a trained model's own data set, for fine-tuning it:
     ((x_train, tokens), (x_dev, tokens), TrainConfig, [train records, dev records]). A frozen
     backbone's features come from the feature cache the training wrote (computed again only if
     it is gone)."""
-    cfg = TrainConfig(**manifest["train"])
+    cfg = trained_config(manifest)
     info = encoder_info(cap.config.encoder)
     splits, records_by_split = [], []
     for split in ("train", "dev"):

@@ -9,7 +9,15 @@ import pytest
 from model.data import Flickr8kReader
 from model.errors import CapfleetError
 from model.features import load_images
-from model.training import TrainConfig, keras_caption_ids, load_trained, score_captions, train
+from model.training import (
+    TrainConfig,
+    caption_loss,
+    keras_caption_ids,
+    load_trained,
+    score_captions,
+    train,
+    trained_config,
+)
 
 
 def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path):
@@ -34,6 +42,7 @@ def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_pa
     assert len(npys) == 2  # train and dev
     assert np.load(npys[0]).shape[1] == 1280
     assert manifest["encoder"]["weights"] == "none"
+    assert len(manifest["history"]["val_nll"]) == 1  # plain dev cross-entropy beside the loss
     assert (tmp_path / "m" / "encoder.weights.h5").is_file()  # random backbone kept for export
 
     logs.clear()
@@ -92,3 +101,30 @@ def test_pretraining_freezes_the_small_cnn_and_needs_the_sidecar(shapes_dir, tmp
         train(dataclasses.replace(cfg, data=str(bare), out=str(tmp_path / "m2")), log=print)
     with pytest.raises(CapfleetError, match="only the small CNN is pretrained"):
         TrainConfig(data="d", out="o", encoder="mobilenet_v2", pretrain_epochs=1)
+
+
+def test_label_smoothing_loss_is_its_definition_and_ignores_padding():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (2, 3, 5)).astype(np.float32)
+    tokens = np.array([[1, 4, 0], [2, 0, 0]])  # 0 = padding
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    real = tokens != 0
+    for eps in (0.0, 0.2):
+        target = (1 - eps) * np.eye(5)[tokens] + eps / 5
+        expected = (-(target * logp).sum(-1) * real).sum() / real.sum()
+        assert float(caption_loss(eps)(tokens, logits)) == pytest.approx(expected, rel=1e-5)
+    moved = logits.copy()
+    moved[~real] += 100.0  # what the model says after the caption ended does not count
+    assert float(caption_loss(0.2)(tokens, moved)) == pytest.approx(
+        float(caption_loss(0.2)(tokens, logits)), rel=1e-6
+    )
+    with pytest.raises(CapfleetError, match="label_smoothing: must be in"):
+        TrainConfig(data="d", out="o", label_smoothing=1.0)
+
+
+def test_models_trained_before_label_smoothing_are_tuned_without_it():
+    old = {"train": {"data": "d", "out": "o"}}
+    assert trained_config(old).label_smoothing == 0.0
+    assert TrainConfig(data="d", out="o").label_smoothing == 0.1
+    new = {"train": {"data": "d", "out": "o", "label_smoothing": 0.2}}
+    assert trained_config(new).label_smoothing == 0.2
