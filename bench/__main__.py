@@ -13,6 +13,7 @@ BENCHMARKS = (
     "train_quality",
     "compress",
     "int8_decoder",
+    "label_smoothing",
     "shrink_tuning",
     "int8_kernels",
 )
