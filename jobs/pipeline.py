@@ -183,10 +183,13 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
 
 
 def _dev_nll(variant: dict) -> float:
-    """The best dev cross-entropy a variant reached (chosen on dev, never on the test split):
-    the plain one, not the training loss, which grows with label smoothing."""
+    """A variant's plain dev cross-entropy at the epoch early stopping keeps (the best dev
+    loss), chosen on dev, never on the test split. Not the loss itself: with label smoothing
+    that grows with the smoothing, and variants may differ in it."""
     history = json.loads((Path(variant["model_dir"]) / "manifest.json").read_text())["history"]
-    return min(history.get("val_nll", history.get("val_loss", [float("inf")])))
+    loss = history.get("val_loss") or [float("inf")]
+    kept = loss.index(min(loss))
+    return history["val_nll"][kept] if "val_nll" in history else loss[kept]
 
 
 def _with_data(grid, data: str):

@@ -96,7 +96,7 @@ class TrainConfig:
     # logits' range to a few units instead of a hundred, which a post-training int8 decoder
     # can resolve (README: compression); 0 = plain cross-entropy.
     label_smoothing: float = 0.1
-    patience: int = 4  # epochs without a better dev cross-entropy before stopping
+    patience: int = 4  # epochs without a better dev loss before stopping
     min_count: int = 1
     max_len: int = 0  # caption tokens incl. start/end; 0 = longest training caption
     time_budget_s: float = 0.0  # stop after the epoch that passes this; 0 = no limit
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_nll", patience=cfg.patience, restore_best_weights=True
+                monitor="val_loss", patience=cfg.patience, restore_best_weights=True
             )
         )
     history = fit_captions(

@@ -49,3 +49,22 @@ trials = ["fp32", "int8"]
     assert "already holds 60 shapes images" in printed
     assert printed.count("already trained") == 2
     assert "2 of 2 trials already done" in printed
+
+
+def test_the_variant_is_chosen_on_plain_dev_cross_entropy_at_the_kept_epoch(tmp_path):
+    import json
+
+    from jobs.pipeline import _dev_nll
+
+    def variant(name, history):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"history": history}))
+        return {"model_dir": str(tmp_path / name)}
+
+    # early stopping keeps epoch 1 (best dev loss), whose cross-entropy is 0.4, not the 0.3
+    # of a later epoch whose weights were not kept
+    smoothed = variant("a", {"val_loss": [1.0, 0.8, 0.9], "val_nll": [0.5, 0.4, 0.3]})
+    assert _dev_nll(smoothed) == 0.4
+    plain = variant("b", {"val_loss": [0.6, 0.45], "val_nll": [0.6, 0.45]})
+    assert min([smoothed, plain], key=_dev_nll) is smoothed  # its loss is higher: smoothing
+    assert _dev_nll(variant("c", {"val_loss": [0.7, 0.5]})) == 0.5  # trained before val_nll
