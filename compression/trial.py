@@ -47,7 +47,8 @@ class TrialSettings:
 
     finetune_epochs: int = 3  # pruning and QAT fine-tuning
     shrink_epochs: int = 8  # a shrunk model, rebuilt from the kept weights, needs more
-    finetune_learning_rate: float = 5e-4
+    finetune_learning_rate: float = 5e-4  # pruning and QAT: small steps from the trained model
+    shrink_learning_rate: float = 2e-3  # a shrunk model is half retrained (README: compress)
     finetune_batch_size: int = 16
     calibration_images: int = 64  # int8: real preprocessed training images
     bench_batch: int = 32  # latency is measured at this batch size...
@@ -72,8 +73,9 @@ class TrialSettings:
                 raise CapfleetError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_images < 0:
             raise CapfleetError(f"eval_images: must be >= 0, got {self.eval_images}")
-        if not 0.0 < self.finetune_learning_rate < 1.0:
-            raise CapfleetError("finetune_learning_rate: must be in (0, 1)")
+        for name in ("finetune_learning_rate", "shrink_learning_rate"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise CapfleetError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
 
 
 def slug(text: str) -> str:
@@ -199,7 +201,7 @@ def run_trial(
             *data,
             settings.shrink_epochs,
             tune[1],
-            lr,
+            settings.shrink_learning_rate,
             seed,
             [],
             label_smoothing=smoothing,

@@ -101,10 +101,14 @@ def test_compress_spec_with_nested_settings(tmp_path):
     body = (
         'kind = "compress"\n[compress]\nmodels = ["m"]\nout = "c"\ntrials = ["int8"]\n'
         "[compress.settings]\nfinetune_epochs = 2\nshrink_epochs = 5\n"
+        "shrink_learning_rate = 0.001\n"
     )
     cfg = load_spec(write(tmp_path, body))
     assert cfg.models == ("m",) and cfg.settings.finetune_epochs == 2
-    assert cfg.settings.shrink_epochs == 5
+    assert cfg.settings.shrink_epochs == 5 and cfg.settings.shrink_learning_rate == 0.001
+    assert cfg.settings.finetune_learning_rate == 5e-4  # pruning and QAT keep their own
+    with pytest.raises(CapfleetError, match=r"shrink_learning_rate: must be in \(0, 1\), got 0"):
+        load_spec(write(tmp_path, body.replace("= 0.001", "= 0")))
     with pytest.raises(CapfleetError, match="shrink_epochs: must be >= 1, got 0"):
         load_spec(write(tmp_path, body.replace("shrink_epochs = 5", "shrink_epochs = 0")))
     bad = body.replace("finetune_epochs = 2", "finetune_epoch = 2")
