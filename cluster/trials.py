@@ -10,6 +10,7 @@ trial's record is written to OUT/records/ as it arrives, so a rerun does only wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -42,6 +43,16 @@ def _measure_task(record: dict, settings: dict) -> dict:
     return {**record, **measure_bundle(record["bundle"], record["data"], TrialSettings(**settings))}
 
 
+def _built_for(model_dir: str, settings: TrialSettings) -> dict:
+    """What a finished trial's record depends on: the trained model (its manifest, rewritten by
+    every training) and the settings (less the thread count)."""
+    manifest = (Path(model_dir) / "manifest.json").read_bytes()
+    return {
+        "model_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
+    }
+
+
 def _record_path(out: Path, model_dir: str, trial: str) -> Path:
     return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
 
@@ -67,15 +78,20 @@ def run_compress_job(
     threads = max(1, int(cfg.cpus_per_trial))
     settings = asdict(replace(cfg.settings, threads=threads))
     records: dict[tuple[str, str], dict] = {}
-    todo = []
+    todo, stale = [], 0
+    built_for = {m: _built_for(m, cfg.settings) for m in cfg.models}
     for model_dir, trial in plan:
         path = _record_path(out, model_dir, trial)
-        if path.is_file():  # done by an earlier run into the same OUT
-            records[(model_dir, trial)] = json.loads(path.read_text())
+        done = json.loads(path.read_text()) if path.is_file() else None
+        if done and done.get("built_for") == built_for[model_dir]:  # by an earlier run
+            records[(model_dir, trial)] = done["record"]
         else:
+            stale += done is not None
             todo.append((model_dir, trial))
     if records:
         log(f"compress: {len(records)} of {len(plan)} trials already done in {out}")
+    if stale:
+        log(f"compress: {stale} earlier trials redone: their model or settings changed")
     if todo:
         with ray_session(address) as ray:
             task = ray.remote(
@@ -112,7 +128,8 @@ def run_compress_job(
             for n, (key, rec) in enumerate(built.items(), 1):
                 try:
                     rec = ray.get(measure.remote(rec, settings))
-                    write_json_atomic(_record_path(out, *key), rec)  # failures: tried next run
+                    done = {"built_for": built_for[key[0]], "record": rec}
+                    write_json_atomic(_record_path(out, *key), done)  # failures: tried next run
                 except ray.exceptions.RayError as e:
                     rec = failed_record(rec["model"], rec["trial"], f"timing failed: {e}")
                 records[key] = rec

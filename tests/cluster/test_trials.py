@@ -1,5 +1,6 @@
 """Compression trials as tasks on a real local Ray: a small grid, two trials at once, one
-model made to fail, and a rerun that redoes nothing."""
+model made to fail, a rerun that redoes only the failed trials, and one that redoes the trials
+of a retrained model."""
 
 import shutil
 
@@ -57,3 +58,11 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     assert "3 of 6 trials already done" in lines[0]
     again = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     assert [(r["model"], r["trial"]) for r in again] == [(r["model"], r["trial"]) for r in rows]
+
+    manifest = broken / "manifest.json"  # retrained: its earlier trials describe another model
+    manifest.write_text(manifest.read_text().replace("{", '{"retrained": true, ', 1))
+    lines.clear()
+    job = run_compress_job(cfg, log=lines.append)
+    assert (job["ok"], job["failed"]) == (6, 0)
+    assert "3 of 6 trials already done" in lines[0]
+    assert "3 earlier trials redone: their model or settings changed" in lines[1]
