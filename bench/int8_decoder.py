@@ -75,8 +75,7 @@ def run() -> None:
     from compression.convert import _convert, encoder_to_tflite, step_function, step_to_tflite
     from model.bundle import BundleRunner, write_bundle
     from model.encoders import encoder_info
-    from model.features import load_images
-    from model.training import configure_threads, load_trained, read_split, score_captions
+    from model.training import configure_threads, load_trained, score_captions
 
     configure_threads(2)
     settings = T.TrialSettings()
@@ -86,9 +85,9 @@ def run() -> None:
         cap, backbone, vocab, manifest = load_trained(model_dir)
         data = manifest["train"]["data"]
         info = encoder_info(cap.config.encoder)
-        calib = read_split(data, "train")[: settings.calibration_images]
-        calib_images, _ = load_images(calib, info.input_size, lambda _: None)
-        enc_samples, dec_samples = T._calibration(cap, backbone, calib_images, info.preprocess)
+        enc_samples, dec_samples = T.calibration_samples(
+            cap, backbone, data, settings.calibration_images, lambda _: None
+        )
         encoder, step, units = cap.encoder_model(backbone), cap.step_model(), cap.config.units
         x, test_recs = T._test_inputs(data, info, 0, lambda _: None)
 

@@ -21,16 +21,12 @@ SEEDS = (0, 1)
 
 
 def logits_range(model_dir: Path, calibration_images: int) -> dict:
-    from compression.trial import _calibration
-    from model.encoders import encoder_info
-    from model.features import load_images
-    from model.training import load_trained, read_split
+    from compression.trial import calibration_samples
+    from model.training import load_trained
 
     cap, backbone, _, manifest = load_trained(model_dir)
-    info = encoder_info(cap.config.encoder)
-    calib = read_split(manifest["train"]["data"], "train")[:calibration_images]
-    images, _ = load_images(calib, info.input_size, lambda _: None)
-    _, dec_samples = _calibration(cap, backbone, images, info.preprocess)
+    data = manifest["train"]["data"]
+    _, dec_samples = calibration_samples(cap, backbone, data, calibration_images, lambda _: None)
     return logit_stats(cap.step_model(), dec_samples)
 
 

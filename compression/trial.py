@@ -98,6 +98,14 @@ def tuning_epochs(trial: str, settings: TrialSettings) -> int:
     return epochs
 
 
+def calibration_samples(cap, backbone, data: str, images: int, log=print):
+    """The int8 representative samples (see `_calibration`) from the first `images` images of
+    the training split of `data`: (encoder samples, decoder samples)."""
+    info = encoder_info(cap.config.encoder)
+    calib, _ = load_images(read_split(data, "train")[:images], info.input_size, log)
+    return _calibration(cap, backbone, calib, info.preprocess)
+
+
 def _calibration(cap, backbone, images: np.ndarray, style: str):
     """Representative samples for int8: preprocessed images for the encoder; for the decoder,
     the (token, h, c, img_proj) each step really sees while greedily captioning those images."""
@@ -222,9 +230,9 @@ def run_trial(
     sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
     enc_samples = dec_samples = None
     if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
-        calib = read_split(manifest["train"]["data"], "train")[: settings.calibration_images]
-        calib_images, _ = load_images(calib, info.input_size, log)
-        enc_samples, dec_samples = _calibration(cap, backbone, calib_images, info.preprocess)
+        enc_samples, dec_samples = calibration_samples(
+            cap, backbone, manifest["train"]["data"], settings.calibration_images, log
+        )
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
     enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
     step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
