@@ -10,7 +10,6 @@ trial's record is written to OUT/records/ as it arrives, so a rerun does only wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from compression.trial import (
     tuning_epochs,
 )
 from model.artifacts import write_json_atomic
+from model.training import manifest_sha256
 
 
 def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> dict:
@@ -46,9 +46,8 @@ def _measure_task(record: dict, settings: dict) -> dict:
 def _built_for(model_dir: str, settings: TrialSettings) -> dict:
     """What a finished trial's record depends on: the trained model (its manifest, rewritten by
     every training) and the settings (less the thread count)."""
-    manifest = (Path(model_dir) / "manifest.json").read_bytes()
     return {
-        "model_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "model_manifest_sha256": manifest_sha256(model_dir),
         "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
     }
 

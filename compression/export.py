@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from compression.convert import encoder_to_tflite, step_to_tflite
 from model.bundle import write_bundle
-from model.training import encoder_section, load_trained
+from model.training import encoder_section, load_trained, manifest_sha256
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None = None) -> dict:
@@ -16,7 +15,6 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None =
     config = cap.config
     enc_bytes = encoder_to_tflite(cap.encoder_model(backbone))
     step_bytes = step_to_tflite(cap.step_model(), config.units)
-    source = Path(model_dir) / "manifest.json"
     return write_bundle(
         out_dir,
         enc_bytes,
@@ -30,7 +28,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None =
             "encoder": encoder_section(config.encoder, manifest["encoder"]["weights"]),
             "source_model": {
                 "path": str(Path(model_dir).resolve()),
-                "manifest_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                "manifest_sha256": manifest_sha256(model_dir),
                 "test_metrics": manifest.get("test_metrics", {}),
             },
         },

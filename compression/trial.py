@@ -9,7 +9,6 @@ split. Deltas against the fp32 baseline are added by whoever holds all the recor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from model.training import (
     finetune_data,
     fit_captions,
     load_trained,
+    manifest_sha256,
     pretrain_cells,
     read_split,
     score_captions,
@@ -237,7 +237,6 @@ def run_trial(
     enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
     step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
 
-    source = Path(model_dir) / "manifest.json"
     out = Path(out_dir)
     bundle = write_bundle(
         out,
@@ -254,7 +253,7 @@ def run_trial(
             "encoder": encoder_section(info.name, manifest["encoder"]["weights"]),
             "source_model": {
                 "path": str(Path(model_dir).resolve()),
-                "manifest_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                "manifest_sha256": manifest_sha256(model_dir),
             },
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -488,6 +489,12 @@ def encoder_section(name: str, weights: str) -> dict:
         "input_size": info.input_size,
         "preprocess": info.preprocess,
     }
+
+
+def manifest_sha256(model_dir: str | Path) -> str:
+    """A trained model's identity: the sha256 of its manifest, which every training rewrites.
+    Bundles record it as their source; a compress rerun redoes trials whose model it changed."""
+    return hashlib.sha256((Path(model_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
 def load_trained(model_dir: str | Path):
