@@ -31,10 +31,10 @@ SHARD = 1024
 def make_bundle(out: Path, vocab) -> Path:
     import tf_keras as keras
 
-    from compression.convert import encoder_to_tflite, step_to_tflite
-    from model.bundle import write_bundle
-    from model.captioner import Captioner, CaptionerConfig
-    from model.training import encoder_section
+    from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
+    from capfleet.model.bundle import write_bundle
+    from capfleet.model.captioner import Captioner, CaptionerConfig
+    from capfleet.model.encoders import encoder_section
 
     keras.utils.set_random_seed(0)
     cap = Captioner(CaptionerConfig("small_cnn", len(vocab), 16, embed_dim=64))
@@ -57,9 +57,9 @@ def make_bundle(out: Path, vocab) -> Path:
 
 def baseline(bundle: Path, uris: list[str]) -> float:
     """One process, no Ray: a 2-thread decode pool feeding full batches to the bundle."""
-    from model.bundle import BundleRunner
-    from model.captioning import read_uri
-    from model.images import decode_image
+    from capfleet.model.bulk.reader import read_uri
+    from capfleet.model.bundle import BundleRunner
+    from capfleet.model.images import decode_image
 
     runner = BundleRunner(bundle, num_threads=2)
     size = runner.image_size
@@ -79,9 +79,9 @@ def baseline(bundle: Path, uris: list[str]) -> float:
 
 
 def bundle_alone(bundle: Path, uris: list[str], n: int = 1024) -> float:
-    from model.bundle import BundleRunner
-    from model.captioning import read_uri
-    from model.images import decode_image
+    from capfleet.model.bulk.reader import read_uri
+    from capfleet.model.bundle import BundleRunner
+    from capfleet.model.images import decode_image
 
     runner = BundleRunner(bundle, num_threads=2)
     imgs = np.stack([decode_image(read_uri(u), runner.image_size) for u in uris[:n]])
@@ -118,8 +118,8 @@ def steady_rate(done: list[tuple[float, int]], shard: int, rows: int) -> float:
 
 
 def job_run(bundle: Path, manifest_csv: Path, rows: int, actors, cpus, tmp: Path, shard: int):
-    from cluster.caption_pipeline import run_caption_job
-    from model.captioning import CaptionConfig
+    from capfleet.cluster.caption_config import CaptionConfig
+    from capfleet.cluster.caption_pipeline import run_caption_job
 
     peak: dict = {}
     stop = threading.Event()
@@ -182,9 +182,9 @@ def manifest(tmp: Path, name: str, uris: list[str]) -> Path:
 
 def run() -> None:
     from bench.study import KEEP as VGG16_INT8
-    from model import shapes
-    from model.data import Flickr8kReader
-    from model.text import Vocabulary, clean_caption
+    from capfleet.model import shapes
+    from capfleet.model.data import Flickr8kReader
+    from capfleet.model.text import Vocabulary, clean_caption
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

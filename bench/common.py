@@ -9,8 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import model  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from model.bundle import package_versions
+from capfleet.model.bundle import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES_SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes.toml"
@@ -63,9 +62,9 @@ def shapes_model(tmp: Path) -> tuple[Path, dict]:
     import dataclasses
     import shutil
 
-    from jobs.specs import load_spec
-    from model import shapes
-    from model.training import train
+    from capfleet.jobs.specs import load_spec
+    from capfleet.model import shapes
+    from capfleet.model.training import train
 
     model_dir = tmp / "small_cnn"
     if os.environ.get("CAPFLEET_BENCH_MODEL"):

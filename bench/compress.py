@@ -33,9 +33,9 @@ SEEDS = (1, 2)
 
 
 def run() -> None:
-    from cluster.trials import run_compress_job
-    from compression.report import read_trials
-    from compression.trial import CompressConfig, TrialSettings
+    from capfleet.cluster.trials import run_compress_job
+    from capfleet.compression.config import CompressConfig, TrialSettings
+    from capfleet.compression.report import read_trials
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -18,7 +18,7 @@ BATCHES = (64, 256, 512)
 def study_loop(prefix_model, feats: np.ndarray, call: str) -> list[list[int]]:
     """The study's loop; call="predict" is how the study wrote it (model.predict per word),
     call="predict_on_batch" the same loop without Keras' per-call set-up."""
-    from model.decoding import prefix_greedy
+    from capfleet.model.decoding import prefix_greedy
 
     def run(f):
         if call == "predict":
@@ -36,10 +36,10 @@ def run() -> None:
     import tf_keras as keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from compression.convert import step_to_tflite
-    from model.captioner import Captioner, CaptionerConfig
-    from model.decoding import greedy_decode
-    from model.training import KerasStep
+    from capfleet.compression.convert import step_to_tflite
+    from capfleet.model.captioner import Captioner, CaptionerConfig
+    from capfleet.model.decoding import greedy_decode
+    from capfleet.model.evaluation import KerasStep
 
     keras.utils.set_random_seed(0)
     cap = Captioner(CaptionerConfig(FEATURES, VOCAB, MAX_LEN))

@@ -18,9 +18,9 @@ def run() -> None:
     import tf_keras as keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from compression.convert import encoder_to_tflite
-    from model.encoders import build_encoder, encoder_info
-    from model.training import configure_threads
+    from capfleet.compression.convert import encoder_to_tflite
+    from capfleet.model.encoders import build_encoder, encoder_info
+    from capfleet.model.fitting import configure_threads
 
     configure_threads(2)
     rows = []

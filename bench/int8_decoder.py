@@ -33,7 +33,7 @@ def floored_step(step, units):
     longer the logits that beam search reads)."""
     import tensorflow as tf
 
-    from compression.convert import step_function
+    from capfleet.compression.convert import step_function
 
     base = step_function(step, units)
 
@@ -48,7 +48,7 @@ def floored_step(step, units):
 def logit_stats(step, samples) -> dict:
     """The fp32 step's logits on the calibration steps: the range int8 must cover, and how
     close the two best tokens come (below one int8 step, the argmax can flip)."""
-    from model.training import KerasStep
+    from capfleet.model.evaluation import KerasStep
 
     run = KerasStep(step)
     logits = np.concatenate([run(s["token"], s["h"], s["c"], s["img_proj"])[0] for s in samples()])
@@ -71,11 +71,18 @@ def run() -> None:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from compression import trial as T
-    from compression.convert import _convert, encoder_to_tflite, step_function, step_to_tflite
-    from model.bundle import BundleRunner, write_bundle
-    from model.encoders import encoder_info
-    from model.training import configure_threads, load_trained, score_captions
+    from capfleet.compression import trial as T
+    from capfleet.compression.convert import (
+        _convert,
+        encoder_to_tflite,
+        step_function,
+        step_to_tflite,
+    )
+    from capfleet.model.bundle import BundleRunner, write_bundle
+    from capfleet.model.encoders import encoder_info
+    from capfleet.model.evaluation import score_captions
+    from capfleet.model.fitting import configure_threads
+    from capfleet.model.modeldir import load_trained
 
     configure_threads(2)
     settings = T.TrialSettings()

@@ -35,8 +35,8 @@ def run() -> None:
     import tf_keras as keras
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from compression.convert import encoder_to_tflite
-    from compression.trial import _best_ms
+    from capfleet.compression.convert import encoder_to_tflite
+    from capfleet.compression.trial import _best_ms
 
     keras.utils.set_random_seed(0)
     inp = keras.Input(SHAPE[1:], name="image")

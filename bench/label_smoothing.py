@@ -21,8 +21,8 @@ SEEDS = (0, 1)
 
 
 def logits_range(model_dir: Path, calibration_images: int) -> dict:
-    from compression.trial import calibration_samples
-    from model.training import load_trained
+    from capfleet.compression.trial import calibration_samples
+    from capfleet.model.modeldir import load_trained
 
     cap, backbone, _, manifest = load_trained(model_dir)
     data = manifest["train"]["data"]
@@ -31,11 +31,11 @@ def logits_range(model_dir: Path, calibration_images: int) -> dict:
 
 
 def run() -> None:
-    from cluster.trials import run_compress_job
-    from compression.report import read_trials
-    from compression.trial import CompressConfig, TrialSettings
-    from jobs.specs import load_spec
-    from model.training import train
+    from capfleet.cluster.trials import run_compress_job
+    from capfleet.compression.config import CompressConfig, TrialSettings
+    from capfleet.compression.report import read_trials
+    from capfleet.jobs.specs import load_spec
+    from capfleet.model.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

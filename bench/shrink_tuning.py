@@ -17,9 +17,9 @@ TUNINGS = ((3, 5e-4), (8, 5e-4), (8, 2e-3))  # (shrink_epochs, shrink_learning_r
 
 
 def run() -> None:
-    from cluster.trials import run_compress_job
-    from compression.report import read_trials
-    from compression.trial import CompressConfig, TrialSettings
+    from capfleet.cluster.trials import run_compress_job
+    from capfleet.compression.config import CompressConfig, TrialSettings
+    from capfleet.compression.report import read_trials
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:

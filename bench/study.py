@@ -31,7 +31,7 @@ KEEP = Path(tempfile.gettempdir()) / "capfleet-bench" / "vgg16-int8"  # for benc
 def photos(n: int) -> np.ndarray:
     import skimage
 
-    from model.images import decode_image
+    from capfleet.model.images import decode_image
 
     names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
     root = Path(skimage.__file__).parent / "data"
@@ -42,15 +42,15 @@ def photos(n: int) -> np.ndarray:
 def run() -> None:
     import tf_keras as keras
 
-    from compression.convert import encoder_to_tflite, step_to_tflite
-    from compression.trial import _calibration, measure_latency
-    from model.bundle import BundleRunner, write_bundle
-    from model.captioner import Captioner, CaptionerConfig
-    from model.decoding import prefix_greedy
-    from model.encoders import build_encoder
-    from model.images import preprocess
-    from model.text import Vocabulary
-    from model.training import configure_threads, encoder_section
+    from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
+    from capfleet.compression.trial import _calibration, measure_latency
+    from capfleet.model.bundle import BundleRunner, write_bundle
+    from capfleet.model.captioner import Captioner, CaptionerConfig
+    from capfleet.model.decoding import prefix_greedy
+    from capfleet.model.encoders import build_encoder, encoder_section
+    from capfleet.model.fitting import configure_threads
+    from capfleet.model.images import preprocess
+    from capfleet.model.text import Vocabulary
 
     configure_threads(THREADS)
     keras.utils.set_random_seed(0)

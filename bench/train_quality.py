@@ -14,15 +14,15 @@ SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train_shapes
 
 
 def run() -> None:
-    from jobs.specs import load_spec
-    from model import shapes
+    from capfleet.jobs.specs import load_spec
+    from capfleet.model import shapes
 
     spec = load_spec(SPEC)
     with tempfile.TemporaryDirectory() as tmp:
         with Timer() as gen:
             counts = shapes.generate(Path(tmp) / "data", images=3000, seed=0)
         cfg = dataclasses.replace(spec, data=str(Path(tmp) / "data"), out=str(Path(tmp) / "m"))
-        from model.training import train
+        from capfleet.model.training import train
 
         with Timer() as t:
             manifest = train(cfg)

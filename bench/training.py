@@ -16,10 +16,10 @@ IMAGES = 1200  # training images; 5 captions each
 def run() -> None:
     import tf_keras as keras
 
-    from model import shapes
-    from model.captioner import Captioner, CaptionerConfig
-    from model.data import Flickr8kReader
-    from model.text import Vocabulary, clean_caption
+    from capfleet.model import shapes
+    from capfleet.model.captioner import Captioner, CaptionerConfig
+    from capfleet.model.data import Flickr8kReader
+    from capfleet.model.text import Vocabulary, clean_caption
 
     keras.utils.set_random_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

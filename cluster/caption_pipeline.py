@@ -2,7 +2,7 @@
 actor writes its shard's Parquet part) -> shard ids back to the driver for progress.
 
 Sizing: on a small machine an actor pool that takes every CPU starves the other stages and the
-job stalls (PITFALLS.md), so actors take a fraction of a CPU each (`actor_cpus`). With
+job stalls (docs/stack.md), so actors take a fraction of a CPU each (`actor_cpus`). With
 `decode_cpus` equal to it (the default) Ray Data fuses decoding into the first pool's actors.
 With an address, OUT must be a filesystem that the driver and every worker see.
 """
@@ -16,21 +16,17 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cluster.connect import ray_session
-from model.artifacts import package_versions, write_json_atomic
-from model.bundle import read_manifest
-from model.captioning import (
-    CaptionConfig,
-    CaptionWorker,
-    check_plan,
-    decode_batch,
-    missing_models,
-    shard_records,
-    summarize,
-    write_parquet_atomic,
-)
-from model.data import ImageRecord, open_reader
-from model.errors import CapfleetError
+from capfleet.cluster.caption_config import CaptionConfig
+from capfleet.cluster.connect import ray_session
+from capfleet.model.artifacts import package_versions, write_json_atomic, write_parquet_atomic
+from capfleet.model.bulk.decode import decode_batch
+from capfleet.model.bulk.reader import shard_records
+from capfleet.model.bulk.summary import summarize
+from capfleet.model.bulk.worker import CaptionWorker
+from capfleet.model.bulk.writer import check_plan, missing_models
+from capfleet.model.bundle import read_manifest
+from capfleet.model.data import ImageRecord, open_reader
+from capfleet.model.errors import CapfleetError
 
 
 def _absolute(r: ImageRecord) -> ImageRecord:
@@ -81,7 +77,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
     if pending:
         t_ray = time.perf_counter()
         with ray_session(cfg.address or None) as ray:
-            ray_start = time.perf_counter() - t_ray  # a new embedded instance: ~4-6 s here
+            ray_start = time.perf_counter() - t_ray  # starting or joining Ray
             items = [
                 {
                     "shard": i,
@@ -109,7 +105,7 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                         "batch_size": cfg.batch_size,
                         "num_threads": threads,
                         "beam_width": cfg.beam_width,
-                        "last": k == len(cfg.bundles) - 1,
+                        "keep_images": k < len(cfg.bundles) - 1,
                     },
                     batch_size=1,
                     batch_format="numpy",
@@ -123,7 +119,8 @@ def run_caption_job(cfg: CaptionConfig, log: Callable[[str], None] = print) -> d
                 log(f"caption: shard {int(row['shard'])} done ({n}/{len(pending)})")
 
     wall = time.perf_counter() - t0
-    summary = summarize(out, cfg, records, wall, sum(len(shards[i]) for i in pending))
+    bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
+    summary = summarize(out, bundles, records, wall, sum(len(shards[i]) for i in pending))
     write_parquet_atomic(out / "summary.parquet", summary)
     counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
     job = {

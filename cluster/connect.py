@@ -6,11 +6,11 @@ import contextlib
 import os
 import sys
 
-import model  # noqa: F401  (TF_USE_LEGACY_KERAS for every worker this process starts)
-from model.errors import CapfleetError
+import capfleet
+from capfleet.model.errors import CapfleetError
 
 # Ray maps loopback to the machine's interface address unless this is set; an embedded,
-# single-machine instance has no reason to listen beyond loopback (see PITFALLS.md).
+# single-machine instance has no reason to listen beyond loopback (docs/stack.md).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -39,7 +39,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     if ray.is_initialized():  # already connected (a test session, a caller): reuse it
         yield ray
         return
-    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = dict(capfleet.TF_ENV)  # every worker: Keras 2 before TensorFlow is imported
     if address is None:
         ray.init(
             address="local",  # a new instance: never whatever `ray start` left in /tmp/ray

@@ -1,9 +1,10 @@
 """Submitting specs to a running Ray cluster through the Ray Jobs API, and managing the jobs.
 
-`submit` stages the project's packages, pyproject.toml and the spec into a temporary folder that
-Ray uploads as the job's working_dir; the entrypoint runs the spec with `--address auto` on the
-cluster, so a submitted spec writes the same outputs as `capfleet run`. Paths in a submitted spec
-are the cluster's paths (shared storage or object-store URIs).
+`submit` stages the capfleet package (as it is installed here: capfleet/ with its model,
+compression, cluster and jobs packages) and the spec into a temporary folder that Ray uploads as
+the job's working_dir; the entrypoint `python -m capfleet run SPEC --address auto` runs the spec
+on the cluster, so a submitted spec writes the same outputs as `capfleet run`. Paths in a
+submitted spec are the cluster's paths (shared storage or object-store URIs).
 
 Dependencies: a cluster whose image already holds capfleet's dependencies needs nothing more
 (the KubeRay manifest in cluster/deploy does this); otherwise `install_deps` adds them as the
@@ -18,24 +19,20 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from model.errors import CapfleetError
+import capfleet
+from capfleet.model.errors import CapfleetError
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("jobs", "model", "compression", "cluster")
+PACKAGE_ROOT = Path(capfleet.__file__).resolve().parent  # the repository root when editable
+PACKAGE_FILES = ("__init__.py", "__main__.py")
+SUBPACKAGES = ("model", "compression", "cluster", "jobs")
 SPEC_NAME = "capfleet-spec.toml"
-ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+ENTRYPOINT = f"python -m capfleet run {SPEC_NAME} --address auto"
 AGENT_WAIT_S = 60
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def _client(address: str):
@@ -49,17 +46,21 @@ def _client(address: str):
 
 
 def dependencies() -> list[str]:
-    """The project's runtime dependencies, as pyproject.toml pins them."""
-    doc = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    return list(doc["project"]["dependencies"])
+    """The installed capfleet's runtime dependencies, as its metadata pins them."""
+    from importlib.metadata import requires
+
+    return [r for r in requires("capfleet") or [] if "extra ==" not in r]
 
 
 def stage(spec: str | Path, into: Path) -> Path:
-    """The folder Ray uploads: the packages (no caches), pyproject.toml, and the spec."""
+    """The folder Ray uploads: capfleet/ (the package, no caches) and the spec."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for pkg in PACKAGES:
-        shutil.copytree(ROOT / pkg, into / pkg, ignore=ignore)
-    shutil.copy(ROOT / "pyproject.toml", into / "pyproject.toml")
+    pkg = into / "capfleet"
+    pkg.mkdir(parents=True)
+    for name in PACKAGE_FILES:
+        shutil.copy(PACKAGE_ROOT / name, pkg / name)
+    for sub in SUBPACKAGES:
+        shutil.copytree(PACKAGE_ROOT / sub, pkg / sub, ignore=ignore)
     shutil.copy(spec, into / SPEC_NAME)
     return into
 
@@ -73,14 +74,17 @@ def submit(
     """Submit a (validated) spec; returns the job's submission id."""
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="capfleet-submit-") as tmp:
-        runtime_env: dict = {"working_dir": str(stage(spec, Path(tmp))), "env_vars": dict(ENV)}
+        runtime_env: dict = {
+            "working_dir": str(stage(spec, Path(tmp))),
+            "env_vars": dict(capfleet.TF_ENV),
+        }
         if install_deps:
             runtime_env["pip"] = dependencies()
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
                 return client.submit_job(
-                    entrypoint=f"python -m jobs.cli run {SPEC_NAME} --address auto",
+                    entrypoint=ENTRYPOINT,
                     runtime_env=runtime_env,
                     metadata={"capfleet_spec": Path(spec).name},
                     entrypoint_num_cpus=entrypoint_cpus or None,

@@ -16,19 +16,18 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cluster.connect import completed, failure_text, first_line, ray_session
-from compression.report import failed_record, write_report, write_trials
-from compression.trial import (
+from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.compression.config import (
     CompressConfig,
     TrialSettings,
     checked_plan,
-    measure_bundle,
-    run_trial,
     slug,
     tuning_epochs,
 )
-from model.artifacts import write_json_atomic
-from model.training import manifest_sha256
+from capfleet.compression.report import failed_record, write_report, write_trials
+from capfleet.compression.trial import measure_bundle, run_trial
+from capfleet.model.artifacts import write_json_atomic
+from capfleet.model.modeldir import manifest_sha256
 
 
 def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> dict:

@@ -17,12 +17,62 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cluster.connect import completed, failure_text, first_line, ray_session
-from model.captioning import write_parquet_atomic
-from model.encoders import encoder_info
-from model.training import VARIANT_SCHEMA, TrainConfig, train, variant_row, warm_feature_cache
+from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.model.artifacts import write_parquet_atomic
+from capfleet.model.encoders import encoder_info
+from capfleet.model.errors import CapfleetError
+from capfleet.model.modeldir import read_model_manifest
+from capfleet.model.train_config import TrainConfig, TrainGrid
+from capfleet.model.training import train, warm_feature_cache
 
 VARIANTS_FILE = "variants.parquet"
+
+# variants.parquet: one row per trained variant of a train job with a [grid].
+VARIANT_SCHEMA = pa.schema(
+    [
+        ("variant", pa.string()),  # the grid values that make it, e.g. "learning_rate=0.003"
+        ("model_dir", pa.string()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),
+        ("encoder", pa.string()),
+        ("weights", pa.string()),
+        ("units", pa.int32()),
+        ("embed_dim", pa.int32()),
+        ("dropout", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("label_smoothing", pa.float64()),
+        ("batch_size", pa.int32()),
+        ("seed", pa.int32()),
+        ("epochs_run", pa.int32()),
+        ("train_seconds", pa.float64()),
+        ("bleu1", pa.float64()),  # Keras greedy captions of the test split
+        ("bleu2", pa.float64()),
+        ("bleu3", pa.float64()),
+        ("bleu4", pa.float64()),
+        ("content_accuracy", pa.float64()),  # shapes data only
+        ("spec", pa.string()),  # the variant's whole TrainConfig, JSON
+        ("started", pa.float64()),  # Unix time
+        ("finished", pa.float64()),
+    ]
+)
+
+
+def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str | None) -> dict:
+    """A variants.parquet row for a trained (manifest) or failed (error) variant."""
+    m = (manifest or {}).get("test_metrics", {})
+    return {
+        "variant": name,
+        "model_dir": cfg.out,
+        "status": "ok" if manifest else "error",
+        "error": error,
+        **{k: getattr(cfg, k) for k in ("encoder", "weights", "units", "embed_dim")},
+        **{k: getattr(cfg, k) for k in ("dropout", "learning_rate", "label_smoothing")},
+        **{k: getattr(cfg, k) for k in ("batch_size", "seed")},
+        "epochs_run": (manifest or {}).get("epochs_run"),
+        "train_seconds": (manifest or {}).get("train_seconds"),
+        **{k: m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "content_accuracy")},
+        "spec": json.dumps(asdict(cfg), sort_keys=True),
+    }
 
 
 def _train_task(name: str, cfg: TrainConfig) -> dict:
@@ -36,10 +86,9 @@ def _train_task(name: str, cfg: TrainConfig) -> dict:
 
 def _trained(cfg: TrainConfig) -> dict | None:
     """The manifest of a model directory trained from exactly this spec, if there is one."""
-    path = Path(cfg.out) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = read_model_manifest(cfg.out)
+    except CapfleetError:  # none yet, or unreadable: train it
         return None
     return manifest if manifest.get("train") == asdict(cfg) else None
 
@@ -49,12 +98,12 @@ def _cache_key(cfg: TrainConfig) -> tuple:
 
 
 def run_train_job(
-    grid,
+    grid: TrainGrid,
     address: str | None = None,
     max_retries: int = 1,
     log: Callable[[str], None] = print,
 ) -> pa.Table:
-    """Train every variant of a jobs.specs.TrainGrid on Ray; writes <out>/variants.parquet."""
+    """Train every variant of a TrainGrid on Ray; writes <out>/variants.parquet."""
     t0 = time.perf_counter()
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ mode. Quantization is done by TensorFlow's TFLite converter (recorded in bundle 
 
     fp32     no quantization
     dynamic  dynamic-range: int8 weights, float activations
-    float16  float16 weights (smaller; no faster on CPU, see PITFALLS.md)
+    float16  float16 weights (smaller; no faster on CPU, docs/stack.md)
     int8     full integer: int8 weights and activations, calibrated on `representative` samples
              (dicts keyed by the signature's input names), float inputs and outputs
     qat-int8 a quantization-aware-trained graph, converted to full integer like int8: the trained
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import model  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from model.errors import CapfleetError
+from capfleet.model.errors import CapfleetError
 
 MODES = ("fp32", "dynamic", "float16", "int8", "qat-int8")
 QUANTIZER = "tflite-converter"

@@ -1,35 +1,55 @@
-"""Export a trained model directory to a bundle (fp32 for now; recipes build on this)."""
+"""Trained model -> bundle: the manifest information every bundle carries (built here once, for
+the fp32 export and for every trial), and the fp32 export itself."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from compression.convert import encoder_to_tflite, step_to_tflite
-from model.bundle import write_bundle
-from model.training import encoder_section, load_trained, manifest_sha256
+from capfleet.compression.convert import QUANTIZER, encoder_to_tflite, step_to_tflite
+from capfleet.compression.recipes import TrialRecipe, parse_trial
+from capfleet.model.bundle import write_bundle
+from capfleet.model.captioner import CaptionerConfig
+from capfleet.model.encoders import encoder_section
+from capfleet.model.modeldir import load_trained, manifest_sha256
+
+FP32 = parse_trial("fp32")
+
+
+def bundle_info(
+    name: str,
+    config: CaptionerConfig,
+    model_dir: str | Path,
+    manifest: dict,
+    recipe: TrialRecipe = FP32,
+    **extra,
+) -> dict:
+    """What a bundle's manifest says of itself besides its files: its name, the recipe that made
+    it, the quantizer, the captioner config, what its encoder is fed, and the trained model it
+    came from (by path and identity). `extra` adds sections (a trial's sparsity, settings)."""
+    quantized = (recipe.encoder.quant, recipe.decoder.quant) != ("fp32", "fp32")
+    return {
+        "name": name,
+        "recipe": {
+            "encoder": recipe.encoder.name,
+            "decoder": recipe.decoder.name,
+            "trial": recipe.name,
+        },
+        "quantizer": QUANTIZER if quantized else "none",
+        **extra,
+        "config": config.to_dict(),
+        "encoder": encoder_section(config.encoder, manifest["encoder"]["weights"]),
+        "source_model": {
+            "path": str(Path(model_dir).resolve()),
+            "manifest_sha256": manifest_sha256(model_dir),
+            "test_metrics": manifest.get("test_metrics", {}),
+        },
+    }
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None = None) -> dict:
     """Convert a trained model to an fp32 bundle in `out_dir`; returns the bundle manifest."""
     cap, backbone, vocab, manifest = load_trained(model_dir)
-    config = cap.config
     enc_bytes = encoder_to_tflite(cap.encoder_model(backbone))
-    step_bytes = step_to_tflite(cap.step_model(), config.units)
-    return write_bundle(
-        out_dir,
-        enc_bytes,
-        step_bytes,
-        vocab,
-        {
-            "name": name or Path(out_dir).name,
-            "recipe": {"encoder": "fp32", "decoder": "fp32"},
-            "quantizer": "none",
-            "config": config.to_dict(),
-            "encoder": encoder_section(config.encoder, manifest["encoder"]["weights"]),
-            "source_model": {
-                "path": str(Path(model_dir).resolve()),
-                "manifest_sha256": manifest_sha256(model_dir),
-                "test_metrics": manifest.get("test_metrics", {}),
-            },
-        },
-    )
+    step_bytes = step_to_tflite(cap.step_model(), cap.config.units)
+    info = bundle_info(name or Path(out_dir).name, cap.config, model_dir, manifest)
+    return write_bundle(out_dir, enc_bytes, step_bytes, vocab, info)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.artifacts import write_bytes_atomic
-from model.captioning import write_parquet_atomic
-from model.errors import CapfleetError
+from capfleet.model.artifacts import write_bytes_atomic, write_parquet_atomic
+from capfleet.model.errors import CapfleetError
 
 TRIALS_FILE, REPORT_FILE, PLOT_FILE = "trials.parquet", "report.md", "report.png"
 BASELINE = "fp32:fp32"

@@ -1,6 +1,6 @@
 """Structured pruning ("shrink"): remove whole units and channels, rebuild a smaller model with
 the weights that are kept. Unlike magnitude pruning this makes the model both smaller and faster
-on a CPU (PITFALLS.md); the caller fine-tunes the result.
+on a CPU (docs/stack.md); the caller fine-tunes the result.
 
 Decoder: the image projection, the LSTM and the merge layer share one width U (projection and
 LSTM state are added); a unit's importance is the L2 norm of what it feeds the next layer
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.captioner import Captioner, CaptionerConfig
-from model.errors import CapfleetError
+from capfleet.model.captioner import Captioner, CaptionerConfig
+from capfleet.model.errors import CapfleetError
 
 
 def keep_count(n: int, share: float) -> int:
@@ -80,9 +80,7 @@ def shrink_cnn(cnn, share: float):
 
     The head, the convs after the chain's last pooling layer, keeps its width too: it maps
     each position to the features the decoder reads (the small CNN's per-cell scores), so
-    thinning it removes information rather than spare capacity. Measured: the half-width
-    small CNN with its 8-channel `cells` layer stalled at per-cell shape accuracy 0.95 after
-    9 re-pretraining epochs; with the 16 channels kept it reached 0.996 in 3."""
+    thinning it removes information rather than spare capacity (README: compress, shrink)."""
     import tf_keras as keras
 
     config = cnn.get_config()

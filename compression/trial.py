@@ -9,100 +9,39 @@ split. Deltas against the fp32 baseline are added by whoever holds all the recor
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from compression.convert import QUANTIZER, encoder_to_tflite, step_to_tflite
-from compression.recipes import TrialRecipe, check_for_model, parse_trial
-from compression.shrink import shrink_captioner
-from compression.tune import prune_finetune, prune_one_shot, qat_finetune, sparsity_of
-from model.bundle import DECODER_FILE, ENCODER_FILE, BundleRunner, write_bundle
-from model.decoding import greedy_decode
-from model.encoders import encoder_info
-from model.errors import CapfleetError
-from model.features import load_images
-from model.images import preprocess
-from model.training import (
-    KerasStep,
-    configure_threads,
-    encoder_section,
-    finetune_data,
-    fit_captions,
-    load_trained,
-    manifest_sha256,
-    pretrain_cells,
-    read_split,
-    score_captions,
-)
+from capfleet.compression.config import TrialSettings
+from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
+from capfleet.compression.export import bundle_info
+from capfleet.compression.recipes import TrialRecipe, check_for_model, parse_trial
+from capfleet.compression.shrink import shrink_captioner
+from capfleet.compression.tune import prune_finetune, prune_one_shot, qat_finetune, sparsity_of
+from capfleet.model.bundle import DECODER_FILE, ENCODER_FILE, MB, BundleRunner, write_bundle
+from capfleet.model.captioner import Captioner
+from capfleet.model.decoding import greedy_decode
+from capfleet.model.encoders import encoder_info
+from capfleet.model.evaluation import KerasStep, score_captions
+from capfleet.model.features import load_split
+from capfleet.model.fitting import configure_threads, fit_captions
+from capfleet.model.images import preprocess
+from capfleet.model.modeldir import load_trained
+from capfleet.model.pretrain import pretrain_cells
+from capfleet.model.training import FinetuneData, finetune_data
 
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """How every trial of a run is tuned and measured (the same for all, so they compare)."""
-
-    finetune_epochs: int = 3  # pruning and QAT fine-tuning
-    shrink_epochs: int = 8  # a shrunk model, rebuilt from the kept weights, needs more
-    finetune_learning_rate: float = 5e-4  # pruning and QAT: small steps from the trained model
-    shrink_learning_rate: float = 2e-3  # a shrunk model is half retrained (README: compress)
-    finetune_batch_size: int = 16
-    calibration_images: int = 64  # int8: real preprocessed training images
-    bench_batch: int = 32  # latency is measured at this batch size...
-    bench_threads: int = 1  # ...with this many interpreter threads
-    bench_repeats: int = 3  # best of N timings
-    eval_images: int = 0  # test images captioned for BLEU; 0 = the whole test split
-    threads: int = 1  # TensorFlow threads for tuning and conversion
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "finetune_epochs",
-            "shrink_epochs",
-            "finetune_batch_size",
-            "calibration_images",
-            "bench_batch",
-            "bench_threads",
-            "bench_repeats",
-            "threads",
-        ):
-            if getattr(self, name) < 1:
-                raise CapfleetError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.eval_images < 0:
-            raise CapfleetError(f"eval_images: must be >= 0, got {self.eval_images}")
-        for name in ("finetune_learning_rate", "shrink_learning_rate"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise CapfleetError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
-
-
-def slug(text: str) -> str:
-    """A file-system-safe name: "prune-50+int8:qat-int8" -> "prune-50_int8__qat-int8"."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", text.replace(":", "__"))
-
-
-def tuning_epochs(trial: str, settings: TrialSettings) -> int:
-    """Epochs of fine-tuning a trial will run (0 for conversion alone): its expected cost, so
-    that a job can start the long trials first instead of leaving one to run on alone."""
-    recipe = parse_trial(trial)
-    enc, dec = recipe.encoder, recipe.decoder
-    epochs = 0
-    if enc.shrink or dec.shrink:
-        epochs += settings.shrink_epochs * (2 if enc.shrink else 1)  # a CNN may be re-pretrained
-    if enc.prune or dec.prune:
-        epochs += settings.finetune_epochs
-    if dec.quant == "qat-int8":
-        epochs += settings.finetune_epochs
-    return epochs
+DEFAULT_SETTINGS = TrialSettings()
 
 
 def calibration_samples(cap, backbone, data: str, images: int, log=print):
     """The int8 representative samples (see `_calibration`) from the first `images` images of
     the training split of `data`: (encoder samples, decoder samples)."""
     info = encoder_info(cap.config.encoder)
-    calib, _ = load_images(read_split(data, "train")[:images], info.input_size, log)
+    calib, _ = load_split(data, "train", info.input_size, limit=images, log=log)
     return _calibration(cap, backbone, calib, info.preprocess)
 
 
@@ -168,140 +107,159 @@ def run_trial(
     model_dir: str | Path,
     trial: str,
     out_dir: str | Path,
-    settings: TrialSettings = TrialSettings(),
+    settings: TrialSettings = DEFAULT_SETTINGS,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build one trial's bundle and score it; returns its record (compression.report's
     TRIAL_SCHEMA, less the latency that `measure_bundle` adds). Raises CapfleetError for a trial
-    that cannot be built."""
+    that cannot be built. The steps: tune (shrink, prune, QAT), convert, write, score."""
     import tf_keras as keras
 
     t0, started = time.perf_counter(), time.time()
-    recipe: TrialRecipe = parse_trial(trial)
+    recipe = parse_trial(trial)
     configure_threads(settings.threads)
     keras.utils.set_random_seed(settings.seed)
     cap, backbone, vocab, manifest = load_trained(model_dir)
     info = encoder_info(cap.config.encoder)
     check_for_model(recipe, info.trainable, info.name)
-    enc, dec = recipe.encoder, recipe.decoder
-    tune = (settings.finetune_epochs, settings.finetune_batch_size)
-    lr, seed = settings.finetune_learning_rate, settings.seed
-    data = None
-    if enc.needs_tuning and info.trainable or dec.needs_tuning:
-        train_data, dev_data, train_cfg, (train_recs, dev_recs) = finetune_data(
-            cap, backbone, manifest, vocab, log
-        )
-        data = (train_data, dev_data)
-        smoothing = train_cfg.label_smoothing  # fine-tuned on the loss it was trained on
+    data = manifest["train"]["data"]
 
-    if enc.shrink or dec.shrink:
-        log(f"{recipe.name}: shrink encoder {enc.shrink:.0%}, decoder {dec.shrink:.0%}")
-        cap = shrink_captioner(cap, enc.shrink, dec.shrink)
-        if enc.shrink and train_cfg.pretrain_epochs:
-            # the CNN was pretrained on per-cell labels and frozen: the shrunk one is tuned
-            # the same way, then frozen while the (maybe shrunk) decoder is tuned
-            tuned = dataclasses.replace(train_cfg, pretrain_epochs=settings.shrink_epochs)
-            x_train, x_dev = train_data[0], dev_data[0]
-            pretrain_cells(cap.encoder, x_train, train_recs, x_dev, dev_recs, tuned, log)
-            cap.encoder.trainable = False
-        fit_captions(
-            cap.training_model,
-            *data,
-            settings.shrink_epochs,
-            tune[1],
-            settings.shrink_learning_rate,
-            seed,
-            [],
-            label_smoothing=smoothing,
-        )
-    if enc.prune and not info.trainable:
-        log(f"{recipe.name}: one-shot pruning of the frozen {info.name} to {enc.prune:.0%}")
-        prune_one_shot(backbone, enc.prune)
-    enc_tuned = enc.prune if info.trainable else 0.0
-    if enc_tuned or dec.prune:
-        log(f"{recipe.name}: pruning (encoder {enc_tuned:.0%}, decoder {dec.prune:.0%})")
-        prune_finetune(cap, enc_tuned, dec.prune, *data, *tune, lr, seed, smoothing)
-    if dec.quant == "qat-int8":
-        log(f"{recipe.name}: quantization-aware training of the decoder's Dense layers")
-        qat_finetune(cap, *data, *tune, lr, seed, smoothing)
-
-    encoder_model = cap.encoder_model(backbone)
-    step_model = cap.step_model()
-    sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
-    enc_samples = dec_samples = None
-    if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
-        enc_samples, dec_samples = calibration_samples(
-            cap, backbone, manifest["train"]["data"], settings.calibration_images, log
-        )
-    log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
-    enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
-    step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
-
+    cap = tune(cap, backbone, manifest, vocab, recipe, settings, log)
+    enc_bytes, step_bytes, sparsity = convert(cap, backbone, data, recipe, settings, log)
     out = Path(out_dir)
-    bundle = write_bundle(
-        out,
-        enc_bytes,
-        step_bytes,
-        vocab,
-        {
-            "name": out.name,
-            "recipe": {"encoder": enc.name, "decoder": dec.name, "trial": recipe.name},
-            "quantizer": QUANTIZER if (enc.quant, dec.quant) != ("fp32", "fp32") else "none",
-            "sparsity": {k: round(v, 4) for k, v in sparsity.items()},
-            "settings": asdict(settings),
-            "config": cap.config.to_dict(),
-            "encoder": encoder_section(info.name, manifest["encoder"]["weights"]),
-            "source_model": {
-                "path": str(Path(model_dir).resolve()),
-                "manifest_sha256": manifest_sha256(model_dir),
-            },
-        },
-    )
-
-    # scored on the bundle as shipped: LiteRT, test split
-    runner = BundleRunner(out, num_threads=settings.bench_threads)
-    x, test_recs = _test_inputs(manifest["train"]["data"], info, settings.eval_images, log)
-    ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
-    scores = score_captions(test_recs, [vocab.decode(r) for r in ids], manifest["train"]["data"])
-    files = bundle["files"]
-    mb = 1e6
+    extra = {
+        "sparsity": {k: round(v, 4) for k, v in sparsity.items()},
+        "settings": asdict(settings),
+    }
+    info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
+    bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_)
+    scores = score_bundle(out, data, settings, log)
     return {
-        "model": Path(model_dir).name,
-        "trial": recipe.name,
-        "encoder_recipe": enc.name,
-        "decoder_recipe": dec.name,
-        "status": "ok",
-        "error": None,
-        "bundle": str(out),
-        "size_mb": bundle["size_mb"],
-        "gzip_mb": bundle["gzip_size_mb"],
-        "encoder_mb": files[ENCODER_FILE]["bytes"] / mb,
-        "encoder_gzip_mb": files[ENCODER_FILE]["gzip_bytes"] / mb,
-        "decoder_mb": files[DECODER_FILE]["bytes"] / mb,
-        "decoder_gzip_mb": files[DECODER_FILE]["gzip_bytes"] / mb,
-        "encoder_sparsity": sparsity["encoder"],
-        "decoder_sparsity": sparsity["decoder"],
-        "bench_batch": settings.bench_batch,
-        "bench_threads": settings.bench_threads,
-        "bleu1": scores["bleu1"],
-        "bleu2": scores["bleu2"],
-        "bleu3": scores["bleu3"],
-        "bleu4": scores["bleu4"],
-        "content_accuracy": scores.get("content_accuracy"),
-        "test_images": scores["images"],
-        "data": manifest["train"]["data"],
+        **_record(Path(model_dir).name, recipe, out, bundle, sparsity, settings, scores),
+        "data": data,
         "wall_s": time.perf_counter() - t0,
         "started": started,
         "finished": time.time(),
     }
 
 
+def tune(cap: Captioner, backbone, manifest, vocab, recipe: TrialRecipe, settings, log):
+    """The recipe's training steps, in order: shrink (a new, smaller Captioner, fine-tuned),
+    magnitude pruning (fine-tuned; one-shot for a frozen backbone), QAT of the decoder. Returns
+    the Captioner to convert. Fine-tuning uses the loss the model was trained with."""
+    enc, dec = recipe.encoder, recipe.decoder
+    data = None
+    if (enc.needs_tuning and cap.trainable_encoder) or dec.needs_tuning:
+        data = finetune_data(cap, backbone, manifest, vocab, log)
+    if enc.shrink or dec.shrink:
+        log(f"{recipe.name}: shrink encoder {enc.shrink:.0%}, decoder {dec.shrink:.0%}")
+        cap = _shrink(cap, enc.shrink, dec.shrink, data, settings, log)
+    if enc.prune and not cap.trainable_encoder:
+        log(
+            f"{recipe.name}: one-shot pruning of the frozen {cap.config.encoder} to {enc.prune:.0%}"
+        )
+        prune_one_shot(backbone, enc.prune)
+    encoder_sparsity = enc.prune if cap.trainable_encoder else 0.0  # a frozen one: done above
+    tuning = {
+        "epochs": settings.finetune_epochs,
+        "batch_size": settings.finetune_batch_size,
+        "learning_rate": settings.finetune_learning_rate,
+        "seed": settings.seed,
+        "label_smoothing": data.config.label_smoothing if data else 0.0,
+    }
+    if encoder_sparsity or dec.prune:
+        log(f"{recipe.name}: pruning (encoder {encoder_sparsity:.0%}, decoder {dec.prune:.0%})")
+        prune_finetune(cap, encoder_sparsity, dec.prune, data.train, data.dev, **tuning)
+    if dec.quant == "qat-int8":
+        log(f"{recipe.name}: quantization-aware training of the decoder's Dense layers")
+        qat_finetune(cap, data.train, data.dev, **tuning)
+    return cap
+
+
+def _shrink(cap: Captioner, encoder_share, decoder_share, data: FinetuneData, settings, log):
+    """A shrunk Captioner, fine-tuned for `shrink_epochs`. A CNN that was pretrained on per-cell
+    labels and frozen is re-pretrained the same way and frozen before the decoder is tuned."""
+    small = shrink_captioner(cap, encoder_share, decoder_share)
+    if encoder_share and data.config.pretrain_epochs:
+        tuned = dataclasses.replace(data.config, pretrain_epochs=settings.shrink_epochs)
+        x_train, x_dev = data.train[0], data.dev[0]
+        pretrain_cells(
+            small.encoder, x_train, data.train_records, x_dev, data.dev_records, tuned, log
+        )
+        small.encoder.trainable = False
+    fit_captions(
+        small.training_model,
+        data.train,
+        data.dev,
+        settings.shrink_epochs,
+        settings.finetune_batch_size,
+        settings.shrink_learning_rate,
+        settings.seed,
+        [],
+        label_smoothing=data.config.label_smoothing,
+    )
+    return small
+
+
+def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, log):
+    """The tuned captioner's encoder and step graphs -> TFLite in the recipe's modes, int8
+    calibrated on the training split of `data`. Returns (encoder bytes, step bytes, the share of
+    zero weights of each part)."""
+    enc, dec = recipe.encoder, recipe.decoder
+    encoder_model = cap.encoder_model(backbone)
+    step_model = cap.step_model()
+    sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
+    enc_samples = dec_samples = None
+    if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
+        enc_samples, dec_samples = calibration_samples(
+            cap, backbone, data, settings.calibration_images, log
+        )
+    log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
+    enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
+    step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
+    return enc_bytes, step_bytes, sparsity
+
+
+def score_bundle(bundle_dir: Path, data: str, settings: TrialSettings, log) -> dict:
+    """BLEU (and shapes content accuracy) of the bundle as shipped: its own LiteRT captions of
+    the test split of `data` (the first settings.eval_images; 0 = all)."""
+    runner = BundleRunner(bundle_dir, num_threads=settings.bench_threads)
+    info = encoder_info(runner.manifest["encoder"]["name"])
+    x, test_recs = _test_inputs(data, info, settings.eval_images, log)
+    ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
+    return score_captions(test_recs, [runner.vocab.decode(r) for r in ids], data)
+
+
+def _record(model: str, recipe: TrialRecipe, bundle_dir: Path, bundle, sparsity, settings, scores):
+    """A built trial's record: sizes from the bundle's manifest, sparsity, scores."""
+    files = bundle["files"]
+    return {
+        "model": model,
+        "trial": recipe.name,
+        "encoder_recipe": recipe.encoder.name,
+        "decoder_recipe": recipe.decoder.name,
+        "status": "ok",
+        "error": None,
+        "bundle": str(bundle_dir),
+        "size_mb": bundle["size_mb"],
+        "gzip_mb": bundle["gzip_size_mb"],
+        "encoder_mb": files[ENCODER_FILE]["bytes"] / MB,
+        "encoder_gzip_mb": files[ENCODER_FILE]["gzip_bytes"] / MB,
+        "decoder_mb": files[DECODER_FILE]["bytes"] / MB,
+        "decoder_gzip_mb": files[DECODER_FILE]["gzip_bytes"] / MB,
+        "encoder_sparsity": sparsity["encoder"],
+        "decoder_sparsity": sparsity["decoder"],
+        "bench_batch": settings.bench_batch,
+        "bench_threads": settings.bench_threads,
+        **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")},
+        "content_accuracy": scores.get("content_accuracy"),
+        "test_images": scores["images"],
+    }
+
+
 def _test_inputs(data: str, info, limit: int, log):
     """Preprocessed test-split images, the first `limit` of them (0 = all), and their records."""
-    records = read_split(data, "test")
-    if limit:
-        records = records[:limit]
-    images, records = load_images(records, info.input_size, log)
+    images, records = load_split(data, "test", info.input_size, limit=limit, log=log)
     return preprocess(images, info.preprocess), records
 
 
@@ -313,60 +271,3 @@ def measure_bundle(bundle_dir: str | Path, data: str, settings: TrialSettings) -
     info = encoder_info(runner.manifest["encoder"]["name"])
     x, _ = _test_inputs(data, info, settings.bench_batch, lambda _: None)  # one batch's worth
     return measure_latency(runner, x, settings.bench_batch, settings.bench_repeats)
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """A compress job: every trial on every model, each a task with `cpus_per_trial` CPUs."""
-
-    models: tuple[str, ...]  # trained model directories
-    out: str
-    trials: tuple[str, ...] = ("fp32", "dynamic", "int8", "qat-int8")
-    cpus_per_trial: float = 1.0
-    max_retries: int = 1  # a crashed task (worker died) is retried this many times
-    settings: TrialSettings = TrialSettings()
-
-    def __post_init__(self) -> None:
-        if not self.models:
-            raise CapfleetError("models: give at least one trained model directory")
-        if not self.trials:
-            raise CapfleetError("trials: give at least one trial")
-        names = [Path(m).name for m in self.models]
-        if len(set(names)) != len(names):
-            raise CapfleetError(f"models: two model directories share a name: {names}")
-        for t in self.trials:
-            parse_trial(t)  # an unknown recipe is refused here, before any work
-        if self.cpus_per_trial <= 0:
-            raise CapfleetError(f"cpus_per_trial: must be > 0, got {self.cpus_per_trial}")
-        if self.max_retries < 0:
-            raise CapfleetError(f"max_retries: must be >= 0, got {self.max_retries}")
-
-    def plan(self) -> list[tuple[str, str]]:
-        """(model dir, trial name) for every trial, the fp32 baseline first for each model, so
-        that every record has something to be compared with."""
-        names = [parse_trial(t).name for t in self.trials]
-        if "fp32:fp32" not in names:
-            names.insert(0, "fp32:fp32")
-        names = list(dict.fromkeys(names))
-        return [(m, t) for m in self.models for t in names]
-
-
-def checked_plan(cfg: CompressConfig) -> list[tuple[str, str]]:
-    """The plan, with every model directory read and every trial checked against its model's
-    encoder, so that an impossible trial is refused before any task starts."""
-    from model.artifacts import read_manifest_json
-    from model.training import MODEL_FORMAT
-
-    plan = cfg.plan()
-    for model_dir in cfg.models:
-        manifest = read_manifest_json(
-            Path(model_dir) / "manifest.json", MODEL_FORMAT, CapfleetError, "model directory"
-        )
-        try:
-            info = encoder_info(manifest["config"]["encoder"])
-        except (KeyError, TypeError) as e:
-            raise CapfleetError(f"{model_dir}/manifest.json: malformed config ({e})") from e
-        for m, trial in plan:
-            if m == model_dir:
-                check_for_model(parse_trial(trial), info.trainable, info.name)
-    return plan

@@ -3,15 +3,15 @@ decoder's Dense layers (tfmot), both fine-tuned through the caption loss; and on
 pruning for frozen backbones, which have no loss to tune on.
 
 tfmot works on Keras 2 only (tf_keras), and its registries know no LSTMCell or Embedding for
-quantization: only Dense layers are annotated (PITFALLS.md).
+quantization: only Dense layers are annotated (docs/stack.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from model.captioner import Captioner
-from model.training import fit_captions
+from capfleet.model.captioner import Captioner
+from capfleet.model.fitting import fit_captions
 
 
 def _is_decoder_layer(cap: Captioner, layer) -> bool:

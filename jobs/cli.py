@@ -7,12 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from model.errors import CapfleetError
+from capfleet.cluster.caption_config import CAPTION_DEFAULTS, CaptionConfig
+from capfleet.model.errors import CapfleetError
+from capfleet.model.train_config import TrainConfig
 
 
 def _data_shapes(args: argparse.Namespace) -> int:
-    from model import shapes
+    from capfleet.model import shapes
 
     start = time.perf_counter()
     counts = shapes.generate(args.out, images=args.images, seed=args.seed)
@@ -23,7 +24,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from compression.export import export_bundle
+    from capfleet.compression.export import export_bundle
 
     m = export_bundle(args.model, args.out)
     print(f"bundle written to {args.out}: {m['size_mb']:.2f} MB ({m['gzip_size_mb']:.2f} MB gzip)")
@@ -31,8 +32,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from cluster.caption_pipeline import run_caption_job
-    from model.captioning import CaptionConfig
+    from capfleet.jobs import api
 
     cfg = CaptionConfig(
         bundles=tuple(args.bundle),
@@ -48,16 +48,16 @@ def _caption(args: argparse.Namespace) -> int:
         decode_cpus=args.decode_cpus,
         beam_width=args.beam_width,
     )
-    job = run_caption_job(cfg)
+    done = api.caption(cfg)
     print(
         f"captions in {args.out}/captions/, summary in {args.out}/summary.parquet "
-        f"({job['wall_seconds']} s)"
+        f"({done.job['wall_seconds']} s)"
     )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from compression.report import write_report
+    from capfleet.compression.report import write_report
 
     path = write_report(args.dir)
     print(path.read_text(encoding="utf-8"))
@@ -66,57 +66,32 @@ def _report(args: argparse.Namespace) -> int:
 
 def run_spec(cfg, address: str | None) -> int:
     """Run a loaded spec of any kind; the same outputs embedded, attached or submitted."""
-    from dataclasses import replace
+    from capfleet.jobs import api
 
-    from compression.trial import CompressConfig
-    from jobs.pipeline import PipelineConfig, run_pipeline
-    from jobs.specs import TrainGrid
-    from model.captioning import CaptionConfig
-    from model.training import TrainConfig, train
-
-    if isinstance(cfg, PipelineConfig):
-        run_pipeline(cfg, address)
-        return 0
-    if isinstance(cfg, TrainGrid):
-        from cluster.variants import run_train_job
-
-        table = run_train_job(cfg, address)
-        return 1 if table.column("status").to_pylist().count("ok") == 0 else 0
-    if isinstance(cfg, TrainConfig):
-        if address:  # on the cluster: one variant, one task
-            from cluster.variants import run_train_job
-
-            grid = TrainGrid(str(Path(cfg.out).parent), (cfg,), (Path(cfg.out).name,))
-            table = run_train_job(grid, address)
-            return 1 if table.column("status").to_pylist().count("ok") == 0 else 0
-        manifest = train(cfg)
-        print(f"model written to {cfg.out} ({manifest['train_seconds']} s)")
-        return 0
-    if isinstance(cfg, CompressConfig):
-        from cluster.trials import run_compress_job
-
-        job = run_compress_job(cfg, address)
-        print(f"trials in {cfg.out}/trials.parquet, report in {job['report']}")
-        return 0 if job["ok"] else 1
-    if isinstance(cfg, CaptionConfig):
-        from cluster.caption_pipeline import run_caption_job
-
-        job = run_caption_job(replace(cfg, address=address or cfg.address))
+    done = api.run(cfg, address=address)
+    if isinstance(done, api.TrainResult):
+        if isinstance(cfg, TrainConfig) and not address:
+            seconds = done.variants.column("train_seconds")[0].as_py()
+            print(f"model written to {cfg.out} ({seconds} s)")
+        return 1 if done.ok == 0 else 0
+    if isinstance(done, api.CompressResult):
+        print(f"trials in {cfg.out}/trials.parquet, report in {done.report}")
+        return 0 if done.ok else 1
+    if isinstance(done, api.CaptionResult):
         print(f"captions in {cfg.out}/captions/, summary in {cfg.out}/summary.parquet")
-        return 0
-    raise CapfleetError(f"cannot run a {type(cfg).__name__}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     """capfleet run, train and compress: the last two take only specs of their own kind."""
-    from jobs.specs import load_spec
+    from capfleet.jobs.specs import load_spec
 
     return run_spec(load_spec(args.spec, args.kind), args.address or None)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cluster import submit
-    from jobs.specs import load_spec
+    from capfleet.cluster import submit
+    from capfleet.jobs.specs import load_spec
 
     load_spec(args.spec)  # a bad spec is refused here, not on the cluster
     job_id = submit.submit(args.spec, args.address, args.install_deps)
@@ -130,7 +105,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from cluster import submit
+    from capfleet.cluster import submit
 
     if args.action == "list":
         for j in submit.list_jobs(args.address):
@@ -155,14 +130,14 @@ DEMO_SPEC = Path(__file__).resolve().parent / "examples" / "demo.toml"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jobs.pipeline import run_pipeline
-    from jobs.specs import build_pipeline, read_spec
+    from capfleet.jobs import api
+    from capfleet.jobs.specs import build_pipeline, read_spec
 
     doc = read_spec(DEMO_SPEC)
     table = {**doc["pipeline"], "out": args.out}
     cfg = build_pipeline(table, f"{DEMO_SPEC} [pipeline]")
     print(f"capfleet demo: the whole product on the embedded shapes data set, into {args.out}")
-    run_pipeline(cfg, args.address or None)
+    api.pipeline(cfg, address=args.address or None)
     return 0
 
 
@@ -212,17 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--references", help="a captioned data set to score BLEU against")
     cap.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
-    cap.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    cap.add_argument("--shard-size", type=int, default=1024, help="images per output part file")
-    cap.add_argument("--actors", type=int, default=1, help="actors per bundle")
-    cap.add_argument("--actor-cpus", type=float, default=0.5, help="CPUs per actor")
+    d = CAPTION_DEFAULTS
+    cap.add_argument(
+        "--batch-size", type=int, default=d["batch_size"], help="images per model call"
+    )
+    cap.add_argument(
+        "--shard-size", type=int, default=d["shard_size"], help="images per output part file"
+    )
+    cap.add_argument("--actors", type=int, default=d["actors"], help="actors per bundle")
+    cap.add_argument("--actor-cpus", type=float, default=d["actor_cpus"], help="CPUs per actor")
     cap.add_argument(
         "--decode-cpus",
         type=float,
-        default=0.5,
+        default=d["decode_cpus"],
         help="CPUs per decode task (equal to --actor-cpus: fused into the actors)",
     )
-    cap.add_argument("--beam-width", type=int, default=1, help="1 = greedy")
+    cap.add_argument("--beam-width", type=int, default=d["beam_width"], help="1 = greedy")
     cap.set_defaults(func=_caption)
 
     spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from compression.recipes import parse_trial
-from compression.trial import CompressConfig
-from model.errors import CapfleetError
+from capfleet.cluster.caption_config import CAPTION_DEFAULTS
+from capfleet.compression.config import CompressConfig
+from capfleet.compression.recipes import parse_trial
+from capfleet.model.errors import CapfleetError
+from capfleet.model.modeldir import read_model_manifest
+from capfleet.model.train_config import TrainGrid
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,10 @@ class DataStep:
 class CaptionStep:
     trials: tuple[str, ...] = ("fp32", "int8")  # bundles of the best variant to caption with
     split: str = "test"  # which split of the data set to caption (its captions are references)
-    batch_size: int = 256
-    shard_size: int = 1024
-    actors: int = 1
-    actor_cpus: float = 0.5
+    batch_size: int = CAPTION_DEFAULTS["batch_size"]
+    shard_size: int = CAPTION_DEFAULTS["shard_size"]
+    actors: int = CAPTION_DEFAULTS["actors"]
+    actor_cpus: float = CAPTION_DEFAULTS["actor_cpus"]
 
     def __post_init__(self) -> None:
         if not self.trials:
@@ -55,7 +58,7 @@ class CaptionStep:
 class PipelineConfig:
     out: str
     data: DataStep
-    train: object  # jobs.specs.TrainGrid
+    train: TrainGrid
     compress: CompressConfig
     caption: CaptionStep
     compress_variants: str = "best"  # "best": the variant with the best dev cross-entropy; or "all"
@@ -70,7 +73,7 @@ class PipelineConfig:
 def _data(cfg: PipelineConfig, log) -> str:
     if cfg.data.path:
         return cfg.data.path
-    from model import shapes
+    from capfleet.model import shapes
 
     root = Path(cfg.out) / "data"
     marker = root / "capfleet-data.json"
@@ -87,15 +90,15 @@ def _data(cfg: PipelineConfig, log) -> str:
 
 def bundle_name(trial: dict) -> str:
     """The caption job's model name for a trial's bundle, e.g. "base-int8"."""
-    from compression.report import label
-    from compression.trial import slug
+    from capfleet.compression.config import slug
+    from capfleet.compression.report import label
 
     return slug(f"{trial['model']}-{label(trial)}")
 
 
 def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
     """The study's table shape, one row per bundle: model | BLEU | size MB | time for 2000."""
-    from compression.report import label, minutes_per_2000
+    from capfleet.compression.report import label, minutes_per_2000
 
     thr = {r["model"]: r["throughput_img_s"] for r in caption_rows}
     head = (
@@ -115,12 +118,12 @@ def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable = print) -> dict:
     """Run every step; returns where the outputs are and the best bundle's scores."""
-    from cluster.caption_pipeline import run_caption_job
-    from cluster.connect import ray_session
-    from cluster.trials import run_compress_job
-    from cluster.variants import run_train_job
-    from compression.report import label, read_trials
-    from model.captioning import CaptionConfig
+    from capfleet.cluster.caption_config import CaptionConfig
+    from capfleet.cluster.caption_pipeline import run_caption_job
+    from capfleet.cluster.connect import ray_session
+    from capfleet.cluster.trials import run_compress_job
+    from capfleet.cluster.variants import run_train_job
+    from capfleet.compression.report import label, read_trials
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -186,13 +189,11 @@ def _dev_nll(variant: dict) -> float:
     """A variant's plain dev cross-entropy at the epoch early stopping keeps (the best dev
     loss), chosen on dev, never on the test split. Not the loss itself: with label smoothing
     that grows with the smoothing, and variants may differ in it."""
-    history = json.loads((Path(variant["model_dir"]) / "manifest.json").read_text())["history"]
+    history = read_model_manifest(variant["model_dir"])["history"]
     loss = history.get("val_loss") or [float("inf")]
     kept = loss.index(min(loss))
     return history["val_nll"][kept] if "val_nll" in history else loss[kept]
 
 
-def _with_data(grid, data: str):
-    from jobs.specs import TrainGrid
-
+def _with_data(grid: TrainGrid, data: str) -> TrainGrid:
     return TrainGrid(grid.out, tuple(replace(v, data=data) for v in grid.variants), grid.names)

@@ -19,11 +19,11 @@ import sys
 import typing
 from pathlib import Path
 
-from compression.trial import CompressConfig
-from jobs.pipeline import CaptionStep, DataStep, PipelineConfig
-from model.captioning import CaptionConfig
-from model.errors import CapfleetError
-from model.training import TrainConfig
+from capfleet.cluster.caption_config import CaptionConfig
+from capfleet.compression.config import CompressConfig
+from capfleet.jobs.pipeline import CaptionStep, DataStep, PipelineConfig
+from capfleet.model.errors import CapfleetError
+from capfleet.model.train_config import TrainConfig, TrainGrid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,15 +78,6 @@ def build(cls, table: dict, where: str):
         return cls(**values)
     except CapfleetError as e:
         raise CapfleetError(f"{where}: {e}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainGrid:
-    """A train spec with a [grid]: one TrainConfig per combination of the grid's values."""
-
-    out: str  # the parent of every variant's model directory
-    variants: tuple[TrainConfig, ...]
-    names: tuple[str, ...]
 
 
 def _format(value) -> str:

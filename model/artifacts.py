@@ -1,4 +1,5 @@
-"""Small helpers for artifacts on disk: atomic writes, versioned JSON manifests, versions."""
+"""Small helpers for artifacts on disk: atomic writes (bytes, JSON, Parquet), versioned JSON
+manifests, package versions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from model.errors import CapfleetError
+from capfleet.model.errors import CapfleetError
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -27,6 +28,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+
+
+def write_parquet_atomic(path: str | Path, table) -> None:
+    """A Parquet file that readers see whole or not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
 def read_manifest_json(path: Path, fmt: str, error: type[CapfleetError], what: str) -> dict:

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from model.artifacts import (
+from capfleet.model.artifacts import (
     package_versions,
     read_manifest_json,
     write_bytes_atomic,
     write_json_atomic,
 )
-from model.decoding import decode
-from model.errors import CapfleetError
-from model.images import preprocess
-from model.text import Vocabulary
+from capfleet.model.decoding import decode
+from capfleet.model.errors import CapfleetError
+from capfleet.model.images import preprocess
+from capfleet.model.text import Vocabulary
 
 BUNDLE_FORMAT = "capfleet-bundle/1"
 ENCODER_FILE, DECODER_FILE, VOCAB_FILE, MANIFEST_FILE = (

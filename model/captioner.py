@@ -8,7 +8,7 @@ Graphs over the same layers:
   training: teacher forcing, K right-padded captions per image (B, K, T) -> logits (B, K, T, V)
   prefix:   the study's graph, a left-padded prefix (B, T) -> logits for the next word (B, V)
   step:     one LSTMCell step (token, h, c, image projection) -> (logits, h', c'); converts to
-            TFLite with a dynamic batch (a Keras LSTM layer does not, see PITFALLS.md)
+            TFLite with a dynamic batch (a Keras LSTM layer does not, docs/stack.md)
   encoder:  preprocessed images -> image projection (backbone + the Dense above)
 
 The Embedding is built with mask_zero=False: captions are right-padded, the LSTM reads left to
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from model.encoders import build_encoder, encoder_info
+from capfleet.model.encoders import build_encoder, encoder_info
 
 
 @dataclass(frozen=True)

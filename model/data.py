@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.errors import DataError
+from capfleet.model.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "dev", "test")
@@ -334,3 +334,21 @@ def open_reader(path: str | Path, split: str | None = None):
         f"{p}: cannot tell the format; give a folder, a Flickr8k directory, a COCO .json, "
         "or a .parquet/.csv manifest"
     )
+
+
+def read_split(data: str, split: str) -> list[ImageRecord]:
+    """The captioned images of one split of a training data set.
+
+    Only formats that define splits can train (a Flickr8k layout, Karpathy's split JSON):
+    anything else would test on the training images.
+    """
+    reader = open_reader(data, split)
+    if not isinstance(reader, (Flickr8kReader, CocoReader)):
+        raise DataError(
+            f"{data}: training needs train/dev/test splits: give a Flickr8k-layout directory "
+            "or Karpathy's dataset_*.json"
+        )
+    records = [r for r in reader.records() if r.captions]
+    if not records:
+        raise DataError(f"{data}: the {split} split has no captioned images")
+    return records

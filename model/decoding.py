@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model.text import END_ID, PAD_ID, START_ID
+from capfleet.model.text import END_ID, PAD_ID, START_ID
 
 StepFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import CapfleetError
+from capfleet.model.errors import CapfleetError
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,17 @@ def encoder_info(name: str) -> EncoderInfo:
         raise CapfleetError(
             f"unknown encoder {name!r}; allowed: {', '.join(sorted(ENCODERS))}"
         ) from None
+
+
+def encoder_section(name: str, weights: str) -> dict:
+    """The `encoder` section of model and bundle manifests: what a runner needs to feed it."""
+    info = encoder_info(name)
+    return {
+        "name": name,
+        "weights": weights,
+        "input_size": info.input_size,
+        "preprocess": info.preprocess,
+    }
 
 
 def check_weights(name: str, weights: str | None) -> None:

@@ -7,3 +7,11 @@ class CapfleetError(ValueError):
 
 class DataError(CapfleetError):
     """A data file is malformed; the message names the file (and line, where there is one)."""
+
+
+def check_at_least(config, names: tuple[str, ...], low: int) -> None:
+    """Refuse a config whose named fields fall below `low`, naming the first that does."""
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise CapfleetError(f"{name}: must be >= {low}, got {value}")

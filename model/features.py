@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.artifacts import write_bytes_atomic, write_json_atomic
-from model.data import ImageRecord
-from model.errors import CapfleetError
-from model.images import ImageError, decode_image, preprocess
+from capfleet.model.artifacts import write_bytes_atomic, write_json_atomic
+from capfleet.model.data import ImageRecord, read_split
+from capfleet.model.errors import CapfleetError
+from capfleet.model.images import ImageError, decode_image, preprocess
 
 
 def load_images(
@@ -39,6 +39,15 @@ def load_images(
     if not images:
         raise CapfleetError(f"none of {len(records)} images could be read, e.g. {bad[0]}")
     return np.stack(images), kept
+
+
+def load_split(
+    data: str, split: str, size: int, limit: int = 0, log: Callable[[str], None] = print
+) -> tuple[np.ndarray, list[ImageRecord]]:
+    """A training data set's split (its first `limit` images; 0 = all), decoded by `load_images`
+    to (N, size, size, 3) uint8, with the records that decoded."""
+    records = read_split(data, split)
+    return load_images(records[:limit] if limit else records, size, log)
 
 
 def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import model  # noqa: F401  (TF_USE_LEGACY_KERAS before any test imports TensorFlow)
+import capfleet
 
 # One Ray token for the whole test session, before anything imports Ray: the user's
 # ~/.ray/auth_token where it exists, else one made here (not written to the home folder).
@@ -17,7 +17,7 @@ if not os.environ.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_to
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small shapes data set in the Flickr8k layout (80 images: 64 train, 8 dev, 8 test)."""
-    from model import shapes
+    from capfleet.model import shapes
 
     root = tmp_path_factory.mktemp("shapes")
     shapes.generate(root, images=80, seed=7)
@@ -27,7 +27,8 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(shapes_dir, tmp_path_factory):
     """A small-CNN captioner trained for a few epochs: enough to exercise every path."""
-    from model.training import TrainConfig, train
+    from capfleet.model.train_config import TrainConfig
+    from capfleet.model.training import train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     train(
@@ -48,8 +49,37 @@ def tiny_model(shapes_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_model, tmp_path_factory):
-    from compression.export import export_bundle
+    from capfleet.compression.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
+    export_bundle(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    from capfleet.cluster.connect import LOOPBACK_ENV, use_loopback
+
+    use_loopback()
+    import ray
+
+    ray.init(
+        address="local",  # a new instance: never whatever `ray start` left in /tmp/ray
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {**capfleet.TF_ENV, **LOOPBACK_ENV}},
+        log_to_driver=False,
+    )
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, "Ray left loopback"
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def second_bundle(tiny_model, tmp_path_factory):
+    from capfleet.compression.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-b"
     export_bundle(tiny_model, out)
     return out

@@ -1,4 +1,6 @@
-"""The import rule (ARCHITECTURE.md): only cluster/ imports ray; model/, compression/ stay pure."""
+"""The import rule (ARCHITECTURE.md): only cluster/ imports ray; model/ and compression/ stay
+pure; imports point down (jobs -> cluster -> compression -> model), never up; bench/ follows
+the same rule; and everything is imported through the one namespace, `capfleet`."""
 
 import ast
 from pathlib import Path
@@ -6,37 +8,65 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# package -> top-level modules it must never import
+PACKAGES = ("model", "compression", "cluster", "jobs")
+# folder -> what its modules must never import (capfleet subpackages by their full name)
 FORBIDDEN = {
-    "model": {"ray", "jobs", "compression", "cluster"},
-    "compression": {"ray", "jobs", "cluster"},
+    "model": {"ray", "capfleet.jobs", "capfleet.compression", "capfleet.cluster"},
+    "compression": {"ray", "capfleet.jobs", "capfleet.cluster"},
+    "cluster": {"capfleet.jobs"},
     "jobs": {"ray"},
-    "cluster": set(),
+    "bench": {"ray"},  # Ray only through capfleet.cluster
 }
 
 
-def imported_top_levels(path: Path) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module a file imports, at any depth, as 'a.b.c'."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
     return names
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_import_rule(package):
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files, f"{package}/ has no modules"
+def breaks(imported: set[str], forbidden: set[str]) -> set[str]:
+    return {m for m in imported for f in forbidden if m == f or m.startswith(f + ".")}
+
+
+def modules_of(folder: str) -> list[Path]:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files, f"{folder}/ has no modules"
+    return files
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_import_rule(folder):
     bad = {
-        str(f.relative_to(ROOT)): sorted(imported_top_levels(f) & FORBIDDEN[package]) for f in files
+        str(f.relative_to(ROOT)): sorted(breaks(imported_modules(f), FORBIDDEN[folder]))
+        for f in modules_of(folder)
     }
-    assert not {f: m for f, m in bad.items() if m}, f"forbidden imports in {package}/"
+    assert not {f: m for f, m in bad.items() if m}, f"forbidden imports in {folder}/"
+
+
+@pytest.mark.parametrize("folder", [*PACKAGES, "bench", "tests"])
+def test_everything_imports_through_the_capfleet_namespace(folder):
+    """`import model` would load a second copy of the package (or a user's own `model`)."""
+    bare = set(PACKAGES)
+    bad = {
+        str(f.relative_to(ROOT)): sorted(m for m in imported_modules(f) if m.split(".")[0] in bare)
+        for f in modules_of(folder)
+    }
+    assert not {f: m for f, m in bad.items() if m}
 
 
 def test_rule_checker_sees_nested_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    import ray.data\n    from ray import remote\n")
-    assert imported_top_levels(f) == {"ray"}
+    f.write_text("def f():\n    import ray.data\n    from capfleet.jobs import api\n")
+    assert breaks(imported_modules(f), FORBIDDEN["cluster"] | {"ray"}) == {
+        "ray.data",
+        "capfleet.jobs",
+        "capfleet.jobs.api",
+    }

@@ -8,19 +8,22 @@ import threading
 import time
 from pathlib import Path
 
+import capfleet
+
 
 def main(bundle: str, images: str, out: str) -> None:
-    from cluster.connect import LOOPBACK_ENV, use_loopback
+    from capfleet.cluster.connect import LOOPBACK_ENV, use_loopback
 
     use_loopback()
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from cluster.caption_pipeline import run_caption_job
-    from model.captioning import CaptionConfig, read_captions
+    from capfleet.cluster.caption_config import CaptionConfig
+    from capfleet.cluster.caption_pipeline import run_caption_job
+    from capfleet.model.bulk.writer import read_captions
 
-    env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", **LOOPBACK_ENV}}
+    env = {"env_vars": {**capfleet.TF_ENV, **LOOPBACK_ENV}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cluster.caption_pipeline import run_caption_job
-from model.captioning import CaptionConfig, read_captions
-from model.data import Flickr8kReader
-from model.errors import CapfleetError
+from capfleet.cluster.caption_config import CaptionConfig
+from capfleet.cluster.caption_pipeline import run_caption_job
+from capfleet.model.bulk.writer import read_captions
+from capfleet.model.data import Flickr8kReader
+from capfleet.model.errors import CapfleetError
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_bad_configuration_is_refused_before_work(tiny_bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    from model import shapes
+    from capfleet.model import shapes
 
     root = tmp_path_factory.mktemp("many")
     shapes.generate(root, images=400, seed=3)
@@ -144,7 +145,7 @@ def test_resume_after_sigkill_of_the_driver(local_ray, tiny_bundle, many_images,
     args = [
         sys.executable,
         "-m",
-        "jobs.cli",
+        "capfleet",
         "caption",
         "--bundle",
         str(tiny_bundle),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.specs import load_spec, tomllib
+from capfleet.jobs.specs import load_spec, tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "cluster" / "deploy"
@@ -54,7 +54,7 @@ def test_rayjob_manifest_is_complete_and_consistent():
         assert {"name": "TF_USE_LEGACY_KERAS", "value": "1"} in c["env"]
 
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:4] == ["python", "-m", "jobs.cli", "run"] and argv[-2:] == ["--address", "auto"]
+    assert argv[:4] == ["python", "-m", "capfleet", "run"] and argv[-2:] == ["--address", "auto"]
     spec_file = ROOT / argv[4]  # the image holds the repository at WORKDIR
     caption = load_spec(spec_file)
     mounts = [m["mountPath"] for c in containers for m in c.get("volumeMounts", [])]

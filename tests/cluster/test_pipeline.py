@@ -3,7 +3,7 @@ layouts of the commands it stands for, the study-shaped table, and a rerun that 
 
 import pyarrow.parquet as pq
 
-from jobs.cli import main
+from capfleet.jobs.cli import main
 
 
 def test_pipeline_spec_runs_every_step(local_ray, tmp_path, capsys):
@@ -54,11 +54,12 @@ trials = ["fp32", "int8"]
 def test_the_variant_is_chosen_on_plain_dev_cross_entropy_at_the_kept_epoch(tmp_path):
     import json
 
-    from jobs.pipeline import _dev_nll
+    from capfleet.jobs.pipeline import _dev_nll
 
     def variant(name, history):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text(json.dumps({"history": history}))
+        manifest = {"format": "capfleet-model/1", "config": {}, "train": {}, "history": history}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
         return {"model_dir": str(tmp_path / name)}
 
     # early stopping keeps epoch 1 (best dev loss), whose cross-entropy is 0.4, not the 0.3

@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.connect import LOOPBACK_ENV
-from jobs.cli import main
-from model.captioning import read_captions
+import capfleet
+from capfleet.cluster.connect import LOOPBACK_ENV
+from capfleet.jobs.cli import main
+from capfleet.model.bulk.writer import read_captions
 
 BIN = Path(sys.executable).parent
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -41,7 +42,7 @@ def ray_head(tmp_path, monkeypatch):
         **LOOPBACK_ENV,
         **auth,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
-        "TF_USE_LEGACY_KERAS": "1",
+        **capfleet.TF_ENV,
     }
     head = subprocess.Popen(
         [
@@ -75,7 +76,7 @@ def ray_head(tmp_path, monkeypatch):
     )
     address = f"http://127.0.0.1:{dash}"
     try:
-        from cluster.submit import list_jobs
+        from capfleet.cluster.submit import list_jobs
 
         deadline = time.time() + 90
         while True:

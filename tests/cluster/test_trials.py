@@ -6,11 +6,11 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from compression.trial import CompressConfig, TrialSettings
+from capfleet.compression.config import CompressConfig, TrialSettings
 
 
 def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
-    from cluster.trials import run_compress_job
+    from capfleet.cluster.trials import run_compress_job
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

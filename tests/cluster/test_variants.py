@@ -2,11 +2,11 @@
 
 import pyarrow.parquet as pq
 
-from jobs.specs import load_spec
+from capfleet.jobs.specs import load_spec
 
 
 def test_grid_trains_every_variant_and_shares_features(local_ray, shapes_dir, tmp_path):
-    from cluster.variants import run_train_job
+    from capfleet.cluster.variants import run_train_job
 
     spec = tmp_path / "grid.toml"
     spec.write_text(

@@ -2,8 +2,8 @@
 
 import pytest
 
-from compression.recipes import PartRecipe, check_for_model, parse_part, parse_trial
-from model.errors import CapfleetError
+from capfleet.compression.recipes import PartRecipe, check_for_model, parse_part, parse_trial
+from capfleet.model.errors import CapfleetError
 
 
 def test_single_name_applies_to_both_parts():

@@ -5,9 +5,9 @@ same captions' logits as the full one."""
 import numpy as np
 import pytest
 
-from compression.shrink import keep_count, shrink_captioner
-from model.encoders import encoder_info
-from model.training import load_trained
+from capfleet.compression.shrink import keep_count, shrink_captioner
+from capfleet.model.encoders import encoder_info
+from capfleet.model.modeldir import load_trained
 
 
 @pytest.fixture()

@@ -5,14 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from compression.trial import (
-    CompressConfig,
-    TrialSettings,
-    measure_bundle,
-    run_trial,
-    tuning_epochs,
-)
-from model.errors import CapfleetError
+from capfleet.compression.config import CompressConfig, TrialSettings, tuning_epochs
+from capfleet.compression.trial import measure_bundle, run_trial
+from capfleet.model.errors import CapfleetError
 
 QUICK = TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1, threads=2)
 
@@ -52,7 +47,7 @@ def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
 
 
 def test_int8_is_smaller_and_integer(tiny_model, tiny_bundle, tmp_path):
-    from model.bundle import read_manifest
+    from capfleet.model.bundle import read_manifest
 
     rec = run_trial(tiny_model, "int8", tmp_path / "b", QUICK, log=lambda _: None)
     fp32 = read_manifest(tiny_bundle)

@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-from jobs.cli import main
-from model.data import Flickr8kReader
+from capfleet.jobs.cli import main
+from capfleet.model.data import Flickr8kReader
 
 
 def test_data_shapes_command_writes_flickr_layout(tmp_path, capsys):
@@ -16,7 +16,7 @@ def test_user_errors_print_one_line_not_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "jobs.cli",
+            "capfleet",
             "data",
             "shapes",
             "--out",

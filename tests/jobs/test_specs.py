@@ -1,8 +1,8 @@
 import pytest
 
-from jobs.specs import load_spec
-from model.errors import CapfleetError
-from model.training import TrainConfig
+from capfleet.jobs.specs import load_spec
+from capfleet.model.errors import CapfleetError
+from capfleet.model.train_config import TrainConfig
 
 
 def write(tmp_path, text):

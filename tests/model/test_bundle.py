@@ -5,11 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from model.bundle import BundleError, BundleRunner, read_manifest
-from model.data import Flickr8kReader
-from model.features import load_images
-from model.images import preprocess
-from model.training import keras_caption_ids, load_trained
+from capfleet.model.bundle import BundleError, BundleRunner, read_manifest
+from capfleet.model.data import Flickr8kReader
+from capfleet.model.evaluation import keras_caption_ids
+from capfleet.model.features import load_images
+from capfleet.model.images import preprocess
+from capfleet.model.modeldir import load_trained
 
 
 def test_model_directory_holds_weights_vocab_and_manifest(tiny_model):
@@ -26,7 +27,7 @@ def test_bundle_manifest_sizes_and_hashes(tiny_bundle):
     for name, f in m["files"].items():
         assert f["bytes"] == (tiny_bundle / name).stat().st_size
         assert 0 < f["gzip_bytes"] < f["bytes"] * 1.01
-    assert m["recipe"] == {"encoder": "fp32", "decoder": "fp32"}
+    assert m["recipe"] == {"encoder": "fp32", "decoder": "fp32", "trial": "fp32:fp32"}
     assert m["size_mb"] == pytest.approx(
         sum(f["bytes"] for f in m["files"].values()) / 1e6, abs=1e-3
     )
@@ -46,9 +47,9 @@ def test_litert_bundle_captions_equal_keras(tiny_model, tiny_bundle, shapes_dir)
 def test_bundle_runs_without_tensorflow(tiny_bundle, shapes_dir):
     code = f"""
 import sys, numpy as np
-from model.bundle import BundleRunner
-from model.data import Flickr8kReader
-from model.features import load_images
+from capfleet.model.bundle import BundleRunner
+from capfleet.model.data import Flickr8kReader
+from capfleet.model.features import load_images
 images, _ = load_images(Flickr8kReader({str(shapes_dir)!r}, "test").records(), 72)
 caps = BundleRunner({str(tiny_bundle)!r}, beam_width=2).caption(images)
 assert len(caps) == len(images)
@@ -82,7 +83,7 @@ def test_tampered_or_missing_bundle_files_are_refused(tiny_bundle, tmp_path):
 def test_incomplete_manifest_and_wrong_image_shape_are_refused(tiny_bundle, tmp_path):
     import shutil
 
-    from model.errors import CapfleetError
+    from capfleet.model.errors import CapfleetError
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)

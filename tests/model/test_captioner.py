@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from model.captioner import Captioner, CaptionerConfig
-from model.decoding import beam_decode, greedy_decode, prefix_greedy
-from model.encoders import build_encoder, check_weights
-from model.errors import CapfleetError
-from model.text import END_ID, PAD_ID, START_ID
-from model.training import KerasStep
+from capfleet.model.captioner import Captioner, CaptionerConfig
+from capfleet.model.decoding import beam_decode, greedy_decode, prefix_greedy
+from capfleet.model.encoders import build_encoder, check_weights
+from capfleet.model.errors import CapfleetError
+from capfleet.model.evaluation import KerasStep
+from capfleet.model.text import END_ID, PAD_ID, START_ID
 
 FEATURE_ENCODER = "mobilenet_v2"  # a frozen encoder: the graphs take features, no backbone built
 
@@ -78,7 +78,7 @@ def test_beam_width_one_is_greedy_and_wider_beams_score_no_worse(cap):
     beam = beam_decode(step, img_proj, cap.config.max_len, 4)
 
     def logprob(ids):
-        from model.decoding import _log_softmax
+        from capfleet.model.decoding import _log_softmax
 
         total = np.zeros(len(ids))
         tokens = np.full(len(ids), START_ID, np.int32)

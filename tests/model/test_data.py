@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.data import (
+from capfleet.model.data import (
     CocoReader,
     Flickr8kReader,
     FolderReader,
@@ -12,7 +12,7 @@ from model.data import (
     ManifestReader,
     open_reader,
 )
-from model.errors import DataError
+from capfleet.model.errors import DataError
 
 
 def make_flickr(root, crlf=False, text_dir=False):
@@ -181,7 +181,7 @@ def test_open_reader_detects_format(tmp_path):
 
 
 def test_a_uri_prefix_lists_images_through_pyarrow_filesystems(tmp_path):
-    from model.data import PrefixReader, open_reader
+    from capfleet.model.data import PrefixReader, open_reader
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.jpg", "a/b/y.PNG", "a/notes.txt"):

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from model.decoding import beam_decode, decode, greedy_decode
-from model.text import END_ID, PAD_ID
+from capfleet.model.decoding import beam_decode, decode, greedy_decode
+from capfleet.model.text import END_ID, PAD_ID
 
 V = 8
 

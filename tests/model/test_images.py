@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import (
+from capfleet.model.images import (
     EMPTY,
     NOT_AN_IMAGE,
     TOO_LARGE,

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from model.metrics import corpus_bleu_scores
+from capfleet.model.metrics import corpus_bleu_scores
 
 
 def test_identical_caption_scores_one():

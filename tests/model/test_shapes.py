@@ -4,9 +4,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from model import shapes
-from model.data import Flickr8kReader
-from model.text import clean_caption
+from capfleet.model import shapes
+from capfleet.model.data import Flickr8kReader
+from capfleet.model.text import clean_caption
 
 
 def digest(root):
@@ -94,7 +94,7 @@ def test_every_split_gets_an_image_even_for_tiny_sets(tmp_path):
 
 
 def test_cell_targets_put_each_object_in_its_cell():
-    from model.shapes import CELL_GROUPS, ShapeObject, ShapesImage, cell_targets
+    from capfleet.model.shapes import CELL_GROUPS, ShapeObject, ShapesImage, cell_targets
 
     scene = ShapesImage(
         "x",

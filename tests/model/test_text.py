@@ -1,7 +1,7 @@
 import pytest
 
-from model.errors import DataError
-from model.text import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, clean_caption
+from capfleet.model.errors import DataError
+from capfleet.model.text import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, clean_caption
 
 
 def test_clean_caption_follows_the_study():

@@ -6,18 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from model.data import Flickr8kReader
-from model.errors import CapfleetError
-from model.features import load_images
-from model.training import (
-    TrainConfig,
-    caption_loss,
-    keras_caption_ids,
-    load_trained,
-    score_captions,
-    train,
-    trained_config,
-)
+from capfleet.model.data import Flickr8kReader
+from capfleet.model.errors import CapfleetError
+from capfleet.model.evaluation import keras_caption_ids, score_captions
+from capfleet.model.features import load_images
+from capfleet.model.fitting import caption_loss
+from capfleet.model.modeldir import load_trained, trained_config
+from capfleet.model.train_config import TrainConfig
+from capfleet.model.training import train
 
 
 def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path):
@@ -64,8 +60,8 @@ def test_training_data_without_splits_is_refused_before_work(tmp_path):
 
     import pytest
 
-    from model.errors import CapfleetError
-    from model.training import read_split
+    from capfleet.model.data import read_split
+    from capfleet.model.errors import CapfleetError
 
     (tmp_path / "imgs").mkdir()
     with pytest.raises(CapfleetError, match="training needs train/dev/test splits"):

@@ -1,0 +1,7 @@
+"""`python -m capfleet ...` is the `capfleet` command."""
+
+import sys
+
+from capfleet.jobs.cli import main
+
+sys.exit(main())

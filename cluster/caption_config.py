@@ -1,0 +1,60 @@
+"""The caption job's configuration: what to caption with which bundles, and how the job sizes
+its Ray pools. The spec parser, the CLI, the pipeline's caption step and the Python API all take
+their defaults from here (CAPTION_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from capfleet.model.bundle import read_manifest
+from capfleet.model.errors import CapfleetError, check_at_least
+
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """One caption job. Validated on construction, before any work."""
+
+    bundles: tuple[str, ...]  # bundle directories; each model's name is its manifest's name
+    input: str  # folder, manifest (.parquet/.csv), Flickr8k directory or COCO JSON
+    out: str
+    split: str = ""  # Flickr8k: "" = test; Karpathy JSON: "" = every image; else ignored
+    references: str = ""  # a captioned data set to score against ("" = the input's own)
+    address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
+    batch_size: int = 256  # images per model call
+    shard_size: int = 1024  # images per output part file (the unit of resume)
+    actors: int = 1  # actors per bundle
+    actor_cpus: float = 0.5  # CPUs per actor (its interpreter gets as many threads, >= 1)
+    # CPUs per decode task. Equal to actor_cpus, Ray Data fuses decoding into the actors (the
+    # faster choice on one small machine, measured); different, decoding runs as its own tasks.
+    decode_cpus: float = 0.5
+    beam_width: int = 1
+    names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
+
+    def __post_init__(self) -> None:
+        if not self.bundles:
+            raise CapfleetError("bundles: give at least one bundle directory")
+        check_at_least(self, ("batch_size", "shard_size", "actors", "beam_width"), 1)
+        for key in ("actor_cpus", "decode_cpus"):
+            if not 0 < getattr(self, key) <= 64:
+                raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
+        if not self.names and all(Path(b).is_dir() for b in self.bundles):
+            # bundles that do not exist yet (a spec loaded before its pipeline made them)
+            # get their names when the job starts; run_caption_job refuses missing ones
+            names = tuple(
+                str(read_manifest(b, verify=False).get("name") or Path(b).name)
+                for b in self.bundles
+            )
+            object.__setattr__(self, "names", names)
+        bad = [n for n in self.names if not n or set(n) - _NAME_OK]
+        if bad:
+            raise CapfleetError(f"bundle name {bad[0]!r}: use letters, digits, '.', '_', '-'")
+        if len(set(self.names)) != len(self.names):
+            raise CapfleetError(f"two bundles share a name: {', '.join(self.names)}")
+
+
+# Every field's default, for the CLI's flags and the pipeline's caption step.
+CAPTION_DEFAULTS = {f.name: f.default for f in fields(CaptionConfig) if f.default is not MISSING}

@@ -1,0 +1,183 @@
+"""capfleet's Python API: the jobs a script or notebook runs, on the same frozen configs that
+spec files load into, returning what a script needs next (paths and tables). The CLI is a thin
+layer over these functions. A bad input raises CapfleetError before any work; nothing here
+exits the process.
+
+    import capfleet
+    done = capfleet.caption(bundles=["runs/demo/compress/bundles/seed_0/int8_int8"],
+                            input="photos/", out="runs/photos")
+    done.summary.to_pandas()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfleet.cluster.caption_config import CaptionConfig
+from capfleet.compression.config import CompressConfig
+from capfleet.jobs.pipeline import PipelineConfig
+from capfleet.model.errors import CapfleetError
+from capfleet.model.train_config import TrainConfig, TrainGrid
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """A finished caption job: OUT, its captions/ folder, summary.parquet and job.json."""
+
+    out: Path
+    captions: Path  # OUT/captions/model=NAME/part-*.parquet
+    summary: pa.Table  # one row per model
+    job: dict  # job.json
+
+    def rows(self, model: str | None = None) -> pa.Table:
+        """Every caption row written (all models, or one)."""
+        from capfleet.model.bulk.writer import read_captions
+
+        return read_captions(self.out, model)
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """A finished compress job: one trials.parquet row per (model, trial), and the report."""
+
+    out: Path
+    trials: pa.Table
+    report: Path  # OUT/report.md (report.png beside it)
+    ok: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Trained models: one variants.parquet row per variant (one row for a single model)."""
+
+    out: Path  # the model directory, or the parent of a grid's variants
+    variants: pa.Table
+    ok: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """A finished pipeline: the tables of its steps and the best bundle."""
+
+    out: Path
+    variants: pa.Table
+    trials: pa.Table
+    summary: pa.Table
+    best: dict  # model, trial, bleu4 of the best bundle
+    table: list[str]  # the comparison, as printed
+
+
+def _config(cls, config, fields: dict):
+    """`config` itself, or one built from keyword fields (lists become tuples)."""
+    if config is not None and fields:
+        raise CapfleetError(f"give a {cls.__name__} or its fields, not both")
+    if config is not None:
+        return config
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def caption(
+    config: CaptionConfig | None = None, *, address: str | None = None, log: Log = print, **fields
+) -> CaptionResult:
+    """Caption an image set with one or more bundles on Ray (embedded unless an address)."""
+    from capfleet.cluster.caption_pipeline import run_caption_job
+
+    cfg = _config(CaptionConfig, config, fields)
+    if address:
+        cfg = dataclasses.replace(cfg, address=address)
+    job = run_caption_job(cfg, log=log)
+    out = Path(cfg.out)
+    return CaptionResult(out, out / "captions", pq.read_table(out / "summary.parquet"), job)
+
+
+def compress(
+    config: CompressConfig | None = None, *, address: str | None = None, log: Log = print, **fields
+) -> CompressResult:
+    """Run every compression trial of `config` on Ray."""
+    from capfleet.cluster.trials import run_compress_job
+    from capfleet.compression.report import TRIALS_FILE
+
+    cfg = _config(CompressConfig, config, fields)
+    job = run_compress_job(cfg, address, log=log)
+    out = Path(cfg.out)
+    trials = pq.read_table(out / TRIALS_FILE)
+    return CompressResult(out, trials, Path(job["report"]), job["ok"], job["failed"])
+
+
+def train(
+    config: TrainConfig | TrainGrid | None = None,
+    *,
+    address: str | None = None,
+    log: Log = print,
+    **fields,
+) -> TrainResult:
+    """Train one captioner (in this process, or as one Ray task with an address), or every
+    variant of a TrainGrid as Ray tasks."""
+    from capfleet.cluster.variants import VARIANT_SCHEMA, run_train_job, variant_row
+
+    cfg = config if isinstance(config, TrainGrid) else _config(TrainConfig, config, fields)
+    if isinstance(cfg, TrainConfig) and not address:
+        from capfleet.model.training import train as train_model
+
+        row = variant_row(Path(cfg.out).name, cfg, train_model(cfg, log=log), None)
+        table = pa.Table.from_pylist([row], schema=VARIANT_SCHEMA)
+        out = Path(cfg.out)
+    else:
+        grid = cfg if isinstance(cfg, TrainGrid) else _single_grid(cfg)
+        table = run_train_job(grid, address, log=log)
+        out = Path(cfg.out)
+    ok = table.column("status").to_pylist().count("ok")
+    return TrainResult(out, table, ok, len(table) - ok)
+
+
+def _single_grid(cfg: TrainConfig) -> TrainGrid:
+    """One model as a one-variant grid: on a cluster it trains as one Ray task."""
+    return TrainGrid(str(Path(cfg.out).parent), (cfg,), (Path(cfg.out).name,))
+
+
+def pipeline(
+    config: PipelineConfig, *, address: str | None = None, log: Log = print
+) -> PipelineResult:
+    """data -> train variants -> compression trials -> caption, in one Ray session."""
+    from capfleet.jobs.pipeline import run_pipeline
+
+    done = run_pipeline(config, address, log=log)
+    out = Path(config.out)
+    tables = [
+        pq.read_table(p)
+        for p in (
+            out / "train" / "variants.parquet",
+            out / "compress" / "trials.parquet",
+            out / "caption" / "summary.parquet",
+        )
+    ]
+    return PipelineResult(out, *tables, done["best"], done["table"])
+
+
+Config = TrainConfig | TrainGrid | CompressConfig | CaptionConfig | PipelineConfig
+
+
+def run(spec: str | Path | Config, *, address: str | None = None, log: Log = print):
+    """Run a spec file, or a loaded config of any kind; returns that kind's result."""
+    from capfleet.jobs.specs import load_spec
+
+    cfg = load_spec(spec) if isinstance(spec, (str, Path)) else spec
+    if isinstance(cfg, PipelineConfig):
+        return pipeline(cfg, address=address, log=log)
+    if isinstance(cfg, (TrainConfig, TrainGrid)):
+        return train(cfg, address=address, log=log)
+    if isinstance(cfg, CompressConfig):
+        return compress(cfg, address=address, log=log)
+    if isinstance(cfg, CaptionConfig):
+        return caption(cfg, address=address, log=log)
+    raise CapfleetError(f"cannot run a {type(cfg).__name__}")

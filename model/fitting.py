@@ -1,0 +1,120 @@
+"""Fitting the captioner by teacher forcing: the caption token sets, the loss, the fit loop, and
+TensorFlow's thread count. Training, pretraining and every compression fine-tuning go through
+`fit_captions`, so they all optimize the same loss.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from capfleet.model.data import ImageRecord
+from capfleet.model.text import Vocabulary, clean_caption
+
+
+def configure_threads(threads: int) -> None:
+    """Limit TensorFlow to `threads` cores (0 = all); must run before TensorFlow does work."""
+    import tensorflow as tf
+
+    n = threads or os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(n, 2))
+    except RuntimeError:
+        pass  # TensorFlow already started in this process: its thread pools are fixed
+
+
+def caption_sets(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int, k: int):
+    """(N, k, max_len) token ids: k captions per image, cycling an image's captions when it
+    has fewer than k and keeping the first k when it has more."""
+    out = np.zeros((len(records), k, max_len), np.int32)
+    for i, r in enumerate(records):
+        caps = [clean_caption(r.captions[j % len(r.captions)]) for j in range(k)]
+        out[i] = vocab.encode_batch(caps, max_len)
+    return out
+
+
+def time_budget(seconds: float):
+    """A Keras callback that stops training after the epoch in which `seconds` run out."""
+    import tf_keras as keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if seconds and time.perf_counter() - self.start > seconds:
+                self.model.stop_training = True
+
+    return TimeBudget()
+
+
+def fit_captions(
+    model,
+    train_data,
+    dev_data,
+    epochs,
+    batch_size,
+    learning_rate,
+    seed,
+    callbacks,
+    *,
+    label_smoothing: float,
+):
+    """Teacher forcing: (inputs, tokens (N, K, T)) -> fit `model` to predict each next token,
+    ignoring padding. Returns the Keras History; besides the loss it holds `nll` and `val_nll`,
+    the plain cross-entropy, which stays comparable across label smoothings.
+
+    Fine-tuning passes the label smoothing the model was trained with: the same loss."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    (x, tokens), (x_dev, dev_tokens) = train_data, dev_data
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=caption_loss(label_smoothing),
+        metrics=[
+            keras.metrics.SparseCategoricalCrossentropy(
+                name="nll", from_logits=True, ignore_class=0
+            )
+        ],
+    )
+    ds = (
+        tf.data.Dataset.from_tensor_slices(((x, tokens[:, :, :-1]), tokens[:, :, 1:]))
+        .shuffle(len(tokens), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .prefetch(2)
+    )
+    return model.fit(
+        ds,
+        epochs=epochs,
+        validation_data=((x_dev, dev_tokens[:, :, :-1]), dev_tokens[:, :, 1:]),
+        validation_batch_size=64,
+        callbacks=callbacks,
+        verbose=2,
+    )
+
+
+def caption_loss(label_smoothing: float):
+    """Cross-entropy of the next token, padding (id 0) ignored; with label smoothing e the target
+    is (1 - e) on the true token plus e spread evenly over the vocabulary."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
+
+    def smoothed_cross_entropy(tokens, logits):
+        tokens = tf.cast(tokens, tf.int32)
+        vocab = tf.shape(logits)[-1]
+        target = (1.0 - label_smoothing) * tf.one_hot(tokens, vocab) + label_smoothing / tf.cast(
+            vocab, logits.dtype
+        )
+        per_token = -tf.reduce_sum(target * tf.nn.log_softmax(logits), axis=-1)
+        real = tf.cast(tokens != 0, logits.dtype)
+        return tf.reduce_sum(per_token * real) / tf.maximum(tf.reduce_sum(real), 1.0)
+
+    return smoothed_cross_entropy
