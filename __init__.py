@@ -42,6 +42,7 @@ _API = {
     "TrainConfig": "capfleet.model.train_config",
     "TrainGrid": "capfleet.model.train_config",
     "PipelineConfig": "capfleet.jobs.pipeline",
+    "CaptionTransform": "capfleet.model.bulk.transform",
     "CapfleetError": "capfleet.model.errors",
     "DataError": "capfleet.model.errors",
 }

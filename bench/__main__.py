@@ -10,6 +10,7 @@ BENCHMARKS = (
     "encoders",
     "study",
     "caption",
+    "caption_scale",
     "train_quality",
     "compress",
     "int8_decoder",

@@ -43,11 +43,13 @@ def run() -> None:
     import tf_keras as keras
 
     from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
+    from capfleet.compression.export import bundle_info
+    from capfleet.compression.recipes import parse_trial
     from capfleet.compression.trial import _calibration, measure_latency
     from capfleet.model.bundle import BundleRunner, write_bundle
     from capfleet.model.captioner import Captioner, CaptionerConfig
     from capfleet.model.decoding import prefix_greedy
-    from capfleet.model.encoders import build_encoder, encoder_section
+    from capfleet.model.encoders import build_encoder
     from capfleet.model.fitting import configure_threads
     from capfleet.model.images import preprocess
     from capfleet.model.text import Vocabulary
@@ -84,14 +86,7 @@ def run() -> None:
                 encoder_to_tflite(enc, enc_q, enc_samples),
                 step_to_tflite(cap.step_model(), cap.config.units, dec_q, dec_samples),
                 vocab,
-                {
-                    "name": name,
-                    "recipe": {"encoder": enc_q, "decoder": dec_q},
-                    "quantizer": "tflite-converter" if enc_q != "fp32" else "none",
-                    "config": cap.config.to_dict(),
-                    "encoder": encoder_section("vgg16", "none"),
-                    "source_model": {"note": "random weights, seed 0 (bench.study)"},
-                },
+                bundle_info(name, cap.config, None, None, parse_trial(f"{enc_q}:{dec_q}")),
             )
             convert_s = time.perf_counter() - t0
             runner = BundleRunner(out, num_threads=THREADS)

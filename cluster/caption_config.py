@@ -19,28 +19,37 @@ class CaptionConfig:
     """One caption job. Validated on construction, before any work."""
 
     bundles: tuple[str, ...]  # bundle directories; each model's name is its manifest's name
-    input: str  # folder, manifest (.parquet/.csv), Flickr8k directory or COCO JSON
+    # a folder, a Flickr8k directory, a COCO JSON, a CSV/Parquet manifest of paths or URIs
+    # (local, object store, http), WebDataset tar shards, or Parquet with image bytes
+    input: str
     out: str
     split: str = ""  # Flickr8k: "" = test; Karpathy JSON: "" = every image; else ignored
     references: str = ""  # a captioned data set to score against ("" = the input's own)
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
+    image_column: str = ""  # Parquet input with several columns of bytes: the image's
     batch_size: int = 256  # images per model call
     shard_size: int = 1024  # images per output part file (the unit of resume)
-    actors: int = 1  # actors per bundle
-    actor_cpus: float = 0.5  # CPUs per actor (its interpreter gets as many threads, >= 1)
-    # CPUs per decode task. Equal to actor_cpus, Ray Data fuses decoding into the actors (the
-    # faster choice on one small machine, measured); different, decoding runs as its own tasks.
-    decode_cpus: float = 0.5
+    # Actors per bundle; 0 = an autoscaling pool that grows to what the cluster's CPUs allow
+    actors: int = 0
+    actor_cpus: float = 1.0  # CPUs per actor (its interpreter gets as many threads, >= 1)
+    # CPUs per decode task. Equal to actor_cpus, Ray Data fuses fetching and decoding into the
+    # first pool's actors (one process per core reads, decodes and captions its own shards);
+    # different, decoding runs as its own tasks.
+    decode_cpus: float = 1.0
     beam_width: int = 1
+    max_image_mb: float = 64.0  # bytes read per image at most: larger is a too_large row
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 
     def __post_init__(self) -> None:
         if not self.bundles:
             raise CapfleetError("bundles: give at least one bundle directory")
-        check_at_least(self, ("batch_size", "shard_size", "actors", "beam_width"), 1)
+        check_at_least(self, ("batch_size", "shard_size", "beam_width"), 1)
+        check_at_least(self, ("actors",), 0)
         for key in ("actor_cpus", "decode_cpus"):
             if not 0 < getattr(self, key) <= 64:
                 raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
+        if not 0 < self.max_image_mb <= 4096:
+            raise CapfleetError(f"max_image_mb: must be in (0, 4096], got {self.max_image_mb}")
         if not self.names and all(Path(b).is_dir() for b in self.bundles):
             # bundles that do not exist yet (a spec loaded before its pipeline made them)
             # get their names when the job starts; run_caption_job refuses missing ones

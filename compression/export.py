@@ -18,15 +18,25 @@ FP32 = parse_trial("fp32")
 def bundle_info(
     name: str,
     config: CaptionerConfig,
-    model_dir: str | Path,
-    manifest: dict,
+    model_dir: str | Path | None,
+    manifest: dict | None,
     recipe: TrialRecipe = FP32,
     **extra,
 ) -> dict:
     """What a bundle's manifest says of itself besides its files: its name, the recipe that made
     it, the quantizer, the captioner config, what its encoder is fed, and the trained model it
-    came from (by path and identity). `extra` adds sections (a trial's sparsity, settings)."""
+    came from (by path and identity; none for random weights, as the benchmarks build). `extra`
+    adds sections (a trial's sparsity and settings)."""
     quantized = (recipe.encoder.quant, recipe.decoder.quant) != ("fp32", "fp32")
+    if model_dir is None:
+        source, weights = {"note": "never trained: random weights"}, "none"
+    else:
+        weights = manifest["encoder"]["weights"]
+        source = {
+            "path": str(Path(model_dir).resolve()),
+            "manifest_sha256": manifest_sha256(model_dir),
+            "test_metrics": manifest.get("test_metrics", {}),
+        }
     return {
         "name": name,
         "recipe": {
@@ -37,12 +47,8 @@ def bundle_info(
         "quantizer": QUANTIZER if quantized else "none",
         **extra,
         "config": config.to_dict(),
-        "encoder": encoder_section(config.encoder, manifest["encoder"]["weights"]),
-        "source_model": {
-            "path": str(Path(model_dir).resolve()),
-            "manifest_sha256": manifest_sha256(model_dir),
-            "test_metrics": manifest.get("test_metrics", {}),
-        },
+        "encoder": encoder_section(config.encoder, weights),
+        "source_model": source,
     }
 
 

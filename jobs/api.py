@@ -87,15 +87,21 @@ def _config(cls, config, fields: dict):
 
 
 def caption(
-    config: CaptionConfig | None = None, *, address: str | None = None, log: Log = print, **fields
+    config: CaptionConfig | None = None,
+    *,
+    address: str | None = None,
+    log: Log = print,
+    verbose: bool = False,
+    **fields,
 ) -> CaptionResult:
-    """Caption an image set with one or more bundles on Ray (embedded unless an address)."""
+    """Caption an image set with one or more bundles on Ray (embedded unless an address).
+    Ray's own messages go to OUT/capfleet.log (and the console too with `verbose`)."""
     from capfleet.cluster.caption_pipeline import run_caption_job
 
     cfg = _config(CaptionConfig, config, fields)
     if address:
         cfg = dataclasses.replace(cfg, address=address)
-    job = run_caption_job(cfg, log=log)
+    job = run_caption_job(cfg, log=log, verbose=verbose)
     out = Path(cfg.out)
     return CaptionResult(out, out / "captions", pq.read_table(out / "summary.parquet"), job)
 

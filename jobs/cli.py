@@ -47,8 +47,10 @@ def _caption(args: argparse.Namespace) -> int:
         actor_cpus=args.actor_cpus,
         decode_cpus=args.decode_cpus,
         beam_width=args.beam_width,
+        image_column=args.image_column,
+        max_image_mb=args.max_image_mb,
     )
-    done = api.caption(cfg)
+    done = api.caption(cfg, verbose=args.verbose)
     print(
         f"captions in {args.out}/captions/, summary in {args.out}/summary.parquet "
         f"({done.job['wall_seconds']} s)"
@@ -177,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--input",
         required=True,
-        help="a folder, a .parquet/.csv manifest, a Flickr8k directory or a COCO JSON",
+        help="a folder, a .parquet/.csv manifest (paths, object-store or http(s) URIs), a "
+        "Flickr8k directory, a COCO JSON, WebDataset .tar shards (a file, folder, glob or "
+        "{000..009} pattern), or Parquet with image bytes",
     )
     cap.add_argument("--out", required=True, help="output directory (rerun it to resume)")
     cap.add_argument(
@@ -194,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--shard-size", type=int, default=d["shard_size"], help="images per output part file"
     )
-    cap.add_argument("--actors", type=int, default=d["actors"], help="actors per bundle")
+    cap.add_argument(
+        "--actors",
+        type=int,
+        default=d["actors"],
+        help="actors per bundle (default: an autoscaling pool as large as the cluster allows)",
+    )
     cap.add_argument("--actor-cpus", type=float, default=d["actor_cpus"], help="CPUs per actor")
     cap.add_argument(
         "--decode-cpus",
@@ -203,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs per decode task (equal to --actor-cpus: fused into the actors)",
     )
     cap.add_argument("--beam-width", type=int, default=d["beam_width"], help="1 = greedy")
+    cap.add_argument(
+        "--image-column", default=d["image_column"], help="Parquet input: the column of image bytes"
+    )
+    cap.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=d["max_image_mb"],
+        help="read at most this much per image; larger is an error row (default 64)",
+    )
+    cap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own messages (always in OUT/capfleet.log)",
+    )
     cap.set_defaults(func=_caption)
 
     spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,5 +172,15 @@ class BundleRunner:
 
     def caption(self, images_uint8: np.ndarray) -> list[str]:
         """RGB uint8 images (B, S, S, 3) at `image_size` -> one caption each."""
-        ids = self.caption_ids(preprocess(images_uint8, self.preprocess_style))
-        return [self.vocab.decode(row) for row in ids]
+        return self.caption_timed(images_uint8)[0]
+
+    def caption_timed(self, images_uint8: np.ndarray) -> tuple[list[str], float, float]:
+        """`caption`, with the seconds spent encoding (preprocessing included) and decoding."""
+        if len(images_uint8) == 0:
+            return [], 0.0, 0.0
+        t0 = time.perf_counter()
+        proj = self.encode(preprocess(images_uint8, self.preprocess_style))
+        t1 = time.perf_counter()
+        ids = decode(self.step, proj, self.max_len, self.beam_width)
+        captions = [self.vocab.decode(row) for row in ids]
+        return captions, t1 - t0, time.perf_counter() - t1

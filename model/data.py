@@ -8,6 +8,7 @@ is a DataError naming the file and, for line-based files, the line.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,19 @@ FLICKR_TEXT_DIR = "Flickr8k_text"  # where the text files sit in some copies
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One input image: a stable id, where it is (path or URI) and its reference captions."""
+    """One input image: a stable id, where it is (path or URI) and its reference captions.
+
+    `error` is a reason known before the image is read (it is listed but missing, its path is
+    not text): a caption job writes it as that image's error row; training skips it."""
 
     image_id: str
     uri: str
     captions: tuple[str, ...] = ()
+    error: str = ""
+
+
+MISSING = "missing"  # an error reason: the input lists the image, the file is not there
+BAD_PATH = "bad_path"  # an error reason: the path is not UTF-8 text
 
 
 @dataclass
@@ -101,22 +110,25 @@ class Flickr8kReader:
             names.append(line)
         return list(dict.fromkeys(names))
 
-    def records(self) -> list[ImageRecord]:
-        """This split's images that exist on disk, with their captions."""
+    def records(self, include_missing: bool = False) -> list[ImageRecord]:
+        """This split's images with their captions: those on disk, and with `include_missing`
+        those the split lists with no image too (as records whose `error` says so)."""
         captions = self.captions()
         on_disk = {p.name for p in self.images_dir.iterdir()}
         out = []
         self.stats = ReadStats()
         for name in self.split_names():
+            error = ""
             if name not in on_disk:
                 self.stats.missing_images += 1
                 if len(self.stats.skipped) < 10:
                     self.stats.skipped.append(name)
-                continue
+                if not include_missing:
+                    continue
+                error = f"{MISSING}: listed in {self.split_file.name}, not in {self.images_dir}"
             image_id = name.rsplit(".", 1)[0]
-            out.append(
-                ImageRecord(image_id, str(self.images_dir / name), tuple(captions.get(name, ())))
-            )
+            path = str(self.images_dir / name)
+            out.append(ImageRecord(image_id, path, tuple(captions.get(name, ())), error))
         self.stats.records = len(out)
         return out
 
@@ -132,7 +144,7 @@ class CocoReader:
         self.split = split
         self.stats = ReadStats()
 
-    def records(self) -> list[ImageRecord]:
+    def records(self, include_missing: bool = False) -> list[ImageRecord]:
         try:
             data = json.loads(self.json_path.read_text(encoding="utf-8-sig"))
         except OSError as e:
@@ -203,14 +215,30 @@ class FolderReader:
             raise DataError(f"{self.root}: not a folder")
         self.stats = ReadStats()
 
-    def records(self) -> list[ImageRecord]:
+    def records(self, include_missing: bool = False) -> list[ImageRecord]:
         paths = [
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         ]
         rel = sorted(p.relative_to(self.root).as_posix() for p in paths)
-        out = [ImageRecord(r, str(self.root / r)) for r in rel]
+        out = [_path_record(r, str(self.root / r)) for r in rel]
         self.stats = ReadStats(records=len(out))
         return out
+
+
+def _path_record(image_id: str, uri: str) -> ImageRecord:
+    """A record for a file name; one that is not UTF-8 (Python holds its bytes as surrogates,
+    which no Parquet string can store) becomes an error record with a readable stand-in."""
+    try:
+        uri.encode("utf-8")
+        return ImageRecord(image_id, uri)
+    except UnicodeEncodeError:
+
+        def shown(s):
+            return os.fsencode(s).decode("utf-8", errors="backslashreplace")
+
+        return ImageRecord(
+            shown(image_id), shown(uri), (), f"{BAD_PATH}: the file name is not UTF-8"
+        )
 
 
 class PrefixReader:
@@ -222,7 +250,7 @@ class PrefixReader:
         self.uri = uri.rstrip("/")
         self.stats = ReadStats()
 
-    def records(self) -> list[ImageRecord]:
+    def records(self, include_missing: bool = False) -> list[ImageRecord]:
         import pyarrow.fs as pafs
 
         scheme = self.uri.split("://", 1)[0]
@@ -247,11 +275,14 @@ class ManifestReader:
     """A Parquet or CSV table with a `path` or `uri` column; optional `image_id`/`id` and
     `caption` (one per row, rows of one image grouped) or `captions` (a list per row).
 
-    Relative paths are resolved against the manifest's folder; URIs (scheme://) are kept.
+    Every column of a CSV is read as text: ids such as `007`, `1e3` or `NA` stay as written.
+    Relative paths are resolved against the manifest's folder; URIs (scheme://) are kept. A row
+    whose path is not UTF-8 becomes a record with an error (one bad row, not a bad file).
     """
 
     PATH_COLUMNS = ("path", "uri")
     ID_COLUMNS = ("image_id", "id")
+    CAPTION_COLUMNS = ("caption", "captions")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -259,22 +290,49 @@ class ManifestReader:
 
     def _table(self):
         import pyarrow as pa
-        import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
 
         suffix = self.path.suffix.lower()
         try:
             if suffix == ".parquet":
-                return pq.read_table(self.path)
+                names = pq.read_schema(self.path).names
+                wanted = self.PATH_COLUMNS + self.ID_COLUMNS + self.CAPTION_COLUMNS
+                return pq.read_table(self.path, columns=[c for c in names if c in wanted])
             if suffix in (".csv", ".tsv"):
-                opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-                return pacsv.read_csv(self.path, parse_options=opts)
+                return self._csv("\t" if suffix == ".tsv" else ",")
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"{self.path}: cannot read manifest ({e})") from e
         raise DataError(f"{self.path}: a manifest must be .parquet, .csv or .tsv")
 
-    def records(self) -> list[ImageRecord]:
-        table = self._table()
+    def _csv(self, delimiter: str):
+        """Every column as bytes (decoded per row below): no type inference, no nulls."""
+        import csv
+
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        with open(self.path, "rb") as f:
+            head = f.readline().decode("utf-8-sig", errors="strict").rstrip("\r\n")
+        names = next(csv.reader([head], delimiter=delimiter), [])
+        if not names:
+            return pa.table({})
+        return pacsv.read_csv(
+            self.path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.binary() for n in names},
+                null_values=[],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+
+    def records(self, include_missing: bool = False) -> list[ImageRecord]:
+        try:
+            table = self._table()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.path}: the header is not UTF-8 ({e.reason})") from e
         cols = table.column_names
         path_col = next((c for c in self.PATH_COLUMNS if c in cols), None)
         if path_col is None:
@@ -283,25 +341,32 @@ class ManifestReader:
                 f"found {', '.join(cols) or 'none'}"
             )
         id_col = next((c for c in self.ID_COLUMNS if c in cols), None)
-        rows = table.to_pylist()
-        grouped: dict[str, tuple[str, list[str]]] = {}
-        for n, row in enumerate(rows):
+        paths = table.column(path_col).to_pylist()
+        ids = table.column(id_col).to_pylist() if id_col else [None] * len(paths)
+        caption = table.column("caption").to_pylist() if "caption" in cols else None
+        lists = table.column("captions").to_pylist() if "captions" in cols else None
+        grouped: dict[str, tuple[str, list[str], str]] = {}
+        for n, raw in enumerate(paths):
             where = f"{self.path}: row {n + 1}"  # data rows, 1-based, header not counted
-            raw = row[path_col]
-            if raw is None or not str(raw).strip():
+            raw, bad = _text(raw)
+            if raw is None or not raw.strip():
                 raise DataError(f"{where}: empty {path_col!r}")
-            uri = self._resolve(str(raw).strip())
-            image_id = str(row[id_col]) if id_col and row[id_col] is not None else str(raw).strip()
+            raw = raw.strip()
+            image_id, bad_id = _text(ids[n]) if ids[n] is not None else (raw, "")
+            error = ""
+            if bad or bad_id:  # the id and uri keep a readable stand-in of the bytes
+                error = f"{BAD_PATH}: row {n + 1}'s {path_col if bad else id_col} is not UTF-8"
+            uri = raw if bad else self._resolve(raw)
             if image_id in grouped and grouped[image_id][0] != uri:
                 raise DataError(f"{where}: id {image_id!r} already names {grouped[image_id][0]}")
-            caps = grouped.setdefault(image_id, (uri, []))[1]
-            if row.get("caption") is not None:
-                caps.append(str(row["caption"]).strip())
-            if row.get("captions") is not None:
-                if not isinstance(row["captions"], list):
+            caps = grouped.setdefault(image_id, (uri, [], error))[1]
+            if caption is not None and caption[n] not in (None, b"", ""):
+                caps.append((_text(caption[n])[0] or "").strip())
+            if lists is not None and lists[n] is not None:
+                if not isinstance(lists[n], list):
                     raise DataError(f"{where}: 'captions' must be a list of strings")
-                caps.extend(str(c).strip() for c in row["captions"])
-        out = [ImageRecord(i, uri, tuple(caps)) for i, (uri, caps) in grouped.items()]
+                caps.extend(str(c).strip() for c in lists[n])
+        out = [ImageRecord(i, uri, tuple(c), err) for i, (uri, c, err) in grouped.items()]
         self.stats = ReadStats(records=len(out))
         return out
 
@@ -309,6 +374,17 @@ class ManifestReader:
         if "://" in raw or Path(raw).is_absolute():
             return raw
         return str(self.path.parent / raw)
+
+
+def _text(value) -> tuple[str | None, str]:
+    """A manifest cell as text: (text, "") or, for bytes that are not UTF-8, (a readable
+    stand-in, "bad")."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), ""
+        except UnicodeDecodeError:
+            return value.decode("utf-8", errors="backslashreplace"), "bad"
+    return (None if value is None else str(value)), ""
 
 
 def open_reader(path: str | Path, split: str | None = None):

@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-# One row per (image, model). Declared once; every writer and reader uses it.
+# One row per (image, model).
 CAPTION_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -11,7 +11,12 @@ CAPTION_SCHEMA = pa.schema(
         ("caption", pa.string()),  # null when status is "error"
         ("status", pa.string()),  # "ok" or "error"
         ("error", pa.string()),  # reason, e.g. "truncated: image file is truncated"; null when ok
-        ("latency_ms", pa.float64()),  # the batch's encode + decode time divided by its size
+        ("references", pa.list_(pa.string())),  # the image's reference captions (empty: none)
+        ("latency_ms", pa.float64()),  # encoder_ms + decoder_ms
+        ("read_ms", pa.float64()),  # fetching the bytes (a tar's or row group's share)
+        ("decode_ms", pa.float64()),  # decoding and resizing for every input size
+        ("encoder_ms", pa.float64()),  # the batch's encoder time divided by its size
+        ("decoder_ms", pa.float64()),  # the batch's decoding time divided by its size
         ("batch_size", pa.int32()),
         ("worker", pa.string()),  # host:pid of the actor that captioned it
         ("shard", pa.int32()),
@@ -25,11 +30,18 @@ SUMMARY_SCHEMA = pa.schema(
         ("images", pa.int64()),
         ("ok", pa.int64()),
         ("failed", pa.int64()),
-        ("throughput_img_s", pa.float64()),  # images captioned by this run / its wall time
+        ("errors", pa.string()),  # JSON {reason: count} of the failed rows
+        ("throughput_img_s", pa.float64()),  # this model's images this run / its own wall time
+        ("actor_img_s", pa.float64()),  # images per second of one busy actor (this run)
         ("latency_p50_ms", pa.float64()),
         ("latency_p95_ms", pa.float64()),
+        ("read_ms", pa.float64()),  # means per ok image
+        ("decode_ms", pa.float64()),
+        ("encoder_ms", pa.float64()),
+        ("decoder_ms", pa.float64()),
         ("size_mb", pa.float64()),
         ("gzip_size_mb", pa.float64()),
+        ("scored", pa.int64()),  # ok images with references, which BLEU is computed on
         ("bleu1", pa.float64()),  # null without references
         ("bleu2", pa.float64()),
         ("bleu3", pa.float64()),
@@ -38,3 +50,4 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 OK, ERROR = "ok", "error"
+STATS_KEY = b"capfleet.stats"  # a part's PartStats, JSON, in its Parquet footer

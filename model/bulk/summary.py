@@ -1,60 +1,63 @@
-"""The caption job's summary: one row per model from the parts written."""
+"""The caption job's summary: one row per model, from the parts' statistics (their footers) and
+the latency column alone, so that a million-row job's summary holds no list of its rows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from capfleet.model.bulk.schema import OK, SUMMARY_SCHEMA
-from capfleet.model.bulk.writer import read_captions
+from capfleet.model.bulk.schema import SUMMARY_SCHEMA
+from capfleet.model.bulk.stats import merge
+from capfleet.model.bulk.writer import part_stats, parts
 from capfleet.model.bundle import read_manifest
-from capfleet.model.data import ImageRecord
-from capfleet.model.metrics import corpus_bleu_scores
-from capfleet.model.text import clean_caption
 
 
-def summarize(
-    out: str | Path,
-    bundles: dict[str, str],
-    records: Sequence[ImageRecord],
-    wall_s: float,
-    images_run: int,
-) -> pa.Table:
-    """One row per model of `bundles` ({name: bundle directory}) from the Parquet written, with
-    BLEU where references exist.
-
-    Throughput is the images captioned by this run over its wall time (null when a rerun had
-    nothing left to do)."""
-    refs = {r.image_id: [clean_caption(c) for c in r.captions] for r in records if r.captions}
+def summarize(out: str | Path, bundles: dict[str, str], run_started: float) -> pa.Table:
+    """One row per model of `bundles` ({name: bundle directory}). Throughput counts the parts
+    this run wrote (those begun after `run_started`, Unix time) over this model's own time
+    from its first part begun to its last finished; null when a rerun had nothing to do."""
     rows = []
     for name, bundle in bundles.items():
-        t = read_captions(out, name).to_pylist()
-        ok = [r for r in t if r["status"] == OK]
-        lat = np.array([r["latency_ms"] for r in ok], dtype=np.float64)
-        scored = [r for r in ok if refs.get(r["image_id"])]
-        bleu = (
-            corpus_bleu_scores(
-                [refs[r["image_id"]] for r in scored], [r["caption"] for r in scored]
-            )
-            if scored
-            else {}
-        )
+        found = [(p, part_stats(p)) for p in parts(out, name)]
+        found = [(p, s) for p, s in found if s is not None]
+        total = merge(s for _, s in found)
+        this_run = merge(s for _, s in found if s.started >= run_started)
+        latency = _latencies([p for p, _ in found])
         manifest = read_manifest(bundle, verify=False)
+        span = this_run.finished - this_run.started
+        means = {
+            k: getattr(total, k) / total.ok if total.ok else None
+            for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")
+        }
         rows.append(
             {
                 "model": name,
-                "images": len(t),
-                "ok": len(ok),
-                "failed": len(t) - len(ok),
-                "throughput_img_s": images_run / wall_s if images_run and wall_s > 0 else None,
-                "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-                "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+                "images": total.rows,
+                "ok": total.ok,
+                "failed": total.rows - total.ok,
+                "errors": json.dumps(dict(sorted(total.errors.items()))),
+                "throughput_img_s": this_run.rows / span if this_run.rows and span > 0 else None,
+                "actor_img_s": this_run.rows / this_run.busy_s if this_run.busy_s > 0 else None,
+                "latency_p50_ms": float(np.percentile(latency, 50)) if len(latency) else None,
+                "latency_p95_ms": float(np.percentile(latency, 95)) if len(latency) else None,
+                **means,
                 "size_mb": manifest.get("size_mb"),
                 "gzip_size_mb": manifest.get("gzip_size_mb"),
-                **{k: bleu.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4")},
+                "scored": total.bleu.scored,
+                **total.bleu.scores(),
             }
         )
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def _latencies(paths: list[Path]) -> np.ndarray:
+    """The latency column of the parts (nulls dropped): 8 bytes a row, not a row object."""
+    if not paths:
+        return np.zeros(0)
+    cols = [pq.read_table(p, columns=["latency_ms"]).column(0) for p in paths]
+    values = pa.chunked_array([c for col in cols for c in col.chunks], type=pa.float64())
+    return values.drop_null().to_numpy()

@@ -1,54 +1,73 @@
 """Where a caption job's parts go, the resume plan that makes reruns sound, and reading the parts
-back. Parts are written atomically (capfleet.model.artifacts), so a part that exists is whole.
+back. A part is written atomically (capfleet.model.artifacts) with its statistics in its
+footer, so a part that exists and reads is whole; one that does not read is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfleet.model.artifacts import write_json_atomic
-from capfleet.model.bulk.schema import CAPTION_SCHEMA
-from capfleet.model.data import ImageRecord
+from capfleet.model.artifacts import write_bytes_atomic, write_json_atomic
+from capfleet.model.bulk.schema import CAPTION_SCHEMA, STATS_KEY
+from capfleet.model.bulk.stats import PartStats
 from capfleet.model.errors import CapfleetError
 
 PLAN_FILE = "plan.json"
+PLAN_FORMAT = "capfleet-caption-plan/2"
 
 
-def check_plan(
-    out: str | Path, cfg_shard_size: int, records: Sequence[ImageRecord], bundles: dict[str, str]
-) -> None:
-    """Resume is by part files, so it is only sound for the same cut of the same input into
-    the same models. The first run writes OUT/plan.json; a rerun that differs is refused."""
-    ids = hashlib.sha256("\n".join(r.image_id for r in records).encode()).hexdigest()
-    plan = {
-        "shard_size": cfg_shard_size,
-        "images": len(records),
-        "image_ids_sha256": ids,
-        "bundles": bundles,
+def bundle_identity(manifest: dict) -> str:
+    """What of a bundle changes its captions: every file's sha256 (encoder, decoder step,
+    vocabulary), the encoder section (input size, preprocessing) and the captioner config."""
+    doc = {
+        "files": {n: f.get("sha256") for n, f in sorted(manifest.get("files", {}).items())},
+        "encoder": manifest.get("encoder"),
+        "config": manifest.get("config"),
     }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def check_plan(out: str | Path, plan: dict) -> None:
+    """Resume is by part files, so it is only sound for the same cut of the same inputs into
+    the same models. The first run writes OUT/plan.json; a rerun that differs in anything is
+    refused naming it, except that new bundle names may be added."""
     path = Path(out) / PLAN_FILE
+    plan = {"format": PLAN_FORMAT, **plan}
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(old, dict) and isinstance(old.get("bundles"), dict)
+        except (ValueError, AssertionError, UnicodeDecodeError) as e:
+            raise CapfleetError(
+                f"{path}: unreadable ({type(e).__name__}); it records what this output was "
+                "made from: restore it, or caption into a new --out"
+            ) from None
+        if old.get("format") != PLAN_FORMAT:
+            raise CapfleetError(
+                f"{out}: written by another capfleet version ({old.get('format', 'plan/1')}); "
+                "caption into a new --out"
+            )
         for key, value in plan.items():
             if key == "bundles":
-                changed = [n for n, sha in value.items() if old["bundles"].get(n, sha) != sha]
+                changed = [n for n, ident in value.items() if old["bundles"].get(n, ident) != ident]
                 if changed:
                     raise CapfleetError(
                         f"{out}: bundle {changed[0]!r} differs from the one that wrote this "
-                        "output; use a new --out (or a new bundle name)"
+                        "output (its files, vocabulary or encoder); use a new --out or a new "
+                        "bundle name"
                     )
             elif old.get(key) != value:
                 raise CapfleetError(
                     f"{out}: was written with a different {key} ({old.get(key)} vs {value}); "
-                    "resume needs the same input and shard size, or use a new --out"
+                    "resume needs the same inputs, shard size and beam width, or use a new --out"
                 )
-        plan["bundles"] = {**old["bundles"], **bundles}
+        plan["bundles"] = {**old["bundles"], **plan["bundles"]}
     write_json_atomic(path, plan)
 
 
@@ -56,15 +75,40 @@ def part_path(out: str | Path, model: str, shard: int) -> Path:
     return Path(out) / "captions" / f"model={model}" / f"part-{shard:06d}.parquet"
 
 
-def missing_models(out: str | Path, models: Sequence[str], shard: int) -> list[str]:
-    return [m for m in models if not part_path(out, m, shard).is_file()]
+def write_part(path: Path, table: pa.Table, stats: PartStats) -> None:
+    """A part and its statistics, whole or not at all."""
+    meta = {**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats.to_json()).encode()}
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
-def read_captions(out: str | Path, model: str | None = None) -> pa.Table:
-    """Every caption row written so far (all models, or one)."""
+def part_stats(path: Path) -> PartStats | None:
+    """A part's statistics from its footer; None when the part is absent or does not read
+    (0 bytes, truncated, no footer): such a part is not done."""
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+        return PartStats.from_json(json.loads(meta[STATS_KEY]))
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+        return None
+
+
+def part_done(path: Path) -> bool:
+    return part_stats(path) is not None
+
+
+def parts(out: str | Path, model: str) -> Iterator[Path]:
+    yield from sorted((Path(out) / "captions" / f"model={model}").glob("part-*.parquet"))
+
+
+def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa.Table:
+    """Every caption row written so far (all models, or one), of whole parts only."""
     root = Path(out) / "captions"
     pattern = f"model={model}/part-*.parquet" if model else "model=*/part-*.parquet"
-    parts = sorted(root.glob(pattern))
-    if not parts:
-        return CAPTION_SCHEMA.empty_table()
-    return pa.concat_tables(pq.read_table(p, schema=CAPTION_SCHEMA) for p in parts)
+    found = [p for p in sorted(root.glob(pattern)) if part_done(p)]
+    schema = (
+        CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])
+    )
+    if not found:
+        return schema.empty_table()
+    return pa.concat_tables(pq.read_table(p, columns=columns).cast(schema) for p in found)

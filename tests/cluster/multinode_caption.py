@@ -1,6 +1,7 @@
 """Run by test_multinode.py in its own process (a Ray driver can join one cluster per process):
 a head with no CPUs and two 1-CPU worker nodes on this machine (ray.cluster_utils.Cluster), a
-caption job whose actors land on both workers, one worker removed mid-job. Prints JSON."""
+caption job with default sizing whose autoscaling pool lands on both workers, one worker
+removed mid-job. Prints JSON."""
 
 import json
 import sys
@@ -35,9 +36,8 @@ def main(bundle: str, images: str, out: str) -> None:
             out=out,
             batch_size=8,
             shard_size=50,
-            actors=2,
-            actor_cpus=0.6,  # two cannot share a 1-CPU node: one actor per worker node
-            decode_cpus=0.6,
+            # default sizing: an autoscaling pool of 1-CPU actors, as large as the cluster
+            # allows: it must grow onto both 1-CPU worker nodes by itself
         )
         result = {}
         job = threading.Thread(target=lambda: result.update(run_caption_job(cfg, log=print)))

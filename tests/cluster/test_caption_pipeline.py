@@ -60,7 +60,7 @@ def expected_reason(image_id):
         "truncated": "truncated",
         "notes": "not_an_image",
         "bomb": "too_large",
-        "missing": "unreadable",
+        "missing": "missing",
     }[image_id]
 
 
