@@ -32,12 +32,17 @@ class CaptionConfig:
     # Actors per bundle; 0 = an autoscaling pool that grows to what the cluster's CPUs allow
     actors: int = 0
     actor_cpus: float = 1.0  # CPUs per actor (its interpreter gets as many threads, >= 1)
-    # CPUs per decode task. Equal to actor_cpus, Ray Data fuses fetching and decoding into the
-    # first pool's actors (one process per core reads, decodes and captions its own shards);
-    # different, decoding runs as its own tasks.
+    # CPUs per decode task. Equal to actor_cpus, the first pool's actors fetch and decode their
+    # shards themselves (one process per core reads, decodes and captions its own shards);
+    # different, decoding runs as tasks of its own.
     decode_cpus: float = 1.0
     beam_width: int = 1
     max_image_mb: float = 64.0  # bytes read per image at most: larger is a too_large row
+    # A shard whose worker dies (out of memory, a native crash) is tried this many more times;
+    # a stage of a shard that runs longer than shard_timeout_s ends its worker, which counts
+    # as a death. After that its rows are error rows (worker_died, timeout); a rerun retries.
+    max_retries: int = 2
+    shard_timeout_s: float = 3600.0
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 
     def __post_init__(self) -> None:
@@ -50,6 +55,12 @@ class CaptionConfig:
                 raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
         if not 0 < self.max_image_mb <= 4096:
             raise CapfleetError(f"max_image_mb: must be in (0, 4096], got {self.max_image_mb}")
+        if not 0 <= self.max_retries <= 100:
+            raise CapfleetError(f"max_retries: must be in [0, 100], got {self.max_retries}")
+        if not 0 < self.shard_timeout_s <= 7 * 86400:
+            raise CapfleetError(
+                f"shard_timeout_s: must be in (0, 604800] seconds, got {self.shard_timeout_s}"
+            )
         if not self.names and all(Path(b).is_dir() for b in self.bundles):
             # bundles that do not exist yet (a spec loaded before its pipeline made them)
             # get their names when the job starts; run_caption_job refuses missing ones

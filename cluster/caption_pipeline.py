@@ -3,7 +3,7 @@ actor writes its shard's Parquet part) -> shard ids back to the driver for progr
 
 Sizing: with no `actors`, each bundle's pool autoscales up to what the cluster's CPUs allow
 (its share of them when there are several bundles). With `decode_cpus` equal to `actor_cpus`
-(the default) Ray Data fuses fetching and decoding into the first pool's actors, so each actor
+(the default) the first pool's actors fetch and decode their shards themselves, so each actor
 is one process per CPU that reads, decodes and captions its own shards; nothing else in the
 pipeline needs a CPU (the driver lists the shards, the actors write the parts), which keeps a
 pool that takes every CPU from starving other stages (docs/stack.md).
@@ -12,39 +12,59 @@ With an address, OUT must be a filesystem that the driver and every worker see.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from capfleet.cluster.caption_config import CaptionConfig
-from capfleet.cluster.connect import ray_session
-from capfleet.model.artifacts import package_versions, write_json_atomic, write_parquet_atomic
+from capfleet.cluster.connect import ray_messages_to, ray_session
+from capfleet.model.artifacts import (
+    OutputLock,
+    package_versions,
+    remove_leftovers,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from capfleet.model.bulk.decode import decode_batch
-from capfleet.model.bulk.reader import Listing, list_inputs, with_references
+from capfleet.model.bulk.reader import Listing, Shard, list_inputs, with_references
+from capfleet.model.bulk.schema import OK
 from capfleet.model.bulk.summary import summarize
+from capfleet.model.bulk.watchdog import TIMEOUT, WORKER_DIED, clear_note, read_note
 from capfleet.model.bulk.worker import CaptionWorker
-from capfleet.model.bulk.writer import bundle_identity, check_plan, part_done, part_path
-from capfleet.model.bundle import read_manifest
+from capfleet.model.bulk.writer import (
+    bundle_identity,
+    check_plan,
+    failed_part,
+    part_done,
+    part_path,
+    part_stats,
+    write_part,
+)
+from capfleet.model.bundle import check_bundle
 from capfleet.model.data import open_reader
 from capfleet.model.errors import CapfleetError
 
-LOG_FILE = "capfleet.log"  # Ray's own messages, and the job's progress, in OUT
+LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 PROGRESS_EVERY_S = 5.0
+WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
 
 
 def run_caption_job(
-    cfg: CaptionConfig, log: Callable[[str], None] = print, verbose: bool = False
+    cfg: CaptionConfig,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+    retry_errors: bool = False,
 ) -> dict:
-    """Caption every input image with every bundle into cfg.out; returns job.json's content."""
+    """Caption every input image with every bundle into cfg.out; returns job.json's content.
+    With `retry_errors`, rows whose status is error are captioned again and replaced in their
+    parts (ok rows untouched) besides the shards still missing."""
     started = datetime.now(timezone.utc)
     t0, run_started = time.perf_counter(), time.time()
-    manifests = [read_manifest(b) for b in cfg.bundles]  # refuse a bad bundle before any work
+    manifests = [check_bundle(b) for b in cfg.bundles]  # refuse a bad bundle before any work
     if not cfg.names:  # the spec was loaded before its bundles existed
         cfg = replace(cfg, names=())
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
@@ -54,56 +74,103 @@ def run_caption_job(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CapfleetError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
-    check_plan(
-        out,
-        {
-            "shard_size": cfg.shard_size,
+    with OutputLock(out, "caption job", log):
+        left = remove_leftovers(out)
+        if left:
+            log(f"caption: removed {left} temporary files left by a killed job")
+        check_plan(
+            out,
+            {
+                "shard_size": cfg.shard_size,
+                "images": listing.images,
+                "inputs_sha256": listing.identity(),
+                "beam_width": cfg.beam_width,
+                "bundles": {
+                    n: bundle_identity(m) for n, m in zip(cfg.names, manifests, strict=True)
+                },
+            },
+        )
+        shards = listing.shards
+        todo = _todo(out, cfg.names, shards, retry_errors)
+        log(
+            f"caption: {listing.images} images ({listing.kind}) in {len(shards)} shards x "
+            f"{len(cfg.names)} models; {len(shards) - len(todo)} shards already done"
+            + (
+                f", {sum(s.rows is not None for s in todo)} with error rows to redo"
+                if retry_errors
+                else ""
+            )
+        )
+        failed: dict[int, str] = {}
+        ray_start = 0.0
+        if todo:
+            with ray_messages_to(out / LOG_FILE, verbose):
+                t_ray = time.perf_counter()
+                with ray_session(cfg.address or None) as ray:
+                    ray_start = time.perf_counter() - t_ray
+                    failed = _run_pipeline(ray, cfg, todo, sizes, out, log, verbose, retry_errors)
+        for shard in todo:
+            if shard.shard in failed:
+                _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
+        t_summary = time.perf_counter()
+        bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
+        summary = summarize(out, bundles, run_started)
+        write_parquet_atomic(out / "summary.parquet", summary)
+        summary_s = time.perf_counter() - t_summary
+        wall = time.perf_counter() - t0
+        counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
+        job = {
+            "kind": "caption",
+            "spec": asdict(cfg),
+            "versions": package_versions("capfleet", "ray", "ai-edge-litert", "pyarrow"),
+            "start": started.isoformat(timespec="seconds"),
+            "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(wall, 2),
+            "ray_start_seconds": round(ray_start, 2),  # starting or joining Ray, within the wall
+            "summary_seconds": round(summary_s, 2),
             "images": listing.images,
-            "inputs_sha256": listing.identity(),
-            "beam_width": cfg.beam_width,
-            "bundles": {n: bundle_identity(m) for n, m in zip(cfg.names, manifests, strict=True)},
-        },
-    )
-    shards = listing.shards
-    pending = [
-        s for s in shards if any(not part_done(part_path(out, m, s.shard)) for m in cfg.names)
-    ]
-    log(
-        f"caption: {listing.images} images ({listing.kind}) in {len(shards)} shards x "
-        f"{len(cfg.names)} models; {len(shards) - len(pending)} shards already done"
-    )
-
-    ray_start = 0.0
-    if pending:
-        with _ray_logs_to(out / LOG_FILE, verbose):
-            t_ray = time.perf_counter()
-            with ray_session(cfg.address or None) as ray:
-                ray_start = time.perf_counter() - t_ray
-                _run_pipeline(ray, cfg, pending, sizes, out, log, verbose)
-
-    bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
-    t_summary = time.perf_counter()
-    summary = summarize(out, bundles, run_started)
-    write_parquet_atomic(out / "summary.parquet", summary)
-    summary_s = time.perf_counter() - t_summary
-    wall = time.perf_counter() - t0
-    counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
-    job = {
-        "kind": "caption",
-        "spec": asdict(cfg),
-        "versions": package_versions("capfleet", "ray", "ai-edge-litert", "pyarrow"),
-        "start": started.isoformat(timespec="seconds"),
-        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(wall, 2),
-        "ray_start_seconds": round(ray_start, 2),  # starting or joining Ray, within the wall
-        "summary_seconds": round(summary_s, 2),
-        "images": listing.images,
-        "rows": counts,
-        "shards": {"total": len(shards), "run": len(pending)},
-    }
-    write_json_atomic(out / "job.json", job)
+            "rows": counts,
+            "shards": {"total": len(shards), "run": len(todo), "failed": len(failed)},
+            "retry_errors": retry_errors,
+        }
+        write_json_atomic(out / "job.json", job)
     _print_summary(summary, log)
+    if failed:
+        reasons = sorted({why.split(":", 1)[0] for why in failed.values()})
+        log(
+            f"caption: {len(failed)} shards failed ({', '.join(reasons)}); their rows are error "
+            "rows. Rerun the same command to retry them."
+        )
     return job
+
+
+def _todo(out: Path, names, shards: list[Shard], retry_errors: bool) -> list[Shard]:
+    """The shards to run: those with a model's part missing (whole); with `retry_errors` also
+    those whose parts hold error rows (only those rows)."""
+    todo = []
+    for s in shards:
+        stats = [part_stats(part_path(out, m, s.shard)) for m in names]
+        if any(st is None or st.retry for st in stats):
+            todo.append(s)
+        elif retry_errors and any(st.errors for st in stats):
+            bad: set[int] = set()
+            for m, st in zip(names, stats, strict=True):
+                if st.errors:
+                    status = pq.read_table(part_path(out, m, s.shard), columns=["status"])
+                    bad |= {i for i, v in enumerate(status.column(0).to_pylist()) if v != OK}
+            todo.append(s.subset(sorted(bad)))
+    return todo
+
+
+def _record_failure(out: Path, names, shard: Shard, listing: Listing, why: str) -> None:
+    """A shard whose worker kept failing: error rows (with the reason) in every model's part
+    that is not done, so the outputs account for each of its images; a rerun redoes them."""
+    whole = listing.shards[shard.shard]
+    for m in names:
+        path = part_path(out, m, shard.shard)
+        if not part_done(path):
+            write_part(path, *failed_part(whole, m, why))
+    clear_note(out, shard.shard)
 
 
 def _listing(cfg: CaptionConfig, log) -> Listing:
@@ -121,7 +188,16 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
 
 def pool_size(ray, cfg: CaptionConfig) -> tuple[int, int]:
     """(min, max) actors of each bundle's pool: `actors` pins it; otherwise it grows to the
-    cluster's CPUs divided among the bundles, at least one actor each."""
+    cluster's CPUs divided among the bundles, at least one actor each. An actor larger than
+    every node could never be placed: refused here rather than waited for."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
+    for key in ("actor_cpus", "decode_cpus"):
+        if getattr(cfg, key) > largest:
+            raise CapfleetError(
+                f"{key}: {getattr(cfg, key):g} CPUs, but the largest node has {largest:g}: "
+                "no actor could ever start"
+            )
     if cfg.actors:
         return cfg.actors, cfg.actors
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -129,20 +205,33 @@ def pool_size(ray, cfg: CaptionConfig) -> tuple[int, int]:
     return 1, most
 
 
-def _run_pipeline(ray, cfg: CaptionConfig, pending, sizes, out: Path, log, verbose: bool) -> None:
+def _run_pipeline(
+    ray, cfg: CaptionConfig, todo, sizes, out: Path, log, verbose: bool, repair: bool
+) -> dict[int, str]:
+    """Run the shards; returns {shard: why} for those whose worker failed after its retries."""
+    low, high = pool_size(ray, cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose  # the driver prints one progress line instead
     ctx.print_on_execution_start = verbose
-    items = [s.item() for s in pending]
+    # a shard that fails after its retries is dropped by Ray Data, not the whole job; the
+    # driver then writes its rows as errors (below)
+    ctx.max_errored_blocks = -1
+    ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    for s in todo:
+        clear_note(out, s.shard)
+    items = [s.item() for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"sizes": sizes, "max_bytes": int(cfg.max_image_mb * 2**20)},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cfg.decode_cpus,
-    )
-    low, high = pool_size(ray, cfg)
+    decode = {"sizes": sizes, "max_bytes": int(cfg.max_image_mb * 2**20)}
+    fused = cfg.decode_cpus == cfg.actor_cpus
+    if not fused:  # decoding as tasks of their own, retried the same number of times
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={**decode, "out": str(out.resolve()), "timeout_s": cfg.shard_timeout_s},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=cfg.decode_cpus,
+            max_retries=cfg.max_retries,
+        )
     threads = max(1, int(cfg.actor_cpus))
     for k, (bundle, name) in enumerate(zip(cfg.bundles, cfg.names, strict=True)):
         ds = ds.map_batches(
@@ -155,23 +244,41 @@ def _run_pipeline(ray, cfg: CaptionConfig, pending, sizes, out: Path, log, verbo
                 "num_threads": threads,
                 "beam_width": cfg.beam_width,
                 "keep_images": k < len(cfg.bundles) - 1,
+                "shard_timeout_s": cfg.shard_timeout_s,
+                "repair": repair,
+                # the first pool fetches and decodes its shards itself (the default)
+                "decode": decode if fused and k == 0 else None,
             },
             batch_size=1,
             batch_format="numpy",
             num_cpus=cfg.actor_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            # Ray Data restarts a dead actor and retries its shard by default; a retried shard
-            # rewrites the same part file atomically, so nothing is written twice.
+            # starts as large as the cluster allows; may shrink when idle (the job's tail)
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
+            # a dead actor is always restarted (a pool with none would wait forever), but a
+            # shard is tried at most 1 + max_retries times: one that kills every worker it
+            # lands on (out of memory, a native crash) cannot loop
+            max_restarts=-1,
+            max_task_retries=cfg.max_retries,
         )
-    total = sum(len(s) for s in pending)
+    total = sum(len(s) for s in todo)
     progress = Progress(total, log)
     pool = f"{low}" if low == high else f"1 to {high}"
-    log(
-        f"caption: {len(pending)} shards to do; {pool} actor(s) of {cfg.actor_cpus:g} CPU per model"
-    )
+    log(f"caption: {len(todo)} shards to do; {pool} actor(s) of {cfg.actor_cpus:g} CPU per model")
+    done: set[int] = set()
     for row in ds.iter_rows():
+        done.add(int(row["shard"]))
         progress.add(int(row["rows"]))
     progress.done()
+    failed = {}
+    for s in todo:
+        if s.shard not in done:
+            note = read_note(out, s.shard) or {}
+            if note.get("reason") == TIMEOUT:
+                why = f"{TIMEOUT}: {note.get('stage')} ran over {note.get('seconds')} s"
+            else:
+                why = f"{WORKER_DIED}: its worker died on each of {1 + cfg.max_retries} attempts"
+            failed[s.shard] = why
+    return failed
 
 
 class Progress:
@@ -180,27 +287,30 @@ class Progress:
     def __init__(self, total: int, log, every_s: float = PROGRESS_EVERY_S):
         self.total, self.log, self.every_s = total, log, every_s
         self.done_images, self.start = 0, time.perf_counter()
-        self.last = self.start
+        self.last, self.shown = self.start, -1
 
     def add(self, images: int) -> None:
         self.done_images += images
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            self.log(self.line(now))
+            self._show(now)
 
-    def line(self, now: float) -> str:
+    def _show(self, now: float) -> None:
         rate = self.done_images / max(now - self.start, 1e-9)
         left = (self.total - self.done_images) / rate if rate else float("inf")
-        eta = _duration(left) if left != float("inf") else "?"
         share = self.done_images / self.total if self.total else 1.0
-        return (
-            f"caption: {self.done_images:,}/{self.total:,} images ({share:.0%}), "
-            f"{rate:,.0f} img/s, {eta} left"
+        line = (
+            f"caption: {self.done_images:,}/{self.total:,} images ({share:.0%}), {rate:,.0f} img/s"
         )
+        if self.done_images < self.total:
+            line += f", {_duration(left) if left != float('inf') else '?'} left"
+        self.log(line)
+        self.shown = self.done_images
 
     def done(self) -> None:
-        self.log(self.line(time.perf_counter()).replace(", 0 s left", ""))
+        if self.shown != self.done_images:
+            self._show(time.perf_counter())
 
 
 def _duration(seconds: float) -> str:
@@ -209,29 +319,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds:.0f} s"
-
-
-@contextlib.contextmanager
-def _ray_logs_to(path: Path, verbose: bool):
-    """Ray's own messages (start-up notices, operator dumps, warnings about actor arguments,
-    deprecations; some written by its C++ core straight to the process's stderr) go to
-    OUT/capfleet.log instead of the console; with `verbose` they stay on the console. The job's
-    own progress goes through `log` (stdout) either way."""
-    if verbose:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as f:
-        os.dup2(f.fileno(), 2)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")  # recorded in the log file, not hidden
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _print_summary(summary, log) -> None:

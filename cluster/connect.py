@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import capfleet
 from capfleet.model.errors import CapfleetError
@@ -67,6 +68,32 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_messages_to(path: Path, verbose: bool = False):
+    """Ray's own messages (start-up notices, operator dumps, warnings about actor arguments,
+    deprecations; some written by its C++ core straight to the process's stderr) go to `path`
+    instead of the console; with `verbose` they stay on the console. A job's own progress goes
+    through its `log` (stdout) either way."""
+    if verbose:
+        yield
+        return
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # recorded in the log file, not hidden
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def failure_text(e: Exception) -> str:

@@ -169,6 +169,8 @@ def tune(cap: Captioner, backbone, manifest, vocab, recipe: TrialRecipe, setting
     }
     if encoder_sparsity or dec.prune:
         log(f"{recipe.name}: pruning (encoder {encoder_sparsity:.0%}, decoder {dec.prune:.0%})")
+        if encoder_sparsity:  # pruning the CNN tunes it, frozen or not
+            cap.encoder.trainable = True
         prune_finetune(cap, encoder_sparsity, dec.prune, data.train, data.dev, **tuning)
     if dec.quant == "qat-int8":
         log(f"{recipe.name}: quantization-aware training of the decoder's Dense layers")
@@ -181,6 +183,7 @@ def _shrink(cap: Captioner, encoder_share, decoder_share, data: FinetuneData, se
     labels and frozen is re-pretrained the same way and frozen before the decoder is tuned."""
     small = shrink_captioner(cap, encoder_share, decoder_share)
     if encoder_share and data.config.pretrain_epochs:
+        small.encoder.trainable = True  # a copy of the frozen CNN: learn its cells again
         tuned = dataclasses.replace(data.config, pretrain_epochs=settings.shrink_epochs)
         x_train, x_dev = data.train[0], data.dev[0]
         pretrain_cells(

@@ -92,16 +92,19 @@ def caption(
     address: str | None = None,
     log: Log = print,
     verbose: bool = False,
+    retry_errors: bool = False,
     **fields,
 ) -> CaptionResult:
     """Caption an image set with one or more bundles on Ray (embedded unless an address).
-    Ray's own messages go to OUT/capfleet.log (and the console too with `verbose`)."""
+    Ray's own messages go to OUT/capfleet.log (and the console too with `verbose`). With
+    `retry_errors` a rerun captions its error rows again. Shards whose workers kept failing
+    are counted in `job["shards"]["failed"]` (their rows are error rows; rerun to retry)."""
     from capfleet.cluster.caption_pipeline import run_caption_job
 
     cfg = _config(CaptionConfig, config, fields)
     if address:
         cfg = dataclasses.replace(cfg, address=address)
-    job = run_caption_job(cfg, log=log, verbose=verbose)
+    job = run_caption_job(cfg, log=log, verbose=verbose, retry_errors=retry_errors)
     out = Path(cfg.out)
     return CaptionResult(out, out / "captions", pq.read_table(out / "summary.parquet"), job)
 

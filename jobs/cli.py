@@ -49,13 +49,15 @@ def _caption(args: argparse.Namespace) -> int:
         beam_width=args.beam_width,
         image_column=args.image_column,
         max_image_mb=args.max_image_mb,
+        max_retries=args.max_retries,
+        shard_timeout_s=args.shard_timeout,
     )
-    done = api.caption(cfg, verbose=args.verbose)
+    done = api.caption(cfg, verbose=args.verbose, retry_errors=args.retry_errors)
     print(
         f"captions in {args.out}/captions/, summary in {args.out}/summary.parquet "
         f"({done.job['wall_seconds']} s)"
     )
-    return 0
+    return 1 if done.job["shards"]["failed"] else 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -81,6 +83,7 @@ def run_spec(cfg, address: str | None) -> int:
         return 0 if done.ok else 1
     if isinstance(done, api.CaptionResult):
         print(f"captions in {cfg.out}/captions/, summary in {cfg.out}/summary.parquet")
+        return 1 if done.job["shards"]["failed"] else 0
     return 0
 
 

@@ -114,6 +114,43 @@ def load_bundle_files(bundle_dir: str | Path, verify: bool = True) -> tuple[dict
     return manifest, data
 
 
+def check_bundle(bundle_dir: str | Path) -> dict:
+    """Refuse, before any work, a bundle that could not caption: files that do not match the
+    manifest, a .tflite that does not load (0 bytes, not a flatbuffer) or lacks the signature
+    capfleet writes, an encoder whose input is not the manifest's input_size, or a vocabulary
+    that does not cover the decoder's output. Returns the manifest."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    d = Path(bundle_dir)
+    manifest, models = load_bundle_files(d)
+    try:
+        size = int(manifest["encoder"]["input_size"])
+        units = int(manifest["config"]["units"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{d}/{MANIFEST_FILE}: lacks {e} in encoder/config") from e
+    shapes = {}
+    for name, want in ((ENCODER_FILE, ("image", "img_proj")), (DECODER_FILE, ("token", "logits"))):
+        try:
+            runner = Interpreter(model_content=models[name]).get_signature_runner()
+            inputs, outputs = runner.get_input_details(), runner.get_output_details()
+            shapes[name] = (inputs[want[0]]["shape_signature"], outputs[want[1]]["shape_signature"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise BundleError(f"{d}/{name}: not a capfleet model LiteRT can load ({e})") from e
+    image, proj = (list(s) for s in shapes[ENCODER_FILE])
+    if image[1:] != [size, size, 3] or proj[-1] != units:
+        raise BundleError(
+            f"{d}/{ENCODER_FILE}: takes {image[1:]} -> {proj[-1]}, but the manifest says "
+            f"[{size}, {size}, 3] -> {units}"
+        )
+    vocab = Vocabulary.load(d / VOCAB_FILE)
+    logits = int(shapes[DECODER_FILE][1][-1])
+    if len(vocab) != logits:
+        raise BundleError(
+            f"{d}: {VOCAB_FILE} has {len(vocab)} tokens, but the decoder scores {logits}"
+        )
+    return manifest
+
+
 class BundleRunner:
     """Captions batches of images with a bundle, on ai_edge_litert only.
 

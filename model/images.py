@@ -60,7 +60,9 @@ def decode_image(
     height, width = size
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from 89.5 MP (its own MAX_IMAGE_PIXELS) and raises from twice that; the
+            # limit here is max_pixels, checked just below, so its warning is not the refusal
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             return ImageError(TOO_LARGE, f"{img.width}x{img.height} exceeds {max_pixels} pixels")
@@ -75,7 +77,7 @@ def decode_image(
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         return ImageError(TOO_LARGE, str(e))
     except UnidentifiedImageError:
         return ImageError(NOT_AN_IMAGE, "not a recognised image format")

@@ -74,6 +74,10 @@ def load_trained(model_dir: str | Path):
         cap.training_model.load_weights(str(d / WEIGHTS_FILE))
     except (OSError, ValueError) as e:
         raise CapfleetError(f"{d}: cannot load the model's weights ({e})") from e
+    if cap.trainable_encoder and manifest["train"].get("pretrain_epochs"):
+        # the CNN was pretrained, then frozen while the decoder learnt: it stays frozen (and
+        # its BatchNorm in inference mode) unless a compression step means to change it
+        cap.encoder.trainable = False
     return cap, backbone, vocab, manifest
 
 

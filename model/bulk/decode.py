@@ -17,6 +17,7 @@ from capfleet.model.bulk.fetch import (
     sample_parts,
     stream_tar,
 )
+from capfleet.model.bulk.watchdog import deadline
 from capfleet.model.data import MISSING
 from capfleet.model.images import UNREADABLE, ImageError, decode_image
 
@@ -58,11 +59,13 @@ def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
             cols = read_parquet_slice(
                 where["path"], where["row_group"], where["offset"], where["length"], columns
             )
-            for i, value in enumerate(cols[where["column"]]):
-                data[i] = image_bytes(value)
-            for i, caps in enumerate(cols.get(where["captions"], [])):
-                caps = caps if isinstance(caps, list) else [caps]
-                refs[i] = refs[i] or [str(c).strip() for c in caps if c]
+            positions = [int(r) for r in _column(batch, "rows")] if "rows" in batch else range(n)
+            values, texts = cols[where["column"]], cols.get(where["captions"])
+            for i, row in enumerate(positions):
+                data[i] = image_bytes(values[row])
+                if texts is not None:
+                    caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
+                    refs[i] = refs[i] or [str(c).strip() for c in caps if c]
         else:
             raise ValueError(f"unknown source {source!r}")
     except Exception as e:  # noqa: BLE001  a shard that cannot be read: every row says why
@@ -76,13 +79,23 @@ def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
     return data, refs, read_ms
 
 
-def decode_batch(batch: dict, sizes: Sequence[int], max_bytes: int = MAX_IMAGE_BYTES) -> dict:
-    """Fetch and decode every image of a shard for each input size the bundles need.
+def decode_batch(
+    batch: dict,
+    sizes: Sequence[int],
+    max_bytes: int = MAX_IMAGE_BYTES,
+    out: str = "",
+    timeout_s: float = 0.0,
+) -> dict:
+    """Fetch and decode every image of a shard for each input size the bundles need; with
+    `timeout_s`, a shard that takes longer ends this worker (watchdog.deadline, notes in `out`).
 
     batch: one shard's item (reader.Shard.item) -> adds per size S "image_S": (1, N, S, S, 3)
     uint8, and per row "error" (the reason, "" when fine), "references", "read_ms",
     "decode_ms".
     """
+    if timeout_s:
+        with deadline(out, int(batch["shard"][0]), "fetch and decode", timeout_s):
+            return decode_batch(batch, sizes, max_bytes)
     errors = [str(e) for e in _column(batch, "error")]
     data, refs, read_ms = fetch_shard(batch, max_bytes)
     n = len(errors)

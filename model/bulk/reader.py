@@ -43,6 +43,7 @@ class Shard:
     references: list[list[str]]  # reference captions per image ([] when none)
     source: str = "files"  # files | tar | parquet
     where: dict = field(default_factory=dict)  # tar: path; parquet: path, row group, slice
+    rows: list[int] | None = None  # positions in the shard, when only some rows are redone
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -57,7 +58,20 @@ class Shard:
             "uri": self.uri,
             "error": self.error,
             "references": self.references,
+            "rows": self.rows if self.rows is not None else list(range(len(self))),
         }
+
+    def subset(self, rows: list[int]) -> Shard:
+        """The same shard with only these rows (positions), to redo failed rows alone."""
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return replace(
+            self,
+            image_id=pick(self.image_id),
+            uri=pick(self.uri),
+            error=pick(self.error),
+            references=pick(self.references),
+            rows=list(rows),
+        )
 
 
 @dataclass

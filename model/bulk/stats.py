@@ -87,6 +87,7 @@ class PartStats:
     started: float = 0.0  # Unix time the worker began and ended this part
     finished: float = 0.0
     busy_s: float = 0.0  # finished - started, summed over merged parts
+    retry: bool = False  # the driver wrote these rows for a shard whose worker failed: redo it
     bleu: BleuStats = field(default_factory=BleuStats)
 
     def to_json(self) -> dict:
@@ -95,6 +96,37 @@ class PartStats:
     @classmethod
     def from_json(cls, doc: dict) -> PartStats:
         return cls(**{**doc, "bleu": BleuStats(**doc.get("bleu", {}))})
+
+
+def stats_of(table, started: float, finished: float) -> PartStats:
+    """A part's statistics from its rows (pyarrow Table of CAPTION_SCHEMA)."""
+    from capfleet.model.text import clean_caption
+
+    stats = PartStats(rows=table.num_rows, started=started, finished=finished)
+    errors: Counter = Counter()
+    for r in table.select(
+        [
+            "status",
+            "error",
+            "caption",
+            "references",
+            "latency_ms",
+            "read_ms",
+            "decode_ms",
+            "encoder_ms",
+            "decoder_ms",
+        ]
+    ).to_pylist():
+        if r["status"] != "ok":
+            errors[reason(r["error"] or "")] += 1
+            continue
+        stats.ok += 1
+        for key in ("latency_ms", "read_ms", "decode_ms", "encoder_ms", "decoder_ms"):
+            setattr(stats, key, getattr(stats, key) + (r[key] or 0.0))
+        if r["references"]:
+            stats.bleu.add([clean_caption(c) for c in r["references"]], r["caption"])
+    stats.errors = dict(errors)
+    return stats
 
 
 def merge(parts: Iterable[PartStats]) -> PartStats:

@@ -25,7 +25,7 @@ def summarize(out: str | Path, bundles: dict[str, str], run_started: float) -> p
         found = [(p, part_stats(p)) for p in parts(out, name)]
         found = [(p, s) for p, s in found if s is not None]
         total = merge(s for _, s in found)
-        this_run = merge(s for _, s in found if s.started >= run_started)
+        this_run = merge(s for _, s in found if s.started >= run_started and not s.retry)
         latency = _latencies([p for p, _ in found])
         manifest = read_manifest(bundle, verify=False)
         span = this_run.finished - this_run.started

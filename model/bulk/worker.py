@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.schema import CAPTION_SCHEMA, ERROR, OK
-from capfleet.model.bulk.stats import PartStats, reason
-from capfleet.model.bulk.writer import part_done, part_path, write_part
+from capfleet.model.bulk.stats import stats_of
+from capfleet.model.bulk.watchdog import deadline
+from capfleet.model.bulk.writer import part_path, part_stats, write_part
 from capfleet.model.bundle import BundleRunner
-from capfleet.model.text import clean_caption
 
 
 class CaptionWorker:
     """Hosts one bundle; `__call__` captions one shard and writes its Parquet part.
 
     Follows Ray's batch-inference shape (load once in __init__, map a batch in __call__) and
-    holds no Ray code. A shard whose part is already whole is passed over (resume).
+    holds no Ray code. A shard whose part is already whole is passed over (resume); with
+    `repair`, its error rows among the batch's rows are captioned again and replaced in the
+    part, its ok rows untouched.
     """
 
     def __init__(
@@ -32,6 +37,9 @@ class CaptionWorker:
         num_threads: int = 1,
         beam_width: int = 1,
         keep_images: bool = False,
+        shard_timeout_s: float = 0.0,
+        repair: bool = False,
+        decode: dict | None = None,
     ):
         self.runner = BundleRunner(bundle_dir, num_threads=num_threads, beam_width=beam_width)
         self.name = name
@@ -40,50 +48,78 @@ class CaptionWorker:
         # hand the decoded images on to the next model's pool; the last pool returns only the
         # shard id and its row count to the driver (for progress), not the images
         self.keep_images = keep_images
+        self.shard_timeout_s = shard_timeout_s  # 0 = none
+        self.repair = repair
+        # decode_batch's arguments when this worker fetches and decodes its shards itself (the
+        # first pool, by default: one process per core reads, decodes and captions)
+        self.decode = decode
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
+        if self.decode is not None:
+            batch = decode_batch(batch, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
         shard = int(batch["shard"][0])
-        path = part_path(self.out, self.name, shard)
         rows = len(batch["image_id"][0])
-        if not part_done(path):
-            table, stats = self.caption_shard(shard, batch)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_part(path, table, stats)
+        timer = (
+            deadline(self.out, shard, self.name, self.shard_timeout_s)
+            if self.shard_timeout_s
+            else contextlib.nullcontext()
+        )
+        with timer:
+            self._write(shard, batch)
         if self.keep_images:
             return batch
         return {"shard": batch["shard"], "rows": np.array([rows])}
 
-    def caption_shard(self, shard: int, batch: dict) -> tuple[pa.Table, PartStats]:
-        """Caption a decoded shard's good images in batches; bad ones become error rows."""
+    def _write(self, shard: int, batch: dict) -> None:
+        path = part_path(self.out, self.name, shard)
+        stats = part_stats(path)
         started = time.time()
-        ids = [str(i) for i in batch["image_id"][0]]
-        errors = [str(e) for e in batch["error"][0]]
-        refs = [[str(c) for c in r] for r in batch["references"][0]]
+        if stats is None or stats.retry:  # not done: the batch holds the whole shard
+            table = self.caption_rows(shard, batch, list(range(len(batch["image_id"][0]))))
+        elif self.repair:
+            old = pq.read_table(path).replace_schema_metadata(None).to_pylist()
+            positions = [int(r) for r in batch["rows"][0]]
+            redo = [j for j, pos in enumerate(positions) if old[pos]["status"] != OK]
+            if not redo:
+                return
+            new = self.caption_rows(shard, batch, redo).to_pylist()
+            for j, row in zip(redo, new, strict=True):
+                old[positions[j]] = row
+            table = pa.Table.from_pylist(old, schema=CAPTION_SCHEMA)
+        else:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_part(path, table, stats_of(table, started, time.time()))
+
+    def caption_rows(self, shard: int, batch: dict, idx: list[int]) -> pa.Table:
+        """Rows `idx` of a decoded batch, captioned in batches; bad images become error rows."""
+        pick = lambda key: [batch[key][0][j] for j in idx]  # noqa: E731
+        errors = [str(e) for e in pick("error")]
         images = batch[f"image_{self.runner.input_size}"][0]
-        n = len(ids)
+        n = len(idx)
         captions: list[str | None] = [None] * n
         enc_ms, dec_ms, bsizes = [None] * n, [None] * n, [None] * n
-        good = [i for i in range(n) if not errors[i]]
+        good = [k for k in range(n) if not errors[k]]
         for start in range(0, len(good), self.batch_size):
-            idx = good[start : start + self.batch_size]
-            caps, enc_s, dec_s = self.runner.caption_timed(images[idx])
-            for i, c in zip(idx, caps, strict=True):
-                captions[i] = c
-                enc_ms[i], dec_ms[i] = 1000 * enc_s / len(idx), 1000 * dec_s / len(idx)
-                bsizes[i] = len(idx)
-        read_ms = [float(v) for v in batch["read_ms"][0]]
-        decode_ms = [float(v) for v in batch["decode_ms"][0]]
+            chunk = good[start : start + self.batch_size]
+            caps, enc_s, dec_s = self.runner.caption_timed(images[[idx[k] for k in chunk]])
+            for k, c in zip(chunk, caps, strict=True):
+                captions[k] = c
+                enc_ms[k], dec_ms[k] = 1000 * enc_s / len(chunk), 1000 * dec_s / len(chunk)
+                bsizes[k] = len(chunk)
+        read_ms = [float(v) for v in pick("read_ms")]
+        decode_ms = [float(v) for v in pick("decode_ms")]
         latency = [None if e is None else e + d for e, d in zip(enc_ms, dec_ms, strict=True)]
-        table = pa.table(
+        return pa.table(
             {
-                "image_id": ids,
-                "uri": [str(u) for u in batch["uri"][0]],
+                "image_id": [str(i) for i in pick("image_id")],
+                "uri": [str(u) for u in pick("uri")],
                 "model": [self.name] * n,
                 "caption": captions,
                 "status": [ERROR if e else OK for e in errors],
                 "error": [e or None for e in errors],
-                "references": refs,
+                "references": [[str(c) for c in r] for r in pick("references")],
                 "latency_ms": latency,
                 "read_ms": [None if e else v for e, v in zip(errors, read_ms, strict=True)],
                 "decode_ms": [None if e else v for e, v in zip(errors, decode_ms, strict=True)],
@@ -95,17 +131,3 @@ class CaptionWorker:
             },
             schema=CAPTION_SCHEMA,
         )
-        stats = PartStats(rows=n, ok=len(good), started=started)
-        for e in errors:
-            if e:
-                stats.errors[reason(e)] = stats.errors.get(reason(e), 0) + 1
-        for i in good:
-            stats.latency_ms += latency[i]
-            stats.read_ms += read_ms[i]
-            stats.decode_ms += decode_ms[i]
-            stats.encoder_ms += enc_ms[i]
-            stats.decoder_ms += dec_ms[i]
-            if refs[i]:
-                stats.bleu.add([clean_caption(r) for r in refs[i]], captions[i])
-        stats.finished = time.time()
-        return table, stats

@@ -94,7 +94,40 @@ def part_stats(path: Path) -> PartStats | None:
 
 
 def part_done(path: Path) -> bool:
-    return part_stats(path) is not None
+    """A part that reads whole and holds captioned rows (not a failed shard's stand-in)."""
+    stats = part_stats(path)
+    return stats is not None and not stats.retry
+
+
+def failed_part(shard, model: str, error: str) -> tuple[pa.Table, PartStats]:
+    """The rows of a shard whose worker failed (died, or timed out) after its retries: every
+    row an error with the reason, so the outputs say what happened to each image; a rerun
+    redoes the shard (its statistics say `retry`)."""
+    import time
+
+    n = len(shard.image_id)
+    table = pa.table(
+        {
+            "image_id": shard.image_id,
+            "uri": shard.uri,
+            "model": [model] * n,
+            "caption": [None] * n,
+            "status": ["error"] * n,
+            "error": [error] * n,
+            "references": shard.references,
+            "shard": [shard.shard] * n,
+        }
+    )
+    table = pa.table(
+        {
+            f.name: table[f.name] if f.name in table.column_names else pa.nulls(n, f.type)
+            for f in CAPTION_SCHEMA
+        },
+        schema=CAPTION_SCHEMA,
+    )
+    now = time.time()
+    reason = error.split(":", 1)[0]
+    return table, PartStats(rows=n, errors={reason: n}, started=now, finished=now, retry=True)
 
 
 def parts(out: str | Path, model: str) -> Iterator[Path]:
@@ -102,10 +135,11 @@ def parts(out: str | Path, model: str) -> Iterator[Path]:
 
 
 def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa.Table:
-    """Every caption row written so far (all models, or one), of whole parts only."""
+    """Every caption row written so far (all models, or one), of parts that read whole (a
+    failed shard's error rows included)."""
     root = Path(out) / "captions"
     pattern = f"model={model}/part-*.parquet" if model else "model=*/part-*.parquet"
-    found = [p for p in sorted(root.glob(pattern)) if part_done(p)]
+    found = [p for p in sorted(root.glob(pattern)) if part_stats(p) is not None]
     schema = (
         CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])
     )

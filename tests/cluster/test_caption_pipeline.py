@@ -95,7 +95,7 @@ def test_two_bundles_every_image_once_with_error_reasons_and_bleu(
         assert s["bleu1"] is not None and 0 <= s["bleu4"] <= s["bleu1"] <= 1
         assert s["size_mb"] > 0 and s["latency_p95_ms"] >= s["latency_p50_ms"] > 0
     meta = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert meta["images"] == total and meta["shards"] == {"total": 3, "run": 3}
+    assert meta["images"] == total and meta["shards"] == {"total": 3, "run": 3, "failed": 0}
 
 
 def test_rerun_finishes_only_missing_shards(local_ray, tiny_bundle, shapes_dir, tmp_path):
@@ -109,7 +109,7 @@ def test_rerun_finishes_only_missing_shards(local_ray, tiny_bundle, shapes_dir, 
     assert summary["throughput_img_s"] is None and summary["images"] == 64
     (out / "captions" / "model=tiny-fp32" / "part-000002.parquet").unlink()
     again = run_caption_job(cfg, log=lambda _: None)
-    assert again["shards"] == {"total": 4, "run": 1}
+    assert again["shards"] == {"total": 4, "run": 1, "failed": 0}
     second = read_captions(out).select(["image_id", "caption", "status", "shard"]).to_pylist()
     assert sorted(second, key=str) == sorted(first, key=str)
 
@@ -175,7 +175,7 @@ def test_resume_after_sigkill_of_the_driver(local_ray, tiny_bundle, many_images,
 
     cfg = small_cfg(tiny_bundle, many_images, out)
     meta = run_caption_job(cfg, log=lambda _: None)  # the rerun, on the test's Ray
-    assert meta["shards"] == {"total": 40, "run": 40 - done_before}
+    assert meta["shards"] == {"total": 40, "run": 40 - done_before, "failed": 0}
     rows = read_captions(out).to_pylist()
     assert len(rows) == 320 and len({r["image_id"] for r in rows}) == 320
 

@@ -87,3 +87,35 @@ def test_a_bad_plan_is_refused_before_work(tiny_model, tmp_path):
         CompressConfig(models=(str(tiny_model), str(tiny_model)), out=str(tmp_path))
     plan = CompressConfig(models=(str(tiny_model),), out=str(tmp_path), trials=("int8",)).plan()
     assert [t for _, t in plan] == ["fp32:fp32", "int8:int8"]  # the baseline always runs
+
+
+@pytest.fixture(scope="module")
+def pretrained_model(shapes_dir, tmp_path_factory):
+    """A small CNN pretrained on the shapes' cells and frozen, then a decoder trained on it."""
+    from capfleet.model.train_config import TrainConfig
+    from capfleet.model.training import train
+
+    out = tmp_path_factory.mktemp("pretrained") / "m"
+    cfg = TrainConfig(
+        data=str(shapes_dir), out=str(out), units=16, embed_dim=8, epochs=1, pretrain_epochs=1
+    )
+    train(cfg, log=lambda _: None)
+    return out
+
+
+@pytest.mark.parametrize("trial", ["fp32:prune-50", "fp32:shrink-50"])
+def test_decoder_tuning_keeps_a_frozen_cnn_frozen(pretrained_model, trial):
+    """The CNN was pretrained and frozen: a decoder-only trial must not train it, nor let its
+    BatchNorm statistics drift (they moved when load_trained rebuilt it trainable)."""
+    from capfleet.compression.recipes import parse_trial
+    from capfleet.compression.trial import tune
+    from capfleet.model.modeldir import load_trained
+
+    cap, backbone, vocab, manifest = load_trained(pretrained_model)
+    before = [w.copy() for w in cap.encoder.get_weights()]  # kernels and BatchNorm statistics
+    settings = dataclasses.replace(QUICK, finetune_epochs=1, shrink_epochs=1)
+    tuned = tune(cap, backbone, manifest, vocab, parse_trial(trial), settings, lambda _: None)
+    after = tuned.encoder.get_weights()
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -130,6 +130,18 @@ def test_decompression_bomb_refused_by_declared_size():
     assert isinstance(small, ImageError) and small.reason == TOO_LARGE
 
 
+def test_the_declared_size_limit_is_max_pixels_not_pils_own():
+    # 95 MP: above PIL's 89.5 MP warning, below capfleet's 100 MP MAX_PIXELS: decoded
+    from capfleet.model.images import MAX_PIXELS
+
+    assert MAX_PIXELS == 100_000_000
+    out = decode_image(encode(Image.new("1", (10_000, 9_500), 1), "PNG"), (8, 8))
+    assert not isinstance(out, ImageError), out
+    assert out.shape == (8, 8, 3) and out.min() == 255
+    over = decode_image(encode(Image.new("1", (10_000, 10_001)), "PNG"), (8, 8))
+    assert isinstance(over, ImageError) and over.reason == TOO_LARGE
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -1,0 +1,62 @@
+"""A shard that takes too long ends its own worker: a hang in a decoder or a stalled read is
+not interruptible from Python, so the worker process notes why and exits; the pipeline's
+bounded retries then try the shard again, and a shard that keeps failing becomes error rows
+with the reason the note gives (see capfleet.cluster.caption_pipeline)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from capfleet.model.artifacts import write_bytes_atomic
+
+FAILED_DIR = "_failed"  # OUT/_failed/shard-NNNNNN.json: why a shard's last attempt ended
+TIMEOUT, WORKER_DIED = "timeout", "worker_died"
+EXIT_CODE = 70
+
+
+def note_path(out: str | Path, shard: int) -> Path:
+    return Path(out) / FAILED_DIR / f"shard-{shard:06d}.json"
+
+
+def read_note(out: str | Path, shard: int) -> dict | None:
+    try:
+        note = json.loads(note_path(out, shard).read_text(encoding="utf-8"))
+        return note if isinstance(note, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def clear_note(out: str | Path, shard: int) -> None:
+    note_path(out, shard).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def deadline(out: str | Path, shard: int, stage: str, seconds: float):
+    """Within `seconds`, or this process notes a timeout for the shard and exits."""
+
+    def expire() -> None:
+        note = {
+            "reason": TIMEOUT,
+            "stage": stage,
+            "seconds": seconds,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "time": time.time(),
+        }
+        try:
+            write_bytes_atomic(note_path(out, shard), json.dumps(note).encode())
+        finally:
+            os._exit(EXIT_CODE)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
