@@ -97,6 +97,4 @@ def write_compress_gallery(
                 "error": None,
                 "scores": {k: r[k] for k in ("cider_d", "rouge_l", "sentence_bleu4")},
             }
-    return write_gallery(
-        Path(out) / GALLERY_FILE, [items[i] for i in ids], [n for n in kept], title
-    )
+    return write_gallery(Path(out) / GALLERY_FILE, [items[i] for i in ids], list(kept), title)
