@@ -24,16 +24,20 @@ from capfleet.compression.config import (
     slug,
     tuning_epochs,
 )
+from capfleet.compression.gallery import write_compress_gallery
 from capfleet.compression.report import failed_record, write_report, write_trials
 from capfleet.compression.trial import measure_bundle, run_trial
 from capfleet.model.artifacts import write_json_atomic
+from capfleet.model.gallery import GALLERY_FILE
 from capfleet.model.modeldir import manifest_sha256
 
 
-def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict) -> dict:
+def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str) -> dict:
     """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record."""
     try:
-        return run_trial(model_dir, trial, bundle_dir, TrialSettings(**settings), log=print)
+        return run_trial(
+            model_dir, trial, bundle_dir, TrialSettings(**settings), print, captions_out=captions
+        )
     except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
         return failed_record(Path(model_dir).name, trial, failure_text(e))
 
@@ -55,6 +59,11 @@ def _record_path(out: Path, model_dir: str, trial: str) -> Path:
     return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
 
 
+def _captions_path(out: Path, model_dir: str, trial: str) -> Path:
+    """A trial's scored test captions (compression.gallery), kept beside its record."""
+    return out / "records" / Path(model_dir).name / f"{slug(trial)}.captions.parquet"
+
+
 def _progress(done: int, total: int, r: dict) -> str:
     head = f"[{done}/{total}] {r['model']} {r['trial']}"
     if r["status"] != "ok":
@@ -68,7 +77,8 @@ def _progress(done: int, total: int, r: dict) -> str:
 def run_compress_job(
     cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
 ) -> dict:
-    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png. Returns counts."""
+    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png and gallery.html.
+    Returns counts and paths."""
     t0 = time.perf_counter()
     plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
     out = Path(cfg.out)
@@ -102,7 +112,11 @@ def run_compress_job(
             for model_dir, trial in todo:
                 bundle = out / "bundles" / Path(model_dir).name / slug(trial)
                 ref = task.remote(
-                    str(Path(model_dir).resolve()), trial, str(bundle.resolve()), settings
+                    str(Path(model_dir).resolve()),
+                    trial,
+                    str(bundle.resolve()),
+                    settings,
+                    str(_captions_path(out, model_dir, trial).resolve()),
                 )
                 pending[ref] = (model_dir, trial)
             log(
@@ -135,6 +149,7 @@ def run_compress_job(
                 log(f"timed [{n}/{len(built)}] {rec['model']} {rec['trial']}: {timed}")
     ordered = [records[k] for k in plan]
     write_trials(out, ordered)
+    gallery = _gallery(cfg, out, plan, ordered, log)
     report = write_report(out)
     failed = sum(r["status"] != "ok" for r in ordered)
     wall = time.perf_counter() - t0
@@ -144,4 +159,22 @@ def run_compress_job(
         "ok": len(ordered) - failed,
         "failed": failed,
         "report": str(report),
+        "gallery": str(gallery) if gallery else None,
     }
+
+
+def _gallery(cfg: CompressConfig, out: Path, plan, records, log) -> Path | None:
+    """OUT/gallery.html: a sample of the test images with every trial's caption (cfg.gallery
+    images; 0 removes an earlier run's page, which would describe other trials)."""
+    if not cfg.gallery:
+        (out / GALLERY_FILE).unlink(missing_ok=True)
+        return None
+    many = len({Path(m).name for m, _ in plan}) > 1
+    trials = [
+        (f"{r['model']} {r['trial']}" if many else r["trial"], r, _captions_path(out, m, t))
+        for (m, t), r in zip(plan, records, strict=True)
+    ]
+    path = write_compress_gallery(out, trials, cfg.gallery)
+    if path is None:
+        log("compress: no trial kept its captions, no gallery written")
+    return path

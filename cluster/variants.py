@@ -49,12 +49,18 @@ VARIANT_SCHEMA = pa.schema(
         ("bleu2", pa.float64()),
         ("bleu3", pa.float64()),
         ("bleu4", pa.float64()),
+        ("cider_d", pa.float64()),  # IDF from the test split's references
+        ("rouge_l", pa.float64()),
         ("content_accuracy", pa.float64()),  # shapes data only
         ("spec", pa.string()),  # the variant's whole TrainConfig, JSON
         ("started", pa.float64()),  # Unix time
         ("finished", pa.float64()),
     ]
 )
+
+
+# The test-split scores a variant row takes from its model manifest's test_metrics.
+SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l")
 
 
 def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str | None) -> dict:
@@ -70,7 +76,7 @@ def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str |
         **{k: getattr(cfg, k) for k in ("batch_size", "seed")},
         "epochs_run": (manifest or {}).get("epochs_run"),
         "train_seconds": (manifest or {}).get("train_seconds"),
-        **{k: m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "content_accuracy")},
+        **{k: m.get(k) for k in (*SCORES, "content_accuracy")},
         "spec": json.dumps(asdict(cfg), sort_keys=True),
     }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from capfleet.compression.recipes import check_for_model, parse_trial
 from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import CapfleetError, check_at_least
+from capfleet.model.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.modeldir import read_model_manifest
 
 
@@ -70,6 +71,7 @@ class CompressConfig:
     cpus_per_trial: float = 1.0
     max_retries: int = 1  # a crashed task (worker died) is retried this many times
     settings: TrialSettings = TrialSettings()
+    gallery: int = DEFAULT_GALLERY_IMAGES  # test images in OUT/gallery.html; 0 = no gallery
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -85,6 +87,7 @@ class CompressConfig:
             raise CapfleetError(f"cpus_per_trial: must be > 0, got {self.cpus_per_trial}")
         if self.max_retries < 0:
             raise CapfleetError(f"max_retries: must be >= 0, got {self.max_retries}")
+        check_gallery_size(self.gallery)
 
     def plan(self) -> list[tuple[str, str]]:
         """(model dir, trial name) for every trial, the fp32 baseline first for each model, so

@@ -1,5 +1,6 @@
 """Trial records -> trials.parquet (schema declared once), report.md in the study's table shape,
-and report.png: BLEU-4 against size and against latency with the Pareto front marked.
+and report.png (matplotlib): BLEU-4 and CIDEr-D against size and against latency with the Pareto
+front marked.
 
 Sizes are raw bundle bytes unless a column says gzip; a gzip saving is never a speed-up.
 """
@@ -46,12 +47,16 @@ TRIAL_SCHEMA = pa.schema(
         ("bleu2", pa.float64()),
         ("bleu3", pa.float64()),
         ("bleu4", pa.float64()),
+        ("cider_d", pa.float64()),  # IDF from the test images' references (one image set)
+        ("rouge_l", pa.float64()),
         ("content_accuracy", pa.float64()),  # shapes data only
         ("test_images", pa.int64()),
         ("size_ratio", pa.float64()),  # size_mb / baseline size_mb
         ("gzip_ratio", pa.float64()),
         ("speedup", pa.float64()),  # baseline e2e_ms / e2e_ms
         ("delta_bleu4", pa.float64()),  # bleu4 - baseline bleu4
+        ("delta_cider_d", pa.float64()),
+        ("delta_rouge_l", pa.float64()),
         ("wall_s", pa.float64()),  # the trial's own wall time (tuning, converting, scoring)
         ("started", pa.float64()),  # Unix time the trial's task began and ended
         ("finished", pa.float64()),
@@ -74,7 +79,9 @@ def with_deltas(records: Sequence[dict]) -> list[dict]:
             row["size_ratio"] = r["size_mb"] / b["size_mb"]
             row["gzip_ratio"] = r["gzip_mb"] / b["gzip_mb"]
             row["speedup"] = b["e2e_ms"] / r["e2e_ms"] if r["e2e_ms"] else None
-            row["delta_bleu4"] = r["bleu4"] - b["bleu4"]
+            for m in ("bleu4", "cider_d", "rouge_l"):
+                mine, theirs = r.get(m), b.get(m)
+                row[f"delta_{m}"] = None if mine is None or theirs is None else mine - theirs
         out.append(row)
     return out
 
@@ -120,120 +127,170 @@ def label(r: dict) -> str:
     return enc if enc == dec else r["trial"]
 
 
-def render_markdown(rows: Sequence[dict]) -> str:
+def _fronts(pts: Sequence[dict], cost: str, score: str) -> str:
+    have = [r for r in pts if r.get(score) is not None]
+    return ", ".join(label(have[i]) for i in pareto([(r[cost], r[score]) for r in have])) or "-"
+
+
+def render_markdown(rows: Sequence[dict], gallery: str | None = None) -> str:
+    """report.md's text; `gallery` names the gallery page beside it, where there is one."""
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
     lines = [
         "# Compression trials",
         "",
-        "BLEU is the bundle's own greedy captions of the test split; size is the raw bundle",
+        "Scores are the bundle's own greedy captions of the test split: corpus BLEU-1/4,",
+        "CIDEr-D and ROUGE-L (the COCO caption evaluation's definitions). Every trial of a",
+        "model captions the same test images, so its scores compare across trials; CIDEr-D",
+        "weighs n-grams by their rarity among those images' references, so a CIDEr-D figure",
+        "compares only with figures on the same image set, never with another data set's or",
+        "another eval_images'. Size is the raw bundle",
         "(encoder.tflite + decoder_step.tflite + vocab.json), gzip beside it (a gzip saving",
         "is a download saving, not a speed-up); time for 2000 images is the end-to-end LiteRT",
         "latency per image, measured for one bundle at a time with nothing else running, at",
         "the benchmark batch and thread count, times 2000. Deltas are against the same",
         "model's fp32:fp32 trial; x size and speed-up are ratios to it.",
         "",
-        "| model | trial (encoder:decoder) | BLEU-1 | BLEU-4 | size MB | gzip MB |"
-        " time for 2000 images (min) | x size | speed-up | ΔBLEU-4 | sparsity enc/dec |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | trial (encoder:decoder) | BLEU-1 | BLEU-4 | CIDEr-D | ROUGE-L | size MB |"
+        " gzip MB | time for 2000 images (min) | x size | speed-up | ΔBLEU-4 | ΔCIDEr-D |"
+        " sparsity enc/dec |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(ok, key=lambda r: (r["model"], r["size_mb"])):
         lines.append(
             f"| {r['model']} | {label(r)} | {_f(r['bleu1'], '.3f')} | {_f(r['bleu4'], '.3f')} "
+            f"| {_f(r.get('cider_d'), '.3f')} | {_f(r.get('rouge_l'), '.3f')} "
             f"| {_f(r['size_mb'], '.3f')} | {_f(r['gzip_mb'], '.3f')} "
             f"| {_f(minutes_per_2000(r['e2e_ms']), '.3f')} | {_f(r['size_ratio'], '.2f')} "
             f"| {_f(r['speedup'], '.2f')} | {_f(r['delta_bleu4'], '+.3f')} "
+            f"| {_f(r.get('delta_cider_d'), '+.3f')} "
             f"| {_f(r['encoder_sparsity'], '.2f')}/{_f(r['decoder_sparsity'], '.2f')} |"
         )
     if ok:
         r0 = ok[0]
+        scored = {}
+        for r in ok:
+            scored.setdefault(r["model"], set()).add(r["test_images"])
+        sets = "; ".join(
+            f"{m}: {', '.join(str(n) for n in sorted(ns))}"
+            + ("" if len(ns) == 1 else " (different image sets: do not compare its trials)")
+            for m, ns in sorted(scored.items())
+        )
         lines += [
             "",
             f"Latency measured at batch {r0['bench_batch']} with {r0['bench_threads']} "
-            f"interpreter thread(s); {r0['test_images']} test images scored.",
+            f"interpreter thread(s). Test images scored per model: {sets}.",
         ]
     if failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- {r['model']} {r['trial']}: {r['error']}" for r in failed]
     for model in sorted({r["model"] for r in ok}):
         pts = [r for r in ok if r["model"] == model]
-        front = [label(pts[i]) for i in pareto([(r["size_mb"], r["bleu4"]) for r in pts])]
-        fast = [label(pts[i]) for i in pareto([(r["e2e_ms"], r["bleu4"]) for r in pts])]
         lines += [
             "",
-            f"Pareto front for {model}: size vs BLEU-4: {', '.join(front)}; "
-            f"latency vs BLEU-4: {', '.join(fast)}.",
+            f"Pareto front for {model}: size vs BLEU-4: {_fronts(pts, 'size_mb', 'bleu4')}; "
+            f"latency vs BLEU-4: {_fronts(pts, 'e2e_ms', 'bleu4')}; "
+            f"size vs CIDEr-D: {_fronts(pts, 'size_mb', 'cider_d')}; "
+            f"latency vs CIDEr-D: {_fronts(pts, 'e2e_ms', 'cider_d')}.",
         ]
-    lines += ["", f"![BLEU-4 against size and latency]({PLOT_FILE})", ""]
+    lines += ["", f"![BLEU-4 and CIDEr-D against size and latency]({PLOT_FILE})", ""]
+    if gallery:
+        lines += [
+            f"Every trial's captions of a sample of the test images, side by side: "
+            f"[{gallery}]({gallery}) (open it in a browser; it needs no server).",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def render_plot(rows: Sequence[dict], width: int = 1100, height: int = 460) -> bytes:
-    """Two scatter panels drawn with Pillow: BLEU-4 vs size (MB) and vs ms/image, log x axes;
-    Pareto-front points filled and joined, the rest hollow. Returns PNG bytes."""
-    import io
+# The report plot's panels: (score column, its label) x (cost column, its axis).
+PLOT_SCORES = (("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D"))
+PLOT_COSTS = (
+    ("size_mb", "bundle size (MB, raw, log scale)"),
+    ("e2e_ms", "ms per image (log scale)"),
+)
 
-    from PIL import Image, ImageDraw
 
-    ok = [r for r in rows if r["status"] == "ok" and r["size_mb"] and r["e2e_ms"]]
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+def render_plot(rows: Sequence[dict]) -> bytes:
+    """PNG bytes: BLEU-4 and CIDEr-D against bundle size and against latency (log x), one
+    colour per model, every point labelled with its trial, the Pareto front filled and joined
+    (the rest hollow)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from capfleet.model.reports import PALETTE, figure_png, new_figure
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("size_mb") and r.get("e2e_ms")]
     models = sorted({r["model"] for r in ok})
-    panels = [("size_mb", "bundle size (MB, raw, log)"), ("e2e_ms", "ms per image (log)")]
-    pw = (width - 60) // 2
-    for p, (key, axis) in enumerate(panels):
-        x0, y0, x1, y1 = 60 + p * (pw + 20), 30, 60 + p * (pw + 20) + pw - 40, height - 60
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0 + (x1 - x0) // 2 - 60, y1 + 30), axis, fill="black")
-        draw.text((x0 - 55, y0 - 20), "BLEU-4", fill="black")
-        if not ok:
-            continue
-        xs = [math.log10(r[key]) for r in ok]
-        ys = [r["bleu4"] for r in ok]
-        xlo, xhi = min(xs), max(xs)
-        ylo, yhi = min(ys), max(ys)
-        xpad, ypad = (xhi - xlo) * 0.1 or 0.5, (yhi - ylo) * 0.1 or 0.05
-        xlo, xhi, ylo, yhi = xlo - xpad, xhi + xpad, ylo - ypad, yhi + ypad
+    fig = new_figure(13, 9.5, layout=None)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.3, wspace=0.15)
+    axes = fig.subplots(len(PLOT_SCORES), len(PLOT_COSTS), squeeze=False)
+    for (score, score_label), row in zip(PLOT_SCORES, axes, strict=True):
+        for (cost, cost_label), ax in zip(PLOT_COSTS, row, strict=True):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(cost_label)
+            ax.set_ylabel(score_label)
+            ax.grid(alpha=0.3, which="both")
+            ax.set_title(f"{score_label} against {cost_label.split(' (')[0]}")
+            for m, model in enumerate(models):
+                colour = PALETTE[m % len(PALETTE)]
+                pts = [r for r in ok if r["model"] == model and r.get(score) is not None]
+                front = set(pareto([(r[cost], r[score]) for r in pts]))
+                line = sorted((pts[i][cost], pts[i][score]) for i in front)
+                if len(line) > 1:
+                    ax.plot(*zip(*line, strict=True), color=colour, lw=1.5, alpha=0.8)
+                for i, r in enumerate(pts):
+                    ax.scatter(
+                        r[cost],
+                        r[score],
+                        s=55,
+                        color=colour if i in front else "white",
+                        edgecolors=colour,
+                        linewidths=1.8,
+                        zorder=3,
+                    )
+                    ax.annotate(
+                        label(r),
+                        (r[cost], r[score]),
+                        xytext=(6, 5),
+                        textcoords="offset points",
+                        fontsize=8.5,
+                        color=colour,
+                    )
+            if not ok:
+                ax.text(0.5, 0.5, "no successful trial", transform=ax.transAxes, ha="center")
+            elif models:
+                ax.margins(x=0.15, y=0.12)  # room for the labels at the edges
+    if models:
+        from matplotlib.lines import Line2D
 
-        def at(xv, yv, x0=x0, x1=x1, y0=y0, y1=y1, xlo=xlo, xhi=xhi, ylo=ylo, yhi=yhi):
-            return (
-                x0 + (xv - xlo) / (xhi - xlo) * (x1 - x0),
-                y1 - (yv - ylo) / (yhi - ylo) * (y1 - y0),
-            )
-
-        for t in range(5):  # axis ticks
-            yv = ylo + (yhi - ylo) * t / 4
-            _, py = at(xlo, yv)
-            draw.line([x0 - 4, py, x0, py], fill="black")
-            draw.text((x0 - 40, py - 6), f"{yv:.3f}", fill="black")
-            xv = xlo + (xhi - xlo) * t / 4
-            px, _ = at(xv, ylo)
-            draw.line([px, y1, px, y1 + 4], fill="black")
-            draw.text((px - 15, y1 + 8), f"{10**xv:.3g}", fill="black")
-        for m, model in enumerate(models):
-            colour = palette[m % len(palette)]
-            pts = [r for r in ok if r["model"] == model]
-            front = set(pareto([(r[key], r["bleu4"]) for r in pts]))
-            line = sorted(at(math.log10(pts[i][key]), pts[i]["bleu4"]) for i in front)
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=2)
-            for i, r in enumerate(pts):
-                px, py = at(math.log10(r[key]), r["bleu4"])
-                box = [px - 5, py - 5, px + 5, py + 5]
-                draw.ellipse(box, fill=colour if i in front else None, outline=colour, width=2)
-                draw.text((px + 7, py - 6), label(r), fill=colour)
-            if p == 0:
-                draw.text((x0 + 8, y0 + 8 + 14 * m), f"{model} (filled: Pareto front)", fill=colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+        dot = {"marker": "o", "linestyle": "", "markersize": 8, "markeredgewidth": 1.8}
+        handles = [
+            Line2D([], [], color=PALETTE[m % len(PALETTE)], label=model, **dot)
+            for m, model in enumerate(models)
+        ]
+        handles.append(
+            Line2D([], [], color="grey", markerfacecolor="white", label="not on the front", **dot)
+        )
+        axes[0][0].legend(handles=handles, title="filled: Pareto front", fontsize=9, loc="best")
+    images = sorted({r["test_images"] for r in ok if r.get("test_images")})
+    fig.suptitle(
+        "Compression trials: quality against cost, on "
+        + (f"the same {images[0]} test images" if len(images) == 1 else "the test split")
+    )
+    return figure_png(fig)
 
 
 def write_report(out: str | Path) -> Path:
-    """report.md and report.png from OUT/trials.parquet; returns the report's path."""
+    """report.md and report.png from OUT/trials.parquet; returns the report's path. The
+    report links OUT/gallery.html where the run wrote one."""
+    from capfleet.model.gallery import GALLERY_FILE
+
     rows = read_trials(out)
     write_bytes_atomic(Path(out) / PLOT_FILE, render_plot(rows))
     path = Path(out) / REPORT_FILE
-    write_bytes_atomic(path, render_markdown(rows).encode())
+    gallery = GALLERY_FILE if (Path(out) / GALLERY_FILE).is_file() else None
+    write_bytes_atomic(path, render_markdown(rows, gallery).encode())
     return path

@@ -2,8 +2,9 @@
 measured record. No Ray here: cluster/ runs many of these as tasks.
 
 The record is honest by construction: sizes raw and gzip side by side, latency measured on the
-bundle itself (LiteRT, fixed batch and threads), BLEU from the bundle's own captions of the test
-split. Deltas against the fp32 baseline are added by whoever holds all the records.
+bundle itself (LiteRT, fixed batch and threads), BLEU, CIDEr-D and ROUGE-L from the bundle's own
+captions of the test split (every trial of a run scores the same images, so CIDEr-D's IDF is the
+same for all). Deltas against the fp32 baseline are added by whoever holds all the records.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from capfleet.compression.config import TrialSettings
 from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
 from capfleet.compression.export import bundle_info
+from capfleet.compression.gallery import write_trial_captions
 from capfleet.compression.recipes import TrialRecipe, check_for_model, parse_trial
 from capfleet.compression.shrink import shrink_captioner
 from capfleet.compression.tune import prune_finetune, prune_one_shot, qat_finetune, sparsity_of
@@ -26,7 +28,7 @@ from capfleet.model.bundle import DECODER_FILE, ENCODER_FILE, MB, BundleRunner, 
 from capfleet.model.captioner import Captioner
 from capfleet.model.decoding import greedy_decode
 from capfleet.model.encoders import encoder_info
-from capfleet.model.evaluation import KerasStep, score_captions
+from capfleet.model.evaluation import KerasStep, score_captions_per_image
 from capfleet.model.features import load_split
 from capfleet.model.fitting import configure_threads, fit_captions
 from capfleet.model.images import preprocess
@@ -109,10 +111,12 @@ def run_trial(
     out_dir: str | Path,
     settings: TrialSettings = DEFAULT_SETTINGS,
     log: Callable[[str], None] = print,
+    captions_out: str | Path | None = None,
 ) -> dict:
     """Build one trial's bundle and score it; returns its record (compression.report's
     TRIAL_SCHEMA, less the latency that `measure_bundle` adds). Raises CapfleetError for a trial
-    that cannot be built. The steps: tune (shrink, prune, QAT), convert, write, score."""
+    that cannot be built. The steps: tune (shrink, prune, QAT), convert, write, score. With
+    `captions_out`, the scored captions are kept there (compression.gallery's Parquet)."""
     import tf_keras as keras
 
     t0, started = time.perf_counter(), time.time()
@@ -133,7 +137,7 @@ def run_trial(
     }
     info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
     bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_)
-    scores = score_bundle(out, data, settings, log)
+    scores = score_bundle(out, data, settings, log, captions_out)
     return {
         **_record(Path(model_dir).name, recipe, out, bundle, sparsity, settings, scores),
         "data": data,
@@ -223,14 +227,21 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
     return enc_bytes, step_bytes, sparsity
 
 
-def score_bundle(bundle_dir: Path, data: str, settings: TrialSettings, log) -> dict:
-    """BLEU (and shapes content accuracy) of the bundle as shipped: its own LiteRT captions of
-    the test split of `data` (the first settings.eval_images; 0 = all)."""
+def score_bundle(
+    bundle_dir: Path, data: str, settings: TrialSettings, log, captions_out=None
+) -> dict:
+    """BLEU-1..4, CIDEr-D, ROUGE-L (and shapes content accuracy) of the bundle as shipped: its
+    own LiteRT captions of the test split of `data` (the first settings.eval_images; 0 = all).
+    With `captions_out`, the captions and their per-image scores are written there."""
     runner = BundleRunner(bundle_dir, num_threads=settings.bench_threads)
     info = encoder_info(runner.manifest["encoder"]["name"])
     x, test_recs = _test_inputs(data, info, settings.eval_images, log)
     ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
-    return score_captions(test_recs, [runner.vocab.decode(r) for r in ids], data)
+    captions = [runner.vocab.decode(r) for r in ids]
+    scores, per_image = score_captions_per_image(test_recs, captions, data)
+    if captions_out is not None:
+        write_trial_captions(captions_out, test_recs, captions, per_image)
+    return scores
 
 
 def _record(model: str, recipe: TrialRecipe, bundle_dir: Path, bundle, sparsity, settings, scores):
@@ -254,7 +265,7 @@ def _record(model: str, recipe: TrialRecipe, bundle_dir: Path, bundle, sparsity,
         "decoder_sparsity": sparsity["decoder"],
         "bench_batch": settings.bench_batch,
         "bench_threads": settings.bench_threads,
-        **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")},
+        **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l")},
         "content_accuracy": scores.get("content_accuracy"),
         "test_images": scores["images"],
     }

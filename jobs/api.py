@@ -53,6 +53,7 @@ class CompressResult:
     report: Path  # OUT/report.md (report.png beside it)
     ok: int
     failed: int
+    gallery: Path | None = None  # OUT/gallery.html; None with gallery = 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def compress(
     job = run_compress_job(cfg, address, log=log)
     out = Path(cfg.out)
     trials = pq.read_table(out / TRIALS_FILE)
-    return CompressResult(out, trials, Path(job["report"]), job["ok"], job["failed"])
+    gallery = Path(job["gallery"]) if job.get("gallery") else None
+    return CompressResult(out, trials, Path(job["report"]), job["ok"], job["failed"], gallery)
 
 
 def train(

@@ -80,6 +80,8 @@ def run_spec(cfg, address: str | None) -> int:
         return 1 if done.ok == 0 else 0
     if isinstance(done, api.CompressResult):
         print(f"trials in {cfg.out}/trials.parquet, report in {done.report}")
+        if done.gallery:
+            print(f"gallery: open {done.gallery} in a browser")
         return 0 if done.ok else 1
     if isinstance(done, api.CaptionResult):
         print(f"captions in {cfg.out}/captions/, summary in {cfg.out}/summary.parquet")

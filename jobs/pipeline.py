@@ -97,20 +97,26 @@ def bundle_name(trial: dict) -> str:
 
 
 def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
-    """The study's table shape, one row per bundle: model | BLEU | size MB | time for 2000."""
+    """The study's table shape, one row per bundle: model | BLEU | CIDEr-D | ROUGE-L | size MB |
+    time for 2000 (every score on the same test images)."""
     from capfleet.compression.report import label, minutes_per_2000
 
     thr = {r["model"]: r["throughput_img_s"] for r in caption_rows}
     head = (
-        f"{'model':<44} {'BLEU-1':>7} {'BLEU-4':>7} {'size MB':>8} "
-        f"{'2000 imgs (min)':>15} {'job img/s':>9}"
+        f"{'model':<44} {'BLEU-1':>7} {'BLEU-4':>7} {'CIDEr-D':>7} {'ROUGE-L':>7} "
+        f"{'size MB':>8} {'2000 imgs (min)':>15} {'job img/s':>9}"
     )
+
+    def score(v) -> str:
+        return f"{v:>7.3f}" if v is not None else f"{'-':>7}"
+
     lines = [head, "-" * len(head)]
     for r in sorted(trials, key=lambda r: (r["model"], -r["size_mb"])):
         name = f"{r['model']}/{label(r)}"
         job = thr.get(bundle_name(r))
         lines.append(
-            f"{name:<44} {r['bleu1']:>7.3f} {r['bleu4']:>7.3f} {r['size_mb']:>8.3f} "
+            f"{name:<44} {r['bleu1']:>7.3f} {r['bleu4']:>7.3f} {score(r.get('cider_d'))} "
+            f"{score(r.get('rouge_l'))} {r['size_mb']:>8.3f} "
             f"{minutes_per_2000(r['e2e_ms']):>15.3f} {(f'{job:.0f}' if job else '-'):>9}"
         )
     return lines
@@ -174,7 +180,8 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     log(
         f"pipeline: done in {wall / 60:.1f} min. Best BLEU-4 {top['bleu4']:.3f} "
         f"({top['model']}/{label(top)}). Outputs: {out}/data, {out}/train "
-        f"(variants.parquet), {out}/compress (trials.parquet, report.md, report.png), "
+        f"(variants.parquet), {out}/compress (trials.parquet, report.md, report.png, "
+        "gallery.html), "
         f"{out}/caption (captions/, summary.parquet)"
     )
     return {

@@ -1,5 +1,6 @@
 """Evaluating a trained captioner with its Keras graphs: the reference captions that bundles are
-checked against, and the scores (BLEU-1..4, and content accuracy on the shapes data)."""
+checked against, and the scores (BLEU-1..4, CIDEr-D, ROUGE-L, and content accuracy on the
+shapes data)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from capfleet.model.decoding import decode
 from capfleet.model.encoders import encoder_info
 from capfleet.model.features import load_images
 from capfleet.model.images import preprocess
-from capfleet.model.metrics import corpus_bleu_scores
+from capfleet.model.metrics import score_corpus
 from capfleet.model.text import Vocabulary, clean_caption
 
 
@@ -48,18 +49,27 @@ def keras_caption_ids(
 def score_captions(
     records: Sequence[ImageRecord], captions: Sequence[str], data_dir: str | None = None
 ) -> dict:
-    """BLEU-1..4 against the records' references, and shapes content accuracy where the data
-    set has the shapes sidecar."""
+    """BLEU-1..4, CIDEr-D and ROUGE-L against the records' references, and shapes content
+    accuracy where the data set has the shapes sidecar. CIDEr-D's IDF is that of these
+    records' references: compare it only across captions of the same records."""
+    return score_captions_per_image(records, captions, data_dir)[0]
+
+
+def score_captions_per_image(
+    records: Sequence[ImageRecord], captions: Sequence[str], data_dir: str | None = None
+) -> tuple[dict, dict[str, list[float]]]:
+    """`score_captions` and each image's scores (metrics.PER_IMAGE_METRICS, in record order)."""
     from capfleet.model import shapes
 
     refs = [[clean_caption(c) for c in r.captions] for r in records]
-    metrics: dict = corpus_bleu_scores(refs, list(captions))
+    metrics, per_image = score_corpus(refs, list(captions))
+    metrics = dict(metrics)
     if data_dir and (Path(data_dir) / shapes.SIDECAR).is_file():
         scenes = shapes.load_objects(data_dir)
         by_id = {r.image_id: c for r, c in zip(records, captions, strict=True)}
         metrics["content_accuracy"] = shapes.content_accuracy(by_id, scenes)
     metrics["images"] = len(records)
-    return metrics
+    return metrics, per_image
 
 
 def evaluate(

@@ -49,6 +49,17 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     assert sum(line.startswith("[") for line in lines) == 6  # a progress line per trial
     assert (tmp_path / "out" / "report.md").read_text().count("| tiny |") == 3
     assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(r["cider_d"] is not None and r["rouge_l"] is not None for r in ok.values())
+    assert base["delta_cider_d"] == 0.0 and base["delta_rouge_l"] == 0.0
+    # the gallery: every trial's caption of each sampled test image; the broken model's
+    # trials show their error
+    assert job["gallery"] == str(tmp_path / "out" / "gallery.html")
+    page = (tmp_path / "out" / "gallery.html").read_text()
+    assert page.count('<tr class="item"') == 8  # the whole 8-image test split (< 200)
+    for trial in ok:
+        assert f"<th>tiny {trial}</th>" in page and f"<th>broken {trial}</th>" in page
+    assert page.count('<td class="cap ok') == 8 * 3 and page.count('<td class="cap error') == 8 * 3
+    assert "[gallery.html](gallery.html)" in (tmp_path / "out" / "report.md").read_text()
 
     (broken / "weights.h5").unlink()  # the rerun retries only the failed trials
     shutil.copy(tiny_model / "weights.h5", broken / "weights.h5")

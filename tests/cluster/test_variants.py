@@ -32,6 +32,7 @@ encoder = ["small_cnn", "mobilenet_v2"]
     assert [r["status"] for r in rows] == ["ok", "ok"], [r["error"] for r in rows]
     for r in rows:
         assert 0.0 <= r["bleu4"] <= r["bleu1"] <= 1.0 and r["epochs_run"] == 2
+        assert r["cider_d"] >= 0.0 and 0.0 <= r["rouge_l"] <= 1.0
         assert (tmp_path / "train" / r["variant"] / "manifest.json").is_file()
     # mobilenet's features were computed once, before its variant started, then only read
     cache = sorted((tmp_path / "train" / "feature_cache").glob("*.npy"))

@@ -3,9 +3,11 @@
 import dataclasses
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from capfleet.compression.config import CompressConfig, TrialSettings, tuning_epochs
+from capfleet.compression.gallery import TRIAL_CAPTIONS_SCHEMA
 from capfleet.compression.trial import measure_bundle, run_trial
 from capfleet.model.errors import CapfleetError
 
@@ -49,7 +51,19 @@ def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
 def test_int8_is_smaller_and_integer(tiny_model, tiny_bundle, tmp_path):
     from capfleet.model.bundle import read_manifest
 
-    rec = run_trial(tiny_model, "int8", tmp_path / "b", QUICK, log=lambda _: None)
+    captions = tmp_path / "int8.captions.parquet"
+    rec = run_trial(tiny_model, "int8", tmp_path / "b", QUICK, lambda _: None, captions)
+    # the captions it was scored on are kept, with each image's scores: their means are the
+    # record's corpus CIDEr-D and ROUGE-L
+    kept = pq.read_table(captions)
+    assert kept.schema.equals(TRIAL_CAPTIONS_SCHEMA)
+    rows = kept.to_pylist()
+    assert len(rows) == rec["test_images"] == 8
+    assert all(r["references"] and r["caption"] is not None for r in rows)
+    for m in ("cider_d", "rouge_l"):
+        assert rec[m] == pytest.approx(sum(r[m] for r in rows) / len(rows))
+    assert rec["cider_d"] >= 0 and 0 <= rec["rouge_l"] <= 1
+    assert all(0 <= r["sentence_bleu4"] <= 1 for r in rows)
     fp32 = read_manifest(tiny_bundle)
     assert rec["size_mb"] < 0.35 * fp32["size_mb"]
     assert "int8" in _dtypes(tmp_path / "b" / "encoder.tflite")

@@ -116,3 +116,13 @@ def test_compress_spec_with_nested_settings(tmp_path):
         load_spec(write(tmp_path, bad))
     with pytest.raises(CapfleetError, match="trials must be a list of strings"):
         load_spec(write(tmp_path, body.replace('["int8"]', '"int8"')))
+
+
+def test_compress_spec_gallery(tmp_path):
+    body = 'kind = "compress"\n[compress]\nmodels = ["m"]\nout = "c"\ngallery = 50\n'
+    assert load_spec(write(tmp_path, body)).gallery == 50
+    assert load_spec(write(tmp_path, body.replace("gallery = 50\n", ""))).gallery == 200
+    with pytest.raises(CapfleetError, match="gallery: must be 0"):
+        load_spec(write(tmp_path, body.replace("= 50", "= 5000")))
+    with pytest.raises(CapfleetError, match="gallery"):
+        load_spec(write(tmp_path, body.replace("= 50", '= "all"')))

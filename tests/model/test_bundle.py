@@ -17,7 +17,14 @@ def test_model_directory_holds_weights_vocab_and_manifest(tiny_model):
     manifest = json.loads((tiny_model / "manifest.json").read_text())
     assert manifest["config"]["encoder"] == "small_cnn"
     assert manifest["train"]["units"] == 32 and manifest["epochs_run"] == 3
-    assert set(manifest["test_metrics"]) >= {"bleu1", "bleu4", "content_accuracy", "images"}
+    assert set(manifest["test_metrics"]) >= {
+        "bleu1",
+        "bleu4",
+        "cider_d",
+        "rouge_l",
+        "content_accuracy",
+        "images",
+    }
     assert (tiny_model / "weights.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # HDF5, not pickle
 
 
