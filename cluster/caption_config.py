@@ -9,7 +9,16 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from capfleet.model.bundle import read_manifest
-from capfleet.model.errors import CapfleetError, check_at_least
+from capfleet.model.errors import CapfleetError, check_at_least, check_numbers, check_range
+from capfleet.model.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
+
+# Upper bounds that no job needs to pass (and the outputs' int32 columns store).
+CAPTION_LIMITS = {
+    "batch_size": (1, 65_536),
+    "shard_size": (1, 1_000_000),
+    "actors": (0, 100_000),
+    "beam_width": (1, 64),
+}
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -43,9 +52,12 @@ class CaptionConfig:
     # as a death. After that its rows are error rows (worker_died, timeout); a rerun retries.
     max_retries: int = 2
     shard_timeout_s: float = 3600.0
+    gallery: int = DEFAULT_GALLERY_IMAGES  # images sampled into OUT/gallery.html; 0 = none
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range(self, CAPTION_LIMITS)
         if not self.bundles:
             raise CapfleetError("bundles: give at least one bundle directory")
         check_at_least(self, ("batch_size", "shard_size", "beam_width"), 1)
@@ -55,6 +67,7 @@ class CaptionConfig:
                 raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
         if not 0 < self.max_image_mb <= 4096:
             raise CapfleetError(f"max_image_mb: must be in (0, 4096], got {self.max_image_mb}")
+        check_gallery_size(self.gallery)
         if not 0 <= self.max_retries <= 100:
             raise CapfleetError(f"max_retries: must be in [0, 100], got {self.max_retries}")
         if not 0 < self.shard_timeout_s <= 7 * 86400:

@@ -31,9 +31,16 @@ from capfleet.model.artifacts import (
 )
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.reader import Listing, Shard, list_inputs, with_references
+from capfleet.model.bulk.report import gallery_sample, write_reports
 from capfleet.model.bulk.schema import OK
 from capfleet.model.bulk.summary import summarize
-from capfleet.model.bulk.watchdog import TIMEOUT, WORKER_DIED, clear_note, read_note
+from capfleet.model.bulk.watchdog import (
+    TIMEOUT,
+    WORKER_DIED,
+    WORKER_ERROR,
+    clear_note,
+    read_note,
+)
 from capfleet.model.bulk.worker import CaptionWorker
 from capfleet.model.bulk.writer import (
     bundle_identity,
@@ -114,9 +121,11 @@ def run_caption_job(
                 _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
         t_summary = time.perf_counter()
         bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
-        summary = summarize(out, bundles, run_started)
+        sample = gallery_sample(listing, cfg.gallery)
+        summary, extras = summarize(out, bundles, run_started, set(sample))
         write_parquet_atomic(out / "summary.parquet", summary)
         summary_s = time.perf_counter() - t_summary
+        reports = write_reports(out, listing, list(cfg.names), sample, extras)
         wall = time.perf_counter() - t0
         counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
         job = {
@@ -132,6 +141,7 @@ def run_caption_job(
             "rows": counts,
             "shards": {"total": len(shards), "run": len(todo), "failed": len(failed)},
             "retry_errors": retry_errors,
+            "reports": [str(r) for r in reports],
         }
         write_json_atomic(out / "job.json", job)
     _print_summary(summary, log)
@@ -275,6 +285,8 @@ def _run_pipeline(
             note = read_note(out, s.shard) or {}
             if note.get("reason") == TIMEOUT:
                 why = f"{TIMEOUT}: {note.get('stage')} ran over {note.get('seconds')} s"
+            elif note.get("reason") == WORKER_ERROR:  # a bug: the log file has the traceback
+                why = f"{WORKER_ERROR}: {note.get('detail')} (a bug: see {LOG_FILE})"
             else:
                 why = f"{WORKER_DIED}: its worker died on each of {1 + cfg.max_retries} attempts"
             failed[s.shard] = why

@@ -55,6 +55,20 @@ def _built_for(model_dir: str, settings: TrialSettings) -> dict:
     }
 
 
+def _read_record(path: Path, log) -> dict | None:
+    """A finished trial's record, or None (not run yet, or unreadable: it is run again)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(done, dict) and isinstance(done.get("record"), dict):
+            return done
+    except (OSError, ValueError):
+        pass
+    log(f"compress: {path} is unreadable (a crash mid-write?); that trial is run again")
+    return None
+
+
 def _record_path(out: Path, model_dir: str, trial: str) -> Path:
     return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
 
@@ -90,7 +104,7 @@ def run_compress_job(
     built_for = {m: _built_for(m, cfg.settings) for m in cfg.models}
     for model_dir, trial in plan:
         path = _record_path(out, model_dir, trial)
-        done = json.loads(path.read_text()) if path.is_file() else None
+        done = _read_record(path, log)
         if done and done.get("built_for") == built_for[model_dir]:  # by an earlier run
             records[(model_dir, trial)] = done["record"]
         else:

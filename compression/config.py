@@ -9,7 +9,14 @@ from pathlib import Path
 
 from capfleet.compression.recipes import check_for_model, parse_trial
 from capfleet.model.encoders import encoder_info
-from capfleet.model.errors import CapfleetError, check_at_least
+from capfleet.model.errors import (
+    SEED_RANGE,
+    THREADS_RANGE,
+    CapfleetError,
+    check_at_least,
+    check_numbers,
+    check_range,
+)
 from capfleet.model.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.modeldir import read_model_manifest
 
@@ -32,6 +39,22 @@ class TrialSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range(
+            self,
+            {
+                "seed": SEED_RANGE,
+                "threads": THREADS_RANGE,
+                "bench_threads": THREADS_RANGE,
+                "finetune_epochs": (1, 100_000),
+                "shrink_epochs": (1, 100_000),
+                "finetune_batch_size": (1, 65_536),
+                "calibration_images": (1, 1_000_000),
+                "bench_batch": (1, 65_536),
+                "bench_repeats": (1, 1000),
+                "eval_images": (0, 100_000_000),
+            },
+        )
         tuning = ("finetune_epochs", "shrink_epochs", "finetune_batch_size")
         measuring = ("calibration_images", "bench_batch", "bench_threads", "bench_repeats")
         check_at_least(self, (*tuning, *measuring, "threads"), 1)
@@ -74,19 +97,24 @@ class CompressConfig:
     gallery: int = DEFAULT_GALLERY_IMAGES  # test images in OUT/gallery.html; 0 = no gallery
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.models:
             raise CapfleetError("models: give at least one trained model directory")
         if not self.trials:
             raise CapfleetError("trials: give at least one trial")
         names = [Path(m).name for m in self.models]
+        nameless = [m for m, n in zip(self.models, names, strict=True) if n in ("", ".", "..")]
+        if nameless:  # its bundles and records go in OUT/bundles/<its folder name>/
+            raise CapfleetError(
+                f"models: {nameless[0]!r} names no model folder; give the model directory itself"
+            )
         if len(set(names)) != len(names):
             raise CapfleetError(f"models: two model directories share a name: {names}")
         for t in self.trials:
             parse_trial(t)  # an unknown recipe is refused here, before any work
-        if self.cpus_per_trial <= 0:
-            raise CapfleetError(f"cpus_per_trial: must be > 0, got {self.cpus_per_trial}")
-        if self.max_retries < 0:
-            raise CapfleetError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if not 0 < self.cpus_per_trial <= 1024:
+            raise CapfleetError(f"cpus_per_trial: must be in (0, 1024], got {self.cpus_per_trial}")
+        check_range(self, {"max_retries": (0, 100)})
         check_gallery_size(self.gallery)
 
     def plan(self) -> list[tuple[str, str]]:

@@ -51,12 +51,15 @@ def _caption(args: argparse.Namespace) -> int:
         max_image_mb=args.max_image_mb,
         max_retries=args.max_retries,
         shard_timeout_s=args.shard_timeout,
+        gallery=args.gallery,
     )
     done = api.caption(cfg, verbose=args.verbose, retry_errors=args.retry_errors)
     print(
         f"captions in {args.out}/captions/, summary in {args.out}/summary.parquet "
         f"({done.job['wall_seconds']} s)"
     )
+    if done.job["reports"]:
+        print("open in a browser or viewer: " + ", ".join(done.job["reports"]))
     return 1 if done.job["shards"]["failed"] else 0
 
 

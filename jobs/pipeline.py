@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from capfleet.cluster.caption_config import CAPTION_DEFAULTS
+from capfleet.cluster.caption_config import CAPTION_DEFAULTS, CAPTION_LIMITS
 from capfleet.compression.config import CompressConfig
 from capfleet.compression.recipes import parse_trial
-from capfleet.model.errors import CapfleetError
+from capfleet.model.artifacts import write_json_atomic
+from capfleet.model.errors import SEED_RANGE, CapfleetError, check_numbers, check_range
 from capfleet.model.modeldir import read_model_manifest
 from capfleet.model.train_config import TrainGrid
 
@@ -32,6 +33,8 @@ class DataStep:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range(self, {"seed": SEED_RANGE, "images": (0, 10_000_000)})
         if not self.path and self.images < 3:
             raise CapfleetError(f"images: must be >= 3, got {self.images}")
 
@@ -46,6 +49,10 @@ class CaptionStep:
     actor_cpus: float = CAPTION_DEFAULTS["actor_cpus"]
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range(self, {k: v for k, v in CAPTION_LIMITS.items() if hasattr(self, k)})
+        if not 0 < self.actor_cpus <= 64:
+            raise CapfleetError(f"actor_cpus: must be in (0, 64], got {self.actor_cpus}")
         if not self.trials:
             raise CapfleetError("trials: give at least one trial to caption with")
         for t in self.trials:
@@ -70,6 +77,17 @@ class PipelineConfig:
             )
 
 
+def _read_marker(marker: Path, log) -> dict | None:
+    """What the data folder was generated with; an unreadable marker means generate again."""
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log(f"data: {marker} is unreadable; the data set is generated again")
+        return None
+
+
 def _data(cfg: PipelineConfig, log) -> str:
     if cfg.data.path:
         return cfg.data.path
@@ -78,12 +96,12 @@ def _data(cfg: PipelineConfig, log) -> str:
     root = Path(cfg.out) / "data"
     marker = root / "capfleet-data.json"
     want = {"generator": "shapes", "images": cfg.data.images, "seed": cfg.data.seed}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if _read_marker(marker, log) == want:
         log(f"data: {root} already holds {cfg.data.images} shapes images (seed {cfg.data.seed})")
         return str(root)
     t0 = time.perf_counter()
     counts = shapes.generate(root, cfg.data.images, cfg.data.seed)
-    marker.write_text(json.dumps(want))
+    write_json_atomic(marker, want)
     log(f"data: {sum(counts.values())} shapes images {counts} in {time.perf_counter() - t0:.0f} s")
     return str(root)
 

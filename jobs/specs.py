@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 import typing
 from pathlib import Path
@@ -101,7 +102,8 @@ def expand_grid(base: dict, grid: dict, where: str) -> TrainGrid:
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
         name = "-".join(f"{k}={_format(v)}" for k, v in values.items() if len(grid[k]) > 1)
-        name = name or "base"
+        # a folder name: no separators or '..' from values such as weights paths
+        name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).replace("..", "_") or "base"
         table = {**base, **values, "out": str(Path(base["out"]) / name)}
         variants.append(build(TrainConfig, table, f"{where} variant {name}"))
         names.append(name)

@@ -136,7 +136,7 @@ def check_bundle(bundle_dir: str | Path) -> dict:
             shapes[name] = (inputs[want[0]]["shape_signature"], outputs[want[1]]["shape_signature"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise BundleError(f"{d}/{name}: not a capfleet model LiteRT can load ({e})") from e
-    image, proj = (list(s) for s in shapes[ENCODER_FILE])
+    image, proj = ([int(v) for v in s] for s in shapes[ENCODER_FILE])
     if image[1:] != [size, size, 3] or proj[-1] != units:
         raise BundleError(
             f"{d}/{ENCODER_FILE}: takes {image[1:]} -> {proj[-1]}, but the manifest says "

@@ -151,6 +151,10 @@ class CocoReader:
             raise DataError(f"{self.json_path}: cannot read ({e.strerror or e})") from e
         except json.JSONDecodeError as e:
             raise DataError(f"{self.json_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{self.json_path}: not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from e
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DataError(f"{self.json_path}: expected a JSON object with an 'images' list")
         if "annotations" in data:
@@ -180,6 +184,11 @@ class CocoReader:
                 image_id, file_name = img["id"], img["file_name"]
             except (KeyError, TypeError) as e:
                 raise DataError(f"{self.json_path}: images[{i}] needs 'id' and 'file_name'") from e
+            if not isinstance(file_name, str) or not file_name:
+                raise DataError(
+                    f"{self.json_path}: images[{i}].file_name must be a file name (a string), "
+                    f"got {file_name!r}"
+                )
             uri = str(self.image_root / file_name)
             out.append(ImageRecord(str(image_id), uri, tuple(caps.get(image_id, ()))))
         return out
@@ -197,6 +206,10 @@ class CocoReader:
                 rel = Path(img.get("filepath", "")) / img["filename"]
                 image_id = str(img.get("cocoid", img.get("imgid", Path(img["filename"]).stem)))
                 caps = tuple(s["raw"].strip() for s in img.get("sentences", ()))
+            except AttributeError as e:  # a `raw` that is not a string
+                raise DataError(
+                    f"{self.json_path}: images[{i}].sentences: each 'raw' must be a string"
+                ) from e
             except (KeyError, TypeError) as e:
                 raise DataError(
                     f"{self.json_path}: images[{i}] is neither COCO ('id', 'file_name' with "

@@ -10,7 +10,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from capfleet.model.encoders import ENCODERS, check_weights, encoder_info
-from capfleet.model.errors import CapfleetError, check_at_least
+from capfleet.model.errors import (
+    SEED_RANGE,
+    THREADS_RANGE,
+    CapfleetError,
+    check_at_least,
+    check_numbers,
+    check_range,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,24 @@ class TrainConfig:
     pretrain_epochs: int = 0
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range(
+            self,
+            {
+                "seed": SEED_RANGE,
+                "threads": THREADS_RANGE,
+                "beam_width": (1, 64),
+                "units": (1, 16384),
+                "embed_dim": (1, 16384),
+                "epochs": (1, 100_000),
+                "batch_size": (1, 65_536),
+                "captions_per_image": (1, 100),
+                "max_len": (0, 1000),
+                "patience": (0, 100_000),
+                "pretrain_epochs": (0, 100_000),
+                "time_budget_s": (0, 1e8),
+            },
+        )
         if self.encoder not in ENCODERS:
             raise CapfleetError(
                 f"encoder: {self.encoder!r} is not one of {', '.join(sorted(ENCODERS))}"

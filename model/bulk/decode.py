@@ -17,7 +17,7 @@ from capfleet.model.bulk.fetch import (
     sample_parts,
     stream_tar,
 )
-from capfleet.model.bulk.watchdog import deadline
+from capfleet.model.bulk.watchdog import WORKER_ERROR, deadline, note_failure
 from capfleet.model.data import MISSING
 from capfleet.model.images import UNREADABLE, ImageError, decode_image
 
@@ -94,8 +94,13 @@ def decode_batch(
     "decode_ms".
     """
     if timeout_s:
-        with deadline(out, int(batch["shard"][0]), "fetch and decode", timeout_s):
-            return decode_batch(batch, sizes, max_bytes)
+        shard = int(batch["shard"][0])
+        try:
+            with deadline(out, shard, "fetch and decode", timeout_s):
+                return decode_batch(batch, sizes, max_bytes)
+        except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
+            note_failure(out, shard, WORKER_ERROR, f"decode: {type(e).__name__}: {e}")
+            raise
     errors = [str(e) for e in _column(batch, "error")]
     data, refs, read_ms = fetch_shard(batch, max_bytes)
     n = len(errors)

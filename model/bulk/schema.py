@@ -12,6 +12,8 @@ CAPTION_SCHEMA = pa.schema(
         ("status", pa.string()),  # "ok" or "error"
         ("error", pa.string()),  # reason, e.g. "truncated: image file is truncated"; null when ok
         ("references", pa.list_(pa.string())),  # the image's reference captions (empty: none)
+        ("rouge_l", pa.float64()),  # per-image scores against the references; null without
+        ("sentence_bleu4", pa.float64()),  # (smoothed: nltk's method1)
         ("latency_ms", pa.float64()),  # encoder_ms + decoder_ms
         ("read_ms", pa.float64()),  # fetching the bytes (a tar's or row group's share)
         ("decode_ms", pa.float64()),  # decoding and resizing for every input size
@@ -41,11 +43,15 @@ SUMMARY_SCHEMA = pa.schema(
         ("decoder_ms", pa.float64()),
         ("size_mb", pa.float64()),
         ("gzip_size_mb", pa.float64()),
-        ("scored", pa.int64()),  # ok images with references, which BLEU is computed on
+        ("scored", pa.int64()),  # ok images with references, which the scores are computed on
         ("bleu1", pa.float64()),  # null without references
         ("bleu2", pa.float64()),
         ("bleu3", pa.float64()),
         ("bleu4", pa.float64()),
+        # CIDEr-D's IDF is that of this job's scored images: compare models on one image set;
+        # null without references, or above CIDER_MAX_IMAGES scored images (see summary.py)
+        ("cider_d", pa.float64()),
+        ("rouge_l", pa.float64()),  # the mean of the rows' rouge_l
     ]
 )
 

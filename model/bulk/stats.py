@@ -20,6 +20,7 @@ from nltk.translate.bleu_score import brevity_penalty, closest_ref_length, modif
 from capfleet.model.metrics import _ZERO, BLEU_WEIGHTS
 
 ORDERS = 4
+TIMINGS = ("latency_ms", "read_ms", "decode_ms", "encoder_ms", "decoder_ms")  # summed, ok rows
 
 
 @dataclass
@@ -89,6 +90,7 @@ class PartStats:
     busy_s: float = 0.0  # finished - started, summed over merged parts
     retry: bool = False  # the driver wrote these rows for a shard whose worker failed: redo it
     bleu: BleuStats = field(default_factory=BleuStats)
+    rouge_l: float = 0.0  # summed over the scored rows
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,26 +107,17 @@ def stats_of(table, started: float, finished: float) -> PartStats:
     stats = PartStats(rows=table.num_rows, started=started, finished=finished)
     errors: Counter = Counter()
     for r in table.select(
-        [
-            "status",
-            "error",
-            "caption",
-            "references",
-            "latency_ms",
-            "read_ms",
-            "decode_ms",
-            "encoder_ms",
-            "decoder_ms",
-        ]
+        ["status", "error", "caption", "references", "rouge_l", *TIMINGS]
     ).to_pylist():
         if r["status"] != "ok":
             errors[reason(r["error"] or "")] += 1
             continue
         stats.ok += 1
-        for key in ("latency_ms", "read_ms", "decode_ms", "encoder_ms", "decoder_ms"):
+        for key in TIMINGS:
             setattr(stats, key, getattr(stats, key) + (r[key] or 0.0))
         if r["references"]:
             stats.bleu.add([clean_caption(c) for c in r["references"]], r["caption"])
+            stats.rouge_l += r["rouge_l"] or 0.0
     stats.errors = dict(errors)
     return stats
 
@@ -137,12 +130,13 @@ def merge(parts: Iterable[PartStats]) -> PartStats:
         total.rows += p.rows
         total.ok += p.ok
         errors.update(p.errors)
-        for key in ("latency_ms", "read_ms", "decode_ms", "encoder_ms", "decoder_ms"):
+        for key in TIMINGS:
             setattr(total, key, getattr(total, key) + getattr(p, key))
         total.busy_s += p.busy_s or (p.finished - p.started)
         total.started = min(total.started, p.started)
         total.finished = max(total.finished, p.finished)
         total.bleu.merge(p.bleu)
+        total.rouge_l += p.rouge_l
     total.errors = dict(errors)
     if total.started == math.inf:
         total.started = 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from capfleet.model.artifacts import write_bytes_atomic
 
 FAILED_DIR = "_failed"  # OUT/_failed/shard-NNNNNN.json: why a shard's last attempt ended
-TIMEOUT, WORKER_DIED = "timeout", "worker_died"
+TIMEOUT, WORKER_DIED, WORKER_ERROR = "timeout", "worker_died", "worker_error"
 EXIT_CODE = 70
 
 
@@ -30,6 +30,12 @@ def read_note(out: str | Path, shard: int) -> dict | None:
         return note if isinstance(note, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def note_failure(out: str | Path, shard: int, reason: str, detail: str) -> None:
+    """Why a shard's attempt failed, for the driver to put in its rows."""
+    note = {"reason": reason, "detail": detail, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    write_bytes_atomic(note_path(out, shard), json.dumps(note).encode())
 
 
 def clear_note(out: str | Path, shard: int) -> None:

@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.schema import CAPTION_SCHEMA, ERROR, OK
 from capfleet.model.bulk.stats import stats_of
-from capfleet.model.bulk.watchdog import deadline
+from capfleet.model.bulk.watchdog import WORKER_ERROR, deadline, note_failure
 from capfleet.model.bulk.writer import part_path, part_stats, write_part
 from capfleet.model.bundle import BundleRunner
+from capfleet.model.metrics import rouge_l, sentence_bleu4
+from capfleet.model.text import clean_caption
 
 
 class CaptionWorker:
@@ -65,8 +67,12 @@ class CaptionWorker:
             if self.shard_timeout_s
             else contextlib.nullcontext()
         )
-        with timer:
-            self._write(shard, batch)
+        try:
+            with timer:
+                self._write(shard, batch)
+        except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
+            note_failure(self.out, shard, WORKER_ERROR, f"{self.name}: {type(e).__name__}: {e}")
+            raise
         if self.keep_images:
             return batch
         return {"shard": batch["shard"], "rows": np.array([rows])}
@@ -111,6 +117,8 @@ class CaptionWorker:
         read_ms = [float(v) for v in pick("read_ms")]
         decode_ms = [float(v) for v in pick("decode_ms")]
         latency = [None if e is None else e + d for e, d in zip(enc_ms, dec_ms, strict=True)]
+        refs = [[str(c) for c in r] for r in pick("references")]
+        rouge, bleu = per_image_scores(refs, captions)
         return pa.table(
             {
                 "image_id": [str(i) for i in pick("image_id")],
@@ -119,7 +127,9 @@ class CaptionWorker:
                 "caption": captions,
                 "status": [ERROR if e else OK for e in errors],
                 "error": [e or None for e in errors],
-                "references": [[str(c) for c in r] for r in pick("references")],
+                "references": refs,
+                "rouge_l": rouge,
+                "sentence_bleu4": bleu,
                 "latency_ms": latency,
                 "read_ms": [None if e else v for e, v in zip(errors, read_ms, strict=True)],
                 "decode_ms": [None if e else v for e, v in zip(errors, decode_ms, strict=True)],
@@ -131,3 +141,17 @@ class CaptionWorker:
             },
             schema=CAPTION_SCHEMA,
         )
+
+
+def per_image_scores(refs: list[list[str]], captions: list) -> tuple[list, list]:
+    """ROUGE-L and smoothed sentence BLEU-4 of each captioned row that has references (None
+    elsewhere): scores that need no other image, so a worker computes them shard by shard."""
+    rouge, bleu = [None] * len(captions), [None] * len(captions)
+    idx = [i for i, (r, c) in enumerate(zip(refs, captions, strict=True)) if r and c is not None]
+    if idx:
+        cleaned = [[clean_caption(x) for x in refs[i]] for i in idx]
+        _, each = rouge_l(cleaned, [captions[i] for i in idx])
+        for i, score, r in zip(idx, each, cleaned, strict=True):
+            rouge[i] = score
+            bleu[i] = sentence_bleu4(r, captions[i])
+    return rouge, bleu

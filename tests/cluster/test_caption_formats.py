@@ -155,3 +155,33 @@ def test_the_ray_data_transform_in_a_users_pipeline(local_ray, tiny_bundle, shap
     assert rows["bad"]["status"] == "error" and rows["bad"]["error"].startswith("not_an_image")
     good = [r for k, r in rows.items() if k != "bad"]
     assert all(r["status"] == "ok" and r["caption"] and r["latency_ms"] > 0 for r in good)
+
+
+def test_scores_gallery_and_latency_plot_of_a_caption_job(
+    local_ray, tiny_bundle, second_bundle, shapes_dir, tmp_path
+):
+    from capfleet.model.metrics import cider_d
+    from capfleet.model.text import clean_caption
+    from tests.model.test_gallery import _chromium
+
+    out = tmp_path / "o"
+    job = caption([tiny_bundle, second_bundle], shapes_dir, out, split="train", gallery=5)
+    assert {p.rsplit("/", 1)[1] for p in job["reports"]} == {"gallery.html", "latency.png"}
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = {s["model"]: s for s in pq.read_table(out / "summary.parquet").to_pylist()}
+    for model, s in summary.items():
+        rows = [r for r in read_captions(out, model).to_pylist() if r["status"] == "ok"]
+        refs = [[clean_caption(c) for c in r["references"]] for r in rows]
+        assert s["cider_d"] == cider_d(refs, [r["caption"] for r in rows])[0]
+        assert abs(s["rouge_l"] - sum(r["rouge_l"] for r in rows) / len(rows)) < 1e-12
+        assert all(0 <= r["sentence_bleu4"] <= 1 for r in rows)
+    page = (out / "gallery.html").read_text()
+    sampled = [
+        i for i in {r["image_id"] for r in read_captions(out).to_pylist()} if f">{i}<" in page
+    ]
+    assert sampled, "no sampled image id on the page"
+    dom = _chromium(tmp_path, (out / "gallery.html").as_uri(), "--dump-dom").stdout
+    rows = [r for r in read_captions(out).to_pylist() if r["image_id"] == sampled[0]]
+    assert {r["model"] for r in rows} == {"tiny-fp32", "tiny-b"}
+    for r in rows:  # every model's caption of a sampled image, as the browser built the page
+        assert r["caption"] in dom

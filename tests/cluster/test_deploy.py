@@ -28,8 +28,15 @@ def test_launcher_yaml_passes_rays_schema():
     assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard`'s tunnel
     assert "TF_USE_LEGACY_KERAS=1" in head
     assert all("TF_USE_LEGACY_KERAS=1" in c for c in config["worker_start_ray_commands"][1:])
-    assert config["file_mounts"] == {"~/capfleet": "."}  # the project, installed by setup
+    assert config["file_mounts"]["~/capfleet"] == "."  # the project, installed by setup
     assert any("pip install" in c and "~/capfleet" in c for c in config["setup_commands"])
+    # token authentication on every node, with one token: the one the user generated
+    assert "RAY_AUTH_MODE=token" in head
+    assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"][1:])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # nothing secret is copied to the cluster
+    for pattern in (".git", ".env", "*.pem", "*.key", "id_rsa*"):
+        assert pattern in config["rsync_exclude"], pattern
 
 
 def test_rayjob_manifest_is_complete_and_consistent():
@@ -52,6 +59,20 @@ def test_rayjob_manifest_is_complete_and_consistent():
     for c in containers:
         assert c["workingDir"] == workdir
         assert {"name": "TF_USE_LEGACY_KERAS", "value": "1"} in c["env"]
+    # the Jobs API runs code: token authentication on head, workers and submitter, one Secret
+    secrets = set()
+    for c in containers + submitter:
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        secrets.add((ref["name"], ref["key"]))
+    assert len(secrets) == 1, secrets
+    assert (
+        f"kubectl create secret generic {secrets.pop()[0]}"
+        in (DEPLOY / "rayjob-caption.yaml").read_text()
+    )
+    # the image holds the package root (capfleet/__init__.py is the repository's)
+    assert re.search(r"^COPY .*\b__init__\.py\b", dockerfile, re.M)
 
     argv = shlex.split(spec["entrypoint"])
     assert argv[:4] == ["python", "-m", "capfleet", "run"] and argv[-2:] == ["--address", "auto"]

@@ -126,3 +126,85 @@ def test_compress_spec_gallery(tmp_path):
         load_spec(write(tmp_path, body.replace("= 50", "= 5000")))
     with pytest.raises(CapfleetError, match="gallery"):
         load_spec(write(tmp_path, body.replace("= 50", '= "all"')))
+
+
+FLOATS = {
+    "train": ["dropout", "learning_rate", "label_smoothing", "time_budget_s"],
+    "caption": ["actor_cpus", "decode_cpus", "max_image_mb", "shard_timeout_s"],
+    "compress": ["cpus_per_trial"],
+}
+BASE = {
+    "train": 'data = "d"\nout = "o"\n',
+    "caption": 'bundles = ["b"]\ninput = "i"\nout = "o"\n',
+    "compress": 'models = ["m"]\nout = "o"\n',
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"), [(k, f) for k, fs in FLOATS.items() for f in fs] + [("compress", "settings")]
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_infinity_are_refused_for_every_float(tmp_path, kind, key, value):
+    body = f'kind = "{kind}"\n[{kind}]\n{BASE[kind]}'
+    if key == "settings":  # a nested table's floats too
+        body += f"[{kind}.settings]\nfinetune_learning_rate = {value}\n"
+        key = "finetune_learning_rate"
+    else:
+        body += f"{key} = {value}\n"
+    with pytest.raises(CapfleetError, match=rf"{key}: must be a finite number, got {value}"):
+        load_spec(write(tmp_path, body))
+
+
+@pytest.mark.parametrize(
+    ("kind", "line", "message"),
+    [
+        ("train", "seed = 2147483648", "seed: must be <= 2147483647"),
+        ("train", "seed = -1", "seed: must be >= 0"),
+        ("train", "threads = 5000", "threads: must be <= 1024"),
+        ("train", "beam_width = 1000", "beam_width: must be <= 64"),
+        ("caption", "actors = 10000000", "actors: must be <= 100000"),
+        ("caption", "shard_size = 100000000", "shard_size: must be <= 1000000"),
+        ("caption", "batch_size = 1000000", "batch_size: must be <= 65536"),
+        ("compress", "max_retries = 1000", "max_retries: must be <= 100"),
+    ],
+)
+def test_values_beyond_sense_are_refused(tmp_path, kind, line, message):
+    body = f'kind = "{kind}"\n[{kind}]\n{BASE[kind]}{line}\n'
+    with pytest.raises(CapfleetError, match=message):
+        load_spec(write(tmp_path, body))
+
+
+def test_folder_names_from_specs_stay_inside_their_output(tmp_path):
+    body = 'kind = "compress"\n[compress]\nmodels = [".."]\nout = "o"\n'
+    with pytest.raises(CapfleetError, match="names no model folder"):
+        load_spec(write(tmp_path, body))
+    (tmp_path / "w.h5").write_bytes(b"x")
+    body = (
+        'kind = "train"\n[train]\ndata = "d"\nout = "o"\nencoder = "small_cnn"\n'
+        f'[grid]\nweights = ["none", "{tmp_path}/../{tmp_path.name}/w.h5"]\n'
+    )
+    grid = load_spec(write(tmp_path, body))
+    for name, v in zip(grid.names, grid.variants, strict=True):
+        assert "/" not in name and ".." not in name and name not in (".", "")
+        assert v.out == f"o/{name}"
+
+
+def test_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
+    from capfleet.jobs.cli import main
+
+    spec = write(tmp_path, 'kind = "train"\n[train]\ndata = "d"\nout = "o"\ntime_budget_s = nan\n')
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(spec) in err[0] and "time_budget_s" in err[0]
+
+
+def test_unreadable_markers_and_records_mean_do_it_again(tmp_path):
+    from capfleet.cluster.trials import _read_record
+    from capfleet.jobs.pipeline import _read_marker
+
+    lines: list = []
+    (tmp_path / "m.json").write_text("{not json")
+    assert _read_marker(tmp_path / "m.json", lines.append) is None
+    (tmp_path / "r.json").write_bytes(b"\x00\x01")
+    assert _read_record(tmp_path / "r.json", lines.append) is None
+    assert len(lines) == 2 and "generated again" in lines[0] and "run again" in lines[1]

@@ -252,3 +252,16 @@ def test_bleu_statistics_merge_to_nltks_corpus_bleu():
     lone = BleuStats()
     lone.add(["a b c d"], "x y")  # no matching unigram: 0, as nltk says
     assert lone.scores() == corpus_bleu_scores([["a b c d"]], ["x y"]) == {k: 0.0 for k in want}
+
+
+def test_a_corrupt_plan_or_an_old_one_is_refused_saying_how_to_recover(tmp_path):
+    from capfleet.model.bulk.writer import check_plan
+    from capfleet.model.errors import CapfleetError
+
+    plan = {"shard_size": 4, "images": 1, "inputs_sha256": "x", "beam_width": 1, "bundles": {}}
+    (tmp_path / "plan.json").write_text('{"shard_size": 4, "ima')  # a half-written file
+    with pytest.raises(CapfleetError, match="plan.json: unreadable.*new --out"):
+        check_plan(tmp_path, plan)
+    (tmp_path / "plan.json").write_text('{"shard_size": 4, "bundles": {}}')  # capfleet 0.1's
+    with pytest.raises(CapfleetError, match="another capfleet version.*new --out"):
+        check_plan(tmp_path, plan)

@@ -105,3 +105,46 @@ def test_incomplete_manifest_and_wrong_image_shape_are_refused(tiny_bundle, tmp_
     assert runner.caption_ids(np.zeros((0, 72, 72, 3), np.float32)).shape[0] == 0
     with pytest.raises(CapfleetError, match="beam_width"):
         BundleRunner(tiny_bundle, beam_width=0)
+
+
+def test_a_bundle_that_could_not_caption_is_refused_before_any_work(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    from capfleet.model.bundle import BundleError, check_bundle, file_record
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(tiny_bundle, d)
+        return d, json.loads((d / "manifest.json").read_text())
+
+    def save(d, m):
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    assert check_bundle(tiny_bundle)["name"] == "tiny-fp32"
+    d, m = copy("empty")
+    (d / "encoder.tflite").write_bytes(b"")
+    m["files"]["encoder.tflite"] = file_record(b"")  # hashes that match: still unloadable
+    save(d, m)
+    with pytest.raises(BundleError, match="encoder.tflite: not a capfleet model LiteRT can load"):
+        check_bundle(d)
+    d, m = copy("size")
+    m["encoder"]["input_size"] = 224
+    save(d, m)
+    with pytest.raises(
+        BundleError, match=r"takes \[72, 72, 3\] -> 32, but the manifest says \[224"
+    ):
+        check_bundle(d)
+    d, m = copy("vocab")
+    vocab = json.loads((d / "vocab.json").read_text())
+    vocab["tokens"] = vocab["tokens"][:-3]
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    m["files"]["vocab.json"] = file_record((d / "vocab.json").read_bytes())
+    save(d, m)
+    with pytest.raises(BundleError, match="vocab.json has .* tokens, but the decoder scores"):
+        check_bundle(d)
+    d, m = copy("nofield")
+    del m["config"]["units"]
+    save(d, m)
+    with pytest.raises(BundleError, match="lacks 'units'"):
+        check_bundle(d)

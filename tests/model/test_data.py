@@ -193,3 +193,34 @@ def test_a_uri_prefix_lists_images_through_pyarrow_filesystems(tmp_path):
         ("b/y.PNG", f"file://{tmp_path}/a/b/y.PNG"),
         ("x.jpg", f"file://{tmp_path}/a/x.jpg"),
     ]
+
+
+def test_malformed_coco_and_karpathy_files_are_one_clear_error(tmp_path):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(
+        '{"images": [{"id": 1, "file_name": "caf\xe9.jpg"}], "annotations": []}'.encode("latin-1")
+    )
+    with pytest.raises(DataError, match="latin1.json: not UTF-8 text"):
+        CocoReader(bad).records()
+    numeric = tmp_path / "n.json"
+    numeric.write_text(json.dumps({"images": [{"id": 1, "file_name": 17}], "annotations": []}))
+    with pytest.raises(DataError, match=r"images\[0\].file_name must be a file name"):
+        CocoReader(numeric).records()
+    karpathy = tmp_path / "k.json"
+    image = {"filename": "a.jpg", "split": "test", "sentences": [{"raw": 5}]}
+    karpathy.write_text(json.dumps({"images": [image]}))
+    with pytest.raises(DataError, match=r"images\[0\].sentences: each 'raw' must be a string"):
+        CocoReader(karpathy, split="test").records()
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_record(tmp_path):
+    import os
+
+    (tmp_path / "good.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:
+        f.write(b"x")
+    recs = FolderReader(tmp_path).records()
+    assert [r.error for r in recs if r.image_id == "good.jpg"] == [""]
+    [bad] = [r for r in recs if r.image_id != "good.jpg"]
+    assert bad.error.startswith("bad_path") and bad.image_id == "caf\\xe9.jpg"
+    bad.image_id.encode("utf-8")  # storable in a Parquet string column
