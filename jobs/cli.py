@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-cpus",
         type=float,
         default=d["decode_cpus"],
-        help="CPUs per decode task (equal to --actor-cpus: fused into the actors)",
+        help="CPUs per decode task (equal to --actor-cpus: the actors decode their own shards)",
     )
     cap.add_argument("--beam-width", type=int, default=d["beam_width"], help="1 = greedy")
     cap.add_argument(
@@ -228,6 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d["max_image_mb"],
         help="read at most this much per image; larger is an error row (default 64)",
+    )
+    cap.add_argument(
+        "--max-retries",
+        type=int,
+        default=d["max_retries"],
+        help="tries after the first for a shard whose worker dies (default 2)",
+    )
+    cap.add_argument(
+        "--shard-timeout",
+        type=float,
+        default=d["shard_timeout_s"],
+        help="seconds a stage of a shard may take before its worker is ended (default 3600)",
+    )
+    cap.add_argument(
+        "--gallery",
+        type=int,
+        default=d["gallery"],
+        help="images sampled into OUT/gallery.html, every model's caption side by side "
+        "(default 200; 0 = none)",
+    )
+    cap.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="caption the rows whose status is error again, replacing them in their parts",
     )
     cap.add_argument(
         "--verbose",

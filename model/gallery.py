@@ -68,7 +68,7 @@ def thumbnail(
     if source is None:
         return None, "no image"
     if isinstance(source, (str, Path)):
-        from capfleet.model.bulk.reader import read_uri
+        from capfleet.model.bulk.fetch import read_uri
 
         data = read_uri(str(source))
         if not isinstance(data, bytes):
