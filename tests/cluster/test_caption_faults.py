@@ -42,6 +42,7 @@ class Faulty(http.server.ThreadingHTTPServer):
 
     def __init__(self, jpeg: bytes):
         self.hits: dict = {}
+        self.kills = 0
         self.poison = True
         server = self
 
@@ -52,9 +53,14 @@ class Faulty(http.server.ThreadingHTTPServer):
             def do_GET(self):
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 if self.path == "/poison.jpg" and server.poison:
-                    pid = pid_of_client(self.client_address[1])
+                    for _ in range(50):  # the socket table can lag a busy machine
+                        pid = pid_of_client(self.client_address[1])
+                        if pid:
+                            break
+                        threading.Event().wait(0.1)
                     if pid and pid != os.getpid():
                         os.kill(pid, signal.SIGKILL)
+                        server.kills += 1
                     return
                 if self.path == "/hang.jpg":
                     threading.Event().wait(60)
@@ -103,7 +109,7 @@ def test_a_shard_that_kills_its_workers_is_bounded_and_retried_by_a_rerun(
     )
     job = run_caption_job(cfg, log=lambda _: None)
     assert job["shards"]["failed"] == 1
-    assert faulty.hits["/poison.jpg"] == 2  # one try and one retry: no endless loop
+    assert faulty.kills == 2  # one try and one retry: no endless loop
     rows = {r["image_id"]: r for r in read_captions(cfg.out).to_pylist()}
     assert len(rows) == 12
     for i in range(12):
