@@ -28,8 +28,9 @@ from capfleet.compression.gallery import write_compress_gallery
 from capfleet.compression.report import failed_record, write_report, write_trials
 from capfleet.compression.trial import measure_bundle, run_trial
 from capfleet.model.artifacts import write_json_atomic
+from capfleet.model.data import data_identity
 from capfleet.model.gallery import GALLERY_FILE
-from capfleet.model.modeldir import manifest_sha256
+from capfleet.model.modeldir import manifest_sha256, read_model_manifest
 
 
 def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str) -> dict:
@@ -48,9 +49,11 @@ def _measure_task(record: dict, settings: dict) -> dict:
 
 def _built_for(model_dir: str, settings: TrialSettings) -> dict:
     """What a finished trial's record depends on: the trained model (its manifest, rewritten by
-    every training) and the settings (less the thread count)."""
+    every training), the data set it is tuned, calibrated and scored on, and the settings (less
+    the thread count)."""
     return {
         "model_manifest_sha256": manifest_sha256(model_dir),
+        "data_identity": data_identity(read_model_manifest(model_dir)["train"]["data"]),
         "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
     }
 
@@ -113,7 +116,10 @@ def run_compress_job(
     if records:
         log(f"compress: {len(records)} of {len(plan)} trials already done in {out}")
     if stale:
-        log(f"compress: {stale} earlier trials redone: their model or settings changed")
+        log(
+            f"compress: {stale} earlier trials redone: "
+            "their model or settings changed, or their data"
+        )
     if todo:
         with ray_session(address) as ray:
             task = ray.remote(

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
 from capfleet.model.artifacts import write_parquet_atomic
+from capfleet.model.data import data_identity
 from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import CapfleetError
 from capfleet.model.modeldir import read_model_manifest
@@ -91,12 +92,18 @@ def _train_task(name: str, cfg: TrainConfig) -> dict:
 
 
 def _trained(cfg: TrainConfig) -> dict | None:
-    """The manifest of a model directory trained from exactly this spec, if there is one."""
+    """The manifest of a model directory trained from exactly this spec on exactly this data (the
+    spec names the data's folder; rewriting it, say with another shapes seed, keeps the name),
+    if there is one."""
     try:
         manifest = read_model_manifest(cfg.out)
     except CapfleetError:  # none yet, or unreadable: train it
         return None
-    return manifest if manifest.get("train") == asdict(cfg) else None
+    if manifest.get("train") != asdict(cfg):
+        return None
+    if manifest.get("data_identity") != data_identity(cfg.data):
+        return None
+    return manifest
 
 
 def _cache_key(cfg: TrainConfig) -> tuple:

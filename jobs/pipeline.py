@@ -148,6 +148,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     from capfleet.cluster.trials import run_compress_job
     from capfleet.cluster.variants import run_train_job
     from capfleet.compression.report import label, read_trials
+    from capfleet.model.bulk.writer import PlanMismatch
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -186,7 +187,12 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
             decode_cpus=cfg.caption.actor_cpus,
             names=tuple(bundle_name(chosen[n]) for n in names if n in chosen),
         )
-        run_caption_job(caption, log=log)
+        try:
+            run_caption_job(caption, log=log)
+        except PlanMismatch as e:  # retrained variants, new trials or new data: caption again
+            kept = _set_aside(Path(caption.out))
+            log(f"pipeline: {e}; the earlier captions are kept in {kept}, captioning again")
+            run_caption_job(caption, log=log)
     import pyarrow.parquet as pq
 
     summary = pq.read_table(out / "caption" / "summary.parquet").to_pylist()
@@ -208,6 +214,14 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
         "table": lines,
         "report": str(Path(compress.out) / "report.md"),
     }
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move an output folder out of the way (renamed, nothing deleted); returns where it went."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    folder.rename(target)
+    return target
 
 
 def _dev_nll(variant: dict) -> float:

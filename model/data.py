@@ -441,3 +441,24 @@ def read_split(data: str, split: str) -> list[ImageRecord]:
     if not records:
         raise DataError(f"{data}: the {split} split has no captioned images")
     return records
+
+
+def data_identity(data: str) -> str:
+    """What a training data set is, for knowing when outputs made from it are stale: every
+    split's ids, image paths and captions, and each image file's size and mtime. Rewriting the
+    data (another shapes seed, an edited token file, replaced photos) changes it; reading it
+    costs a stat per image."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in SPLITS:
+        h.update(f"[{split}]\n".encode())
+        for r in read_split(data, split):
+            try:
+                st = os.stat(r.uri)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            caps = "\t".join(r.captions)
+            h.update(f"{r.image_id}\t{r.uri}\t{size}\t{mtime}\t{caps}\n".encode("utf-8", "replace"))
+    return h.hexdigest()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from capfleet.model.artifacts import package_versions, write_json_atomic
 from capfleet.model.captioner import Captioner, CaptionerConfig
-from capfleet.model.data import SPLITS, read_split
+from capfleet.model.data import SPLITS, data_identity, read_split
 from capfleet.model.encoders import build_encoder, encoder_info, encoder_section
 from capfleet.model.evaluation import evaluate
 from capfleet.model.features import cached_features, load_images, load_split
@@ -97,6 +97,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "epochs_run": len(history.history["loss"]),
         "train_seconds": round(train_s, 1),
         "test_metrics": metrics,
+        "data_identity": data_identity(cfg.data),  # a rerun on changed data retrains
         "versions": package_versions("tensorflow", "tf-keras", "capfleet"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -84,12 +84,14 @@ class Listing:
         return sum(len(s) for s in self.shards)
 
     def identity(self) -> str:
-        """sha256 of every listed (id, uri), in order: what resume must match."""
+        """sha256 of every listed (id, uri, references), in order: what resume must match (the
+        rows hold the references they were scored against)."""
         h = hashlib.sha256()
         for s in self.shards:
-            h.update(f"{s.source}\n".encode())
-            for i, u in zip(s.image_id, s.uri, strict=True):
-                h.update(f"{i}\t{u}\n".encode("utf-8", errors="backslashreplace"))
+            h.update(f"{s.source}\t{json.dumps(s.where, sort_keys=True)}\n".encode())
+            for i, u, refs in zip(s.image_id, s.uri, s.references, strict=True):
+                line = "\t".join([i, u, *refs]) + "\n"
+                h.update(line.encode("utf-8", errors="backslashreplace"))
         return h.hexdigest()
 
 
@@ -206,7 +208,7 @@ def _list_tars(paths: list[str]) -> Listing:
                 [""] * len(keys),
                 [[] for _ in keys],
                 "tar",
-                {"path": uri},
+                {"path": uri, "stamp": file_stamp(uri)},
             )
         )
     return Listing(shards, f"{len(paths)} WebDataset tar shard(s)")
@@ -262,6 +264,7 @@ def _list_parquet(paths: list[str], shard_size: int, image_column: str) -> Listi
                 "choose one with --image-column"
             )
         uri = path if "://" in path else os.path.abspath(path)
+        stamp = file_stamp(uri)
         with open_binary(path, seekable=True) as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
@@ -287,6 +290,7 @@ def _list_parquet(paths: list[str], shard_size: int, image_column: str) -> Listi
                     chunk = ids[offset : offset + shard_size]
                     where = {
                         "path": uri,
+                        "stamp": stamp,
                         "row_group": g,
                         "offset": offset,
                         "length": len(chunk),
@@ -306,6 +310,20 @@ def _list_parquet(paths: list[str], shard_size: int, image_column: str) -> Listi
                     )
                 first += rows
     return Listing(shards, f"{len(paths)} Parquet file(s) of image bytes ({column})")
+
+
+def file_stamp(uri: str) -> str:
+    """A file's size and modification time: a tar or Parquet file rewritten in place has
+    another identity (its contents are read by the workers, not listed)."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri and not uri.startswith("file://"):
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    else:
+        filesystem, path = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    info = filesystem.get_file_info(path)
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return f"{info.size}:{mtime}"
 
 
 def _has_path_field(schema, column: str) -> bool:

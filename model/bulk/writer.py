@@ -19,6 +19,12 @@ from capfleet.model.bulk.stats import PartStats
 from capfleet.model.errors import CapfleetError
 
 PLAN_FILE = "plan.json"
+
+
+class PlanMismatch(CapfleetError):
+    """An output folder was written from other inputs, bundles or settings than this run's."""
+
+
 PLAN_FORMAT = "capfleet-caption-plan/2"
 
 
@@ -49,7 +55,7 @@ def check_plan(out: str | Path, plan: dict) -> None:
                 "made from: restore it, or caption into a new --out"
             ) from None
         if old.get("format") != PLAN_FORMAT:
-            raise CapfleetError(
+            raise PlanMismatch(
                 f"{out}: written by another capfleet version ({old.get('format', 'plan/1')}); "
                 "caption into a new --out"
             )
@@ -57,13 +63,13 @@ def check_plan(out: str | Path, plan: dict) -> None:
             if key == "bundles":
                 changed = [n for n, ident in value.items() if old["bundles"].get(n, ident) != ident]
                 if changed:
-                    raise CapfleetError(
+                    raise PlanMismatch(
                         f"{out}: bundle {changed[0]!r} differs from the one that wrote this "
                         "output (its files, vocabulary or encoder); use a new --out or a new "
                         "bundle name"
                     )
             elif old.get(key) != value:
-                raise CapfleetError(
+                raise PlanMismatch(
                     f"{out}: was written with a different {key} ({old.get(key)} vs {value}); "
                     "resume needs the same inputs, shard size and beam width, or use a new --out"
                 )

@@ -248,3 +248,18 @@ def test_a_changed_beam_width_or_bundle_is_refused_naming_it(
         bundles=(str(tiny_bundle), str(second_bundle)), input=str(shapes_dir), out=str(out)
     )
     assert run_caption_job(both, log=lambda _: None)["rows"] == {"tiny-fp32": 8, "tiny-b": 8}
+
+
+def test_changed_references_are_a_plan_mismatch(local_ray, tiny_bundle, shapes_dir, tmp_path):
+    import shutil
+
+    from capfleet.model.bulk.writer import PlanMismatch
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    cfg = CaptionConfig(bundles=(str(tiny_bundle),), input=str(data), out=str(tmp_path / "o"))
+    run_caption_job(cfg, log=lambda _: None)
+    tokens = data / "Flickr8k.token.txt"  # the rows hold the references they were scored on
+    tokens.write_text(tokens.read_text().replace("small", "tiny"))
+    with pytest.raises(PlanMismatch, match="different inputs_sha256"):
+        run_caption_job(cfg, log=lambda _: None)

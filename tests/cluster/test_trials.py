@@ -77,3 +77,34 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     assert (job["ok"], job["failed"]) == (6, 0)
     assert "3 of 6 trials already done" in lines[0]
     assert "3 earlier trials redone: their model or settings changed" in lines[1]
+
+
+def test_trials_of_a_model_whose_data_changed_are_redone(
+    local_ray, tiny_model, shapes_dir, tmp_path
+):
+    import json
+
+    from capfleet.cluster.trials import run_compress_job
+
+    data, model = tmp_path / "data", tmp_path / "tiny"
+    shutil.copytree(shapes_dir, data)
+    shutil.copytree(tiny_model, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["train"]["data"] = str(data)
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    cfg = CompressConfig(
+        models=(str(model),),
+        out=str(tmp_path / "out"),
+        trials=("fp32",),
+        gallery=0,
+        settings=TrialSettings(eval_images=8, bench_batch=8, bench_repeats=1),
+    )
+    run_compress_job(cfg, log=lambda _: None)
+    lines: list = []
+    run_compress_job(cfg, log=lines.append)
+    assert "1 of 1 trials already done" in lines[0] and not any("redone" in x for x in lines)
+    tokens = data / "Flickr8k.token.txt"  # the references it is scored on change
+    tokens.write_text(tokens.read_text().replace("small", "tiny", 3))
+    lines.clear()
+    run_compress_job(cfg, log=lines.append)
+    assert any("1 earlier trials redone" in x and "their data" in x for x in lines), lines

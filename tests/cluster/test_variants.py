@@ -46,3 +46,27 @@ encoder = ["small_cnn", "mobilenet_v2"]
     again = run_train_job(grid, log=lines.append).to_pylist()
     assert sum("already trained" in line for line in lines) == 2
     assert [r["bleu4"] for r in again] == [r["bleu4"] for r in rows]
+
+
+def test_a_variant_trained_on_data_since_rewritten_is_trained_again(
+    tiny_model, shapes_dir, tmp_path
+):
+    import json
+    import shutil
+
+    from capfleet.cluster.variants import _trained
+    from capfleet.model.data import data_identity
+    from capfleet.model.train_config import TrainConfig
+
+    data, model = tmp_path / "data", tmp_path / "tiny"
+    shutil.copytree(shapes_dir, data)
+    shutil.copytree(tiny_model, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["train"].update(data=str(data), out=str(model))
+    manifest["data_identity"] = data_identity(str(data))
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    cfg = TrainConfig(**manifest["train"])
+    assert _trained(cfg) is not None  # same spec, same data: kept
+    tokens = data / "Flickr8k.token.txt"  # same folder name, other captions
+    tokens.write_text(tokens.read_text().replace("small", "tiny", 3))
+    assert _trained(cfg) is None
