@@ -18,7 +18,11 @@ CAPTION_LIMITS = {
     "shard_size": (1, 1_000_000),
     "actors": (0, 100_000),
     "beam_width": (1, 64),
+    "limit": (0, 10**12),
 }
+
+# Cluster sizes (CPUs) `capfleet plan` estimates for unless told others.
+PLAN_CPUS = (8, 32, 128)
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -53,6 +57,7 @@ class CaptionConfig:
     max_retries: int = 2
     shard_timeout_s: float = 3600.0
     gallery: int = DEFAULT_GALLERY_IMAGES  # images sampled into OUT/gallery.html; 0 = none
+    limit: int = 0  # caption only the first N listed images (a trial run); 0 = every image
     names: tuple[str, ...] = field(default=())  # filled from the bundles' manifests
 
     def __post_init__(self) -> None:

@@ -30,7 +30,13 @@ from capfleet.model.artifacts import (
     write_parquet_atomic,
 )
 from capfleet.model.bulk.decode import decode_batch
-from capfleet.model.bulk.reader import Listing, Shard, list_inputs, with_references
+from capfleet.model.bulk.reader import (
+    Listing,
+    Shard,
+    first_images,
+    list_inputs,
+    with_references,
+)
 from capfleet.model.bulk.report import gallery_sample, write_reports
 from capfleet.model.bulk.schema import OK
 from capfleet.model.bulk.summary import summarize
@@ -185,6 +191,8 @@ def _record_failure(out: Path, names, shard: Shard, listing: Listing, why: str) 
 
 def _listing(cfg: CaptionConfig, log) -> Listing:
     listing = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column)
+    if cfg.limit:
+        listing = first_images(listing, cfg.limit)
     if not listing.images:
         raise CapfleetError(f"{cfg.input}: no images to caption")
     if cfg.references:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from capfleet.compression.goal import Goal
 from capfleet.compression.recipes import check_for_model, parse_trial
 from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import (
@@ -95,11 +96,18 @@ class CompressConfig:
     max_retries: int = 1  # a crashed task (worker died) is retried this many times
     settings: TrialSettings = TrialSettings()
     gallery: int = DEFAULT_GALLERY_IMAGES  # test images in OUT/gallery.html; 0 = no gallery
+    # A goal instead of a fixed list of trials: the search chooses the trials (compression/goal)
+    goal: Goal | None = None
 
     def __post_init__(self) -> None:
         check_numbers(self)
         if not self.models:
             raise CapfleetError("models: give at least one trained model directory")
+        if self.goal is not None and len(self.models) != 1:
+            raise CapfleetError(
+                f"goal: a goal search chooses a bundle of one model; got {len(self.models)} "
+                "models (run one search per model)"
+            )
         if not self.trials:
             raise CapfleetError("trials: give at least one trial")
         names = [Path(m).name for m in self.models]

@@ -12,14 +12,14 @@ exits the process.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfleet.cluster.caption_config import CaptionConfig
+from capfleet.cluster.caption_config import PLAN_CPUS, CaptionConfig
 from capfleet.compression.config import CompressConfig
 from capfleet.jobs.pipeline import PipelineConfig
 from capfleet.model.errors import CapfleetError
@@ -54,6 +54,12 @@ class CompressResult:
     ok: int
     failed: int
     gallery: Path | None = None  # OUT/gallery.html; None with gallery = 0
+    # a [compress.goal] search: whether a candidate met the goal, the winner, OUT/best/ (its
+    # bundle) and OUT/choice.md (every candidate and why); None for a list of trials
+    met: bool | None = None
+    winner: str | None = None
+    best: Path | None = None
+    choice: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -113,16 +119,29 @@ def caption(
 def compress(
     config: CompressConfig | None = None, *, address: str | None = None, log: Log = print, **fields
 ) -> CompressResult:
-    """Run every compression trial of `config` on Ray."""
+    """Run every compression trial of `config` on Ray, or with a goal, search for the bundle
+    that meets it (CompressResult.best)."""
+    from capfleet.cluster.search import run_goal_search
     from capfleet.cluster.trials import run_compress_job
     from capfleet.compression.report import TRIALS_FILE
 
     cfg = _config(CompressConfig, config, fields)
-    job = run_compress_job(cfg, address, log=log)
+    job = (run_goal_search if cfg.goal else run_compress_job)(cfg, address, log=log)
     out = Path(cfg.out)
     trials = pq.read_table(out / TRIALS_FILE)
-    gallery = Path(job["gallery"]) if job.get("gallery") else None
-    return CompressResult(out, trials, Path(job["report"]), job["ok"], job["failed"], gallery)
+    path = lambda key: Path(job[key]) if job.get(key) else None  # noqa: E731
+    return CompressResult(
+        out,
+        trials,
+        Path(job["report"]),
+        job["ok"],
+        job["failed"],
+        path("gallery"),
+        job.get("met"),
+        job.get("winner"),
+        path("best"),
+        path("choice"),
+    )
 
 
 def train(
@@ -176,6 +195,50 @@ def pipeline(
 
 
 Config = TrainConfig | TrainGrid | CompressConfig | CaptionConfig | PipelineConfig
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A caption job's estimated time and cost per cluster size (capfleet plan)."""
+
+    table: list[dict]  # per cluster size: cpus, wall_s, images_per_s, cpu_hours[, cost]
+    text: str  # the table as Markdown, with what was measured and what is assumed
+    json: str  # everything, for other tools
+    calibration: object  # cluster.planner.Calibration: what the calibration runs measured
+
+
+def plan(
+    spec: str | Path | CaptionConfig,
+    *,
+    images: int,
+    cpus: Sequence[float] = PLAN_CPUS,
+    price_per_cpu_hour: float | None = None,
+    sample: int = 1024,
+    log: Log = print,
+) -> PlanResult:
+    """Calibrate a caption spec on a sample of its input, here, and estimate the job of
+    `images` images on clusters of `cpus` CPUs (and this machine)."""
+    from capfleet.cluster.planner import calibrate, plan_json, plan_table, render_plan
+    from capfleet.jobs.specs import load_spec
+
+    cfg = load_spec(spec, "caption") if isinstance(spec, (str, Path)) else spec
+    if not isinstance(cfg, CaptionConfig):
+        raise CapfleetError(f"plan needs a caption spec, got a {type(cfg).__name__}")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise CapfleetError(f"images: a positive number of images, got {images!r}")
+    bad = [c for c in cpus if not (isinstance(c, (int, float)) and 0 < c <= 10**7)]
+    if bad or not cpus:
+        raise CapfleetError(f"cpus: positive cluster sizes, got {list(cpus)!r}")
+    if price_per_cpu_hour is not None and not 0 <= price_per_cpu_hour < 10**6:
+        raise CapfleetError(f"price_per_cpu_hour: must be >= 0, got {price_per_cpu_hour}")
+    cal = calibrate(cfg, sample, log=log)
+    rows = plan_table(cal, images, cpus, price_per_cpu_hour)
+    return PlanResult(
+        rows,
+        render_plan(cal, images, rows, price_per_cpu_hour),
+        plan_json(cal, images, rows, price_per_cpu_hour),
+        cal,
+    )
 
 
 def run(spec: str | Path | Config, *, address: str | None = None, log: Log = print):

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from capfleet.cluster.caption_config import CAPTION_DEFAULTS, CaptionConfig
+from capfleet.cluster.caption_config import CAPTION_DEFAULTS, PLAN_CPUS, CaptionConfig
 from capfleet.model.errors import CapfleetError
 from capfleet.model.train_config import TrainConfig
 
@@ -20,6 +20,21 @@ def _data_shapes(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     split_text = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"wrote {sum(counts.values())} images ({split_text}) to {args.out} in {took:.1f} s")
+    return 0
+
+
+def _data_rehearsal(args: argparse.Namespace) -> int:
+    from capfleet.model import rehearsal
+
+    start = time.perf_counter()
+    counts = rehearsal.generate(args.out, images=args.images, seed=args.seed)
+    took = time.perf_counter() - start
+    print(
+        f"wrote {counts['images']} photos (train {counts['train']}, dev {counts['dev']}, test "
+        f"{counts['test']}, {counts['in_no_split']} in no split), {counts['vocabulary']} words, "
+        f"to {args.out} in {took:.0f} s. Its captions are unrelated to its images: it measures "
+        "scale, not quality."
+    )
     return 0
 
 
@@ -52,6 +67,7 @@ def _caption(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         shard_timeout_s=args.shard_timeout,
         gallery=args.gallery,
+        limit=args.limit,
     )
     done = api.caption(cfg, verbose=args.verbose, retry_errors=args.retry_errors)
     print(
@@ -61,6 +77,26 @@ def _caption(args: argparse.Namespace) -> int:
     if done.job["reports"]:
         print("open in a browser or viewer: " + ", ".join(done.job["reports"]))
     return 1 if done.job["shards"]["failed"] else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from capfleet.jobs import api
+
+    try:
+        cpus = [float(c) for c in args.cpus.split(",") if c.strip()]
+    except ValueError:
+        raise CapfleetError(f"--cpus: comma-separated numbers, got {args.cpus!r}") from None
+    done = api.plan(
+        args.spec,
+        images=args.images,
+        cpus=cpus,
+        price_per_cpu_hour=args.price_per_cpu_hour,
+        sample=args.sample,
+    )
+    print(done.text)
+    if args.json:
+        Path(args.json).write_text(done.json, encoding="utf-8")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -85,6 +121,12 @@ def run_spec(cfg, address: str | None) -> int:
         print(f"trials in {cfg.out}/trials.parquet, report in {done.report}")
         if done.gallery:
             print(f"gallery: open {done.gallery} in a browser")
+        if done.met is not None:  # a goal search
+            if done.met:
+                print(f"chosen: {done.winner}, bundle in {done.best}; why: {done.choice}")
+            else:
+                print(f"no candidate meets the goal; the closest are in {done.choice}")
+            return 0 if done.met else 1
         return 0 if done.ok else 1
     if isinstance(done, api.CaptionResult):
         print(f"captions in {cfg.out}/captions/, summary in {cfg.out}/summary.parquet")
@@ -163,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--images", type=int, default=3000, help="number of images (default 3000)")
     sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sh.set_defaults(func=_data_shapes)
+    rh = data.add_parser(
+        "rehearsal",
+        help="write a Flickr8k-sized rehearsal set (8,091 photos, ~8,000 words; captions "
+        "unrelated to the images: for scale, not quality)",
+    )
+    rh.add_argument("--out", required=True, help="output directory")
+    rh.add_argument("--images", type=int, default=8091, help="number of photos (default 8091)")
+    rh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    rh.set_defaults(func=_data_rehearsal)
 
     def spec_command(name: str, help: str, kind: str | None) -> None:
         p = sub.add_parser(name, help=help)
@@ -249,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 200; 0 = none)",
     )
     cap.add_argument(
+        "--limit",
+        type=int,
+        default=d["limit"],
+        help="caption only the first N listed images (a trial run; default 0 = all)",
+    )
+    cap.add_argument(
         "--retry-errors",
         action="store_true",
         help="caption the rows whose status is error again, replacing them in their parts",
@@ -261,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     cap.set_defaults(func=_caption)
 
     spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")
+
+    pl = sub.add_parser(
+        "plan", help="estimate a caption job's time and cost per cluster size (calibrated here)"
+    )
+    pl.add_argument("spec", help='a caption spec (kind = "caption")')
+    pl.add_argument("--images", type=int, required=True, help="images the real job will caption")
+    pl.add_argument(
+        "--cpus",
+        default=",".join(str(c) for c in PLAN_CPUS),
+        help="cluster sizes in CPUs, comma-separated (default 8,32,128; this machine's added)",
+    )
+    pl.add_argument("--price-per-cpu-hour", type=float, help="for a cost column")
+    pl.add_argument(
+        "--sample",
+        type=int,
+        default=1024,
+        help="calibrate on this many images and 4 times as many (default 1024)",
+    )
+    pl.add_argument("--json", help="also write the plan as JSON to this file")
+    pl.set_defaults(func=_plan)
 
     rep = sub.add_parser("report", help="re-render report.md/png of a compress output")
     rep.add_argument("dir", help="a compress output directory (holding trials.parquet)")

@@ -41,6 +41,9 @@ KINDS = {
 
 def _check_type(where: str, key: str, value, hint):
     """`value` checked against the field's type and converted (a TOML array -> a tuple)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:  # X | None: a value is an X
+        hint = args[0]
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise CapfleetError(f"{where}: {key} must be a table [{key}], got {value!r}")
@@ -127,6 +130,11 @@ def build_pipeline(table: dict, where: str) -> PipelineConfig:
             raise CapfleetError(f"{where}: {step} must be a table [pipeline.{step}]")
     out = Path(table["out"])
     data = build(DataStep, table.get("data", {}), f"{where}.data")
+    if "goal" in table.get("compress", {}):
+        raise CapfleetError(
+            f"{where}.compress: a goal search runs as its own compress spec (kind = "
+            '"compress") on the model the pipeline trained; a pipeline runs a list of trials'
+        )
     for step, keys in (("train", ("data", "out")), ("compress", ("models", "out"))):
         taken = sorted(set(table.get(step, {})) & set(keys))
         if taken:
@@ -194,4 +202,9 @@ def load_spec(path: str | Path, expect: str | None = None):
         if not isinstance(doc["grid"], dict):
             raise CapfleetError(f"{p}: grid must be a table [grid]")
         return expand_grid(table, doc["grid"], str(p))
+    if kind == "compress" and "goal" in table and "trials" in table:
+        raise CapfleetError(
+            f"{p} [compress]: a [compress.goal] search chooses its own trials; remove trials "
+            "(or the goal, to run exactly those trials)"
+        )
     return build(KINDS[kind], table, f"{p} [{kind}]")

@@ -112,6 +112,31 @@ def list_inputs(
     return Listing(shard_records(records, shard_size), type(reader).__name__)
 
 
+def first_images(listing: Listing, limit: int) -> Listing:
+    """The listing cut to its first `limit` images (whole shards, then part of the last one):
+    a trial run on a sample of a large input, cut the same way every time."""
+    shards, left = [], limit
+    for s in listing.shards:
+        if left <= 0:
+            break
+        if len(s) > left:
+            keep = lambda xs, n=left: xs[:n]  # noqa: E731
+            where = dict(s.where)
+            if "length" in where:  # a Parquet row group's slice
+                where["length"] = left
+            s = replace(
+                s,
+                image_id=keep(s.image_id),
+                uri=keep(s.uri),
+                error=keep(s.error),
+                references=keep(s.references),
+                where=where,
+            )
+        shards.append(s)
+        left -= len(s)
+    return Listing(shards, f"the first {sum(map(len, shards))} of {listing.kind}")
+
+
 def shard_records(records: list[ImageRecord], shard_size: int) -> list[Shard]:
     """Consecutive, fixed shards of records."""
     return [

@@ -208,3 +208,24 @@ def test_unreadable_markers_and_records_mean_do_it_again(tmp_path):
     (tmp_path / "r.json").write_bytes(b"\x00\x01")
     assert _read_record(tmp_path / "r.json", lines.append) is None
     assert len(lines) == 2 and "generated again" in lines[0] and "run again" in lines[1]
+
+
+def test_compress_goal_specs(tmp_path):
+    body = (
+        'kind = "compress"\n[compress]\nmodels = ["m"]\nout = "c"\n'
+        '[compress.goal]\nmax_delta_bleu4 = 0.01\nminimize = "size"\nmax_ms = 2\n'
+    )
+    cfg = load_spec(write(tmp_path, body))
+    assert cfg.goal.max_delta_bleu4 == 0.01 and cfg.goal.minimize == "size"
+    assert cfg.goal.max_ms == 2 and cfg.goal.max_size_mb is None
+    with pytest.raises(CapfleetError, match="chooses its own trials"):
+        load_spec(write(tmp_path, body.replace('out = "c"\n', 'out = "c"\ntrials = ["int8"]\n')))
+    with pytest.raises(CapfleetError, match=r"\[compress\].goal: unknown key 'max_delta'"):
+        load_spec(write(tmp_path, body.replace("max_delta_bleu4", "max_delta")))
+    with pytest.raises(CapfleetError, match="goal search chooses a bundle of one model"):
+        load_spec(write(tmp_path, body.replace('["m"]', '["m", "n"]')))
+    with pytest.raises(CapfleetError, match="minimize: must be one of latency, size"):
+        load_spec(write(tmp_path, body.replace('"size"', '"speed"')))
+    pipeline = 'kind = "pipeline"\n[pipeline]\nout = "p"\n[pipeline.compress.goal]\nmax_ms = 1\n'
+    with pytest.raises(CapfleetError, match="a goal search runs as its own compress spec"):
+        load_spec(write(tmp_path, pipeline))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.fetch import read_http, read_uri, sample_key
-from capfleet.model.bulk.reader import expand_braces, list_inputs
+from capfleet.model.bulk.reader import expand_braces, first_images, list_inputs
 from capfleet.model.bulk.stats import BleuStats
 from capfleet.model.data import Flickr8kReader, ManifestReader
 from capfleet.model.metrics import corpus_bleu_scores
@@ -113,6 +113,11 @@ def test_parquet_with_image_bytes_by_row_group(tmp_path):
     out = decoded(listing.shards[1])
     assert list(out["error"][0]) == [""] and list(out["references"][0][0]) == ["caption 2"]
     assert decoded(listing.shards[-1])["error"][0][0].startswith("missing")
+    # a job's --limit: the first N rows, the last shard cut within its row group
+    first = first_images(listing, 4)
+    assert [len(s) for s in first.shards] == [2, 1, 1] and first.images == 4
+    assert json.loads(first.shards[-1].item()["where"])["length"] == 1
+    assert list(decoded(first.shards[-1])["error"][0]) == [""]
 
     # plain binary columns: one is found by itself; two need --image-column
     pq.write_table(

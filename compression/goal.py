@@ -1,0 +1,322 @@
+"""A goal-driven compression search: which bundle to ship, given how much quality may be lost.
+
+Instead of a fixed list of trials, a compress job with a goal ([compress.goal]) runs trials in
+waves and looks at each wave's records before choosing the next:
+
+  1. post-training quantization: fp32 (the baseline), dynamic, int8, int8:dynamic;
+  2. quantization-aware training (qat-int8), only when full int8 missed the quality bound but
+     would otherwise beat the best recipe so far;
+  3. shrink levels by bisection on the best recipe so far (both parts, or the decoder alone
+     behind a frozen backbone): 50%, then 75% or 25%, then the middle of what is left (steps
+     of about 12 points), assuming quality falls as more is removed;
+  4. pruning, only when the goal minimizes the gzip size: a TFLite bundle's kernels stay dense,
+     so pruning lowers neither the .tflite size nor the latency.
+
+It stops when no next wave can improve the objective (or `max_trials` is reached). The choice
+is the candidate meeting every bound with the lowest objective. This module decides; it runs
+nothing (cluster/search.py runs each wave as a compress job on Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from capfleet.compression.recipes import PartRecipe, TrialRecipe, parse_trial
+from capfleet.model.errors import CapfleetError, check_numbers, check_range
+
+BASELINE = "fp32:fp32"
+OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
+QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}
+PTQ_WAVE = ("fp32", "dynamic", "int8", "int8:dynamic")
+SHRINK_STEP = 15  # bisection stops when the bracket is at most this many points wide
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the chosen bundle must meet, and what it minimizes among those that do."""
+
+    max_delta_bleu4: float | None = None  # BLEU-4 lost against fp32 at most (0.01 = a point)
+    max_delta_cider: float | None = None  # CIDEr-D lost at most
+    minimize: str = "latency"  # latency (e2e ms/image) | size (MB) | gzip_size (download MB)
+    max_size_mb: float | None = None
+    max_ms: float | None = None  # e2e milliseconds per image at the job's bench batch
+    max_trials: int = 16  # the search's budget, the baseline included
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if self.minimize not in OBJECTIVES:
+            raise CapfleetError(
+                f"minimize: must be one of {', '.join(OBJECTIVES)}, got {self.minimize!r}"
+            )
+        if self.max_delta_bleu4 is None and self.max_delta_cider is None:
+            raise CapfleetError(
+                "give max_delta_bleu4 or max_delta_cider: how much quality the bundle may lose"
+            )
+        for key in ("max_delta_bleu4", "max_delta_cider", "max_size_mb", "max_ms"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise CapfleetError(f"{key}: must be >= 0, got {value}")
+        for key in ("max_size_mb", "max_ms"):
+            if getattr(self, key) == 0:
+                raise CapfleetError(f"{key}: must be > 0 (leave it out for no bound)")
+        check_range(self, {"max_trials": (2, 1000)})
+
+    @property
+    def objective(self) -> str:
+        """The trials column minimized."""
+        return OBJECTIVES[self.minimize]
+
+    def describe(self) -> str:
+        bounds = [
+            f"{key} = {getattr(self, key):g}"
+            for key in ("max_delta_bleu4", "max_delta_cider", "max_size_mb", "max_ms")
+            if getattr(self, key) is not None
+        ]
+        return f"minimize {self.minimize} with {', '.join(bounds)}"
+
+
+def misses(goal: Goal, record: dict, baseline: dict) -> list[str]:
+    """Why a trial's record does not meet the goal ([] when it does)."""
+    if record.get("status") != "ok":
+        return [f"failed: {str(record.get('error') or '').splitlines()[0][:80]}"]
+    why = []
+    for key, metric in QUALITY.items():
+        bound = getattr(goal, key)
+        if bound is None:
+            continue
+        mine, base = record.get(metric), baseline.get(metric)
+        if mine is None or base is None:
+            why.append(f"no {metric}")
+        elif base - mine > bound + 1e-12:
+            why.append(f"{metric} -{base - mine:.4f} > {bound:g}")
+    if goal.max_size_mb is not None and record["size_mb"] > goal.max_size_mb:
+        why.append(f"size {record['size_mb']:.3f} MB > {goal.max_size_mb:g}")
+    if goal.max_ms is not None and record["e2e_ms"] > goal.max_ms:
+        why.append(f"{record['e2e_ms']:.3f} ms > {goal.max_ms:g}")
+    return why
+
+
+def shortfall(goal: Goal, record: dict, baseline: dict) -> float:
+    """How far a record is from meeting the goal, each bound's overshoot relative to it: the
+    closest candidates of a goal nothing meets are the smallest."""
+    if record.get("status") != "ok":
+        return math.inf
+    total = 0.0
+    for key, metric in QUALITY.items():
+        bound = getattr(goal, key)
+        if bound is not None and record.get(metric) is not None:
+            total += max(0.0, baseline[metric] - record[metric] - bound) / max(bound, 1e-3)
+    for key, col in (("max_size_mb", "size_mb"), ("max_ms", "e2e_ms")):
+        bound = getattr(goal, key)
+        if bound is not None:
+            total += max(0.0, record[col] - bound) / bound
+    return total
+
+
+def _with_shrink(trial: str, level: float, frozen_encoder: bool) -> str:
+    """`trial` with `level` percent of units removed: from both parts, or the decoder alone
+    behind a frozen backbone (which cannot be shrunk)."""
+    r = parse_trial(trial)
+    s = level / 100
+    enc = r.encoder if frozen_encoder else PartRecipe(r.encoder.quant, r.encoder.prune, s)
+    dec = PartRecipe(r.decoder.quant, r.decoder.prune, s)
+    return TrialRecipe(enc, dec).name
+
+
+def _with_prune(trial: str, level: int) -> str:
+    r = parse_trial(trial)
+    p = level / 100
+    enc = PartRecipe(r.encoder.quant, p, r.encoder.shrink)
+    dec = PartRecipe(r.decoder.quant, p, r.decoder.shrink)
+    return TrialRecipe(enc, dec).name
+
+
+@dataclass
+class Search:
+    """The search's state: every record by canonical trial name, and each trial's wave."""
+
+    goal: Goal
+    frozen_encoder: bool
+    records: dict[str, dict]
+    waves: dict[str, str]
+
+    @property
+    def baseline(self) -> dict:
+        return self.records.get(BASELINE, {})
+
+    def meeting(self) -> list[dict]:
+        base = self.baseline
+        if base.get("status") != "ok":
+            return []
+        return [r for r in self.records.values() if not misses(self.goal, r, base)]
+
+    def best(self) -> dict | None:
+        """The candidate that meets the goal with the lowest objective (then the best BLEU-4)."""
+        ok = self.meeting()
+        col = self.goal.objective
+        return min(ok, key=lambda r: (r[col], -(r.get("bleu4") or 0.0))) if ok else None
+
+    def next_wave(self) -> tuple[str, list[str]]:
+        """(what the wave is, its new trials); an empty list when the search is over."""
+        todo = lambda names: [n for n in dict.fromkeys(names) if n not in self.records]  # noqa: E731
+        budget = self.goal.max_trials - len(self.records)
+        if budget <= 0:
+            return "budget spent", []
+        first = todo(parse_trial(t).name for t in PTQ_WAVE)
+        if first:
+            return "post-training quantization", first[:budget]
+        if self.baseline.get("status") != "ok":
+            return "the fp32 baseline failed: nothing to compare with", []
+        best, col = self.best(), self.goal.objective
+        int8 = self.records.get("int8:int8", {})
+        qat = parse_trial("qat-int8").name
+        int8_missed_quality = int8.get("status") == "ok" and any(
+            w.split()[0] in QUALITY.values() for w in misses(self.goal, int8, self.baseline)
+        )
+        if (
+            qat not in self.records
+            and int8_missed_quality
+            and (best is None or int8[col] < best[col])
+        ):
+            return "quantization-aware training (int8 lost too much)", [qat]
+        if best is None:
+            return "no recipe meets the goal unshrunk: shrinking only loses more", []
+        pruned = parse_trial(best["trial"]).decoder.prune
+        level = None if pruned else self._next_shrink(best["trial"])  # pruning comes last
+        if level is not None:
+            base = self._unshrunk(best["trial"])
+            return f"shrink bisection on {base}", [_with_shrink(base, level, self.frozen_encoder)]
+        if self.goal.minimize == "gzip_size":
+            for p in (50, 75):
+                t = _with_prune(best["trial"], p)
+                if t not in self.records:
+                    return "pruning (lowers the gzip size)", [t]
+                if misses(self.goal, self.records[t], self.baseline):
+                    break
+        return "converged", []
+
+    def _unshrunk(self, trial: str) -> str:
+        r = parse_trial(trial)
+        enc = PartRecipe(r.encoder.quant, r.encoder.prune)
+        dec = PartRecipe(r.decoder.quant, r.decoder.prune)
+        return TrialRecipe(enc, dec).name
+
+    def _next_shrink(self, best_trial: str) -> float | None:
+        """The next shrink level to try for the best recipe's family, by bisection of the
+        bracket [largest level that met the goal, smallest that missed it]; None when the
+        bracket is narrower than SHRINK_STEP."""
+        base = self._unshrunk(best_trial)
+        lo, hi = 0.0, 100.0
+        for level in range(1, 100):
+            t = _with_shrink(base, level, self.frozen_encoder)
+            if t in self.records:
+                if misses(self.goal, self.records[t], self.baseline):
+                    hi = min(hi, level)
+                else:
+                    lo = max(lo, level)
+        if hi - lo <= SHRINK_STEP or lo >= hi:
+            return None
+        level = round((lo + hi) / 2)
+        if _with_shrink(base, level, self.frozen_encoder) in self.records:
+            return None
+        return level
+
+
+def choice_document(search: Search, model: str) -> dict:
+    """Every candidate with its wave and verdict, the winner and why, the Pareto front."""
+    from capfleet.compression.report import pareto
+
+    goal, base = search.goal, search.baseline
+    col = goal.objective
+    rows = []
+    for name, r in search.records.items():
+        why = misses(goal, r, base) if base.get("status") == "ok" else ["no baseline"]
+        rows.append({**r, "wave": search.waves.get(name, ""), "meets": not why, "misses": why})
+    best = search.best()
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("bleu4") is not None]
+    front = [ok[i]["trial"] for i in pareto([(r[col], r["bleu4"]) for r in ok])]
+    closest = []
+    if best is None:
+        ranked = sorted(rows, key=lambda r: shortfall(goal, r, base))
+        closest = [r["trial"] for r in ranked[:3] if r.get("status") == "ok"]
+    return {
+        "model": model,
+        "goal": asdict(goal),
+        "goal_text": goal.describe(),
+        "objective": col,
+        "met": best is not None,
+        "winner": best["trial"] if best else None,
+        "candidates": rows,
+        "pareto_front": front,
+        "closest": closest,
+        "trials_run": len(rows),
+    }
+
+
+def _cell(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_choice(doc: dict, machine: str) -> str:
+    """OUT/choice.md."""
+    col = doc["objective"]
+    unit = {"e2e_ms": "ms/image", "size_mb": "MB", "gzip_mb": "MB gzip"}[col]
+    lines = [f"# Choice for {doc['model']}", "", f"Goal: {doc['goal_text']}.", ""]
+    rows = doc["candidates"]
+    by = {r["trial"]: r for r in rows}
+    if doc["met"]:
+        w = by[doc["winner"]]
+        n = sum(r["meets"] for r in rows)
+        lines += [
+            f"**Winner: `{doc['winner']}`**, copied to `best/`: the lowest {col} "
+            f"({w[col]:.4g} {unit}) of the {n} candidates that meet the goal "
+            f"(BLEU-4 {w['bleu4']:.4f} against fp32 {by[BASELINE]['bleu4']:.4f}, "
+            f"{w['size_mb']:.3f} MB, {w['e2e_ms']:.3f} ms/image).",
+            "",
+        ]
+    else:
+        lines += [
+            "**No candidate meets the goal.** The closest: "
+            + ", ".join(f"`{t}` ({'; '.join(by[t]['misses'])})" for t in doc["closest"])
+            + ".",
+            "",
+        ]
+    lines += [
+        f"{doc['trials_run']} trials in all. Pareto front ({col} against BLEU-4): "
+        + ", ".join(f"`{t}`" for t in doc["pareto_front"])
+        + ".",
+        "",
+        "| wave | trial | BLEU-4 | dBLEU-4 | CIDEr-D | dCIDEr-D | MB | MB gzip | ms/image "
+        "| meets | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['wave']} | `{r['trial']}` | {_cell(r.get('bleu4'), '.4f')} "
+            f"| {_cell(r.get('delta_bleu4'), '+.4f')} | {_cell(r.get('cider_d'), '.3f')} "
+            f"| {_cell(r.get('delta_cider_d'), '+.3f')} | {_cell(r.get('size_mb'), '.3f')} "
+            f"| {_cell(r.get('gzip_mb'), '.3f')} | {_cell(r.get('e2e_ms'), '.3f')} "
+            f"| {'yes' if r['meets'] else 'no'} | {'; '.join(r['misses'])} |"
+        )
+    lines += [
+        "",
+        "How the search works: post-training quantizations first; quantization-aware "
+        "training only where int8 lost too much quality; then shrink levels by bisection on "
+        "the best recipe (assuming quality falls as more units are removed); pruning only for "
+        "the gzip size (the .tflite kernels stay dense). Quality is measured on the test "
+        "images every trial scores (CIDEr-D's IDF is that image set's); latency with each "
+        f"bundle timed alone on this machine ({machine}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def choice_json(doc: dict) -> str:
+    return json.dumps(doc, indent=1, default=str) + "\n"
+
+
+def canonical(trials: Sequence[str]) -> list[str]:
+    return [parse_trial(t).name for t in trials]

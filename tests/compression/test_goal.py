@@ -1,0 +1,117 @@
+"""The goal search's decisions, wave by wave, on records of a model whose response to each
+recipe is known (quality lost grows with the shrink level; int8 costs a known amount)."""
+
+import pytest
+
+from capfleet.compression.goal import Goal, Search, choice_document, misses, render_choice
+from capfleet.compression.recipes import parse_trial
+from capfleet.model.errors import CapfleetError
+
+
+def measured(trial: str, int8_loss: float = 0.004, qat_loss: float = 0.002) -> dict:
+    """A record for `trial`: BLEU-4 falls 0.0004 per shrink point past 20%, int8 (PTQ) loses
+    int8_loss, QAT qat_loss; latency falls with int8 and with shrinking."""
+    r = parse_trial(trial)
+    enc, dec = r.encoder, r.decoder
+    loss = max(0.0, (dec.shrink * 100 - 20) * 0.0004)
+    ms = 1.0 * (1 - enc.shrink) ** 2 + 0.5 * (1 - dec.shrink)
+    if enc.quant == "int8":
+        ms *= 0.6
+    if dec.quant == "int8":
+        loss += int8_loss
+        ms *= 0.9
+    if dec.quant == "qat-int8":
+        loss += qat_loss
+        ms *= 0.9
+    if dec.quant == "dynamic":
+        loss += 0.001
+    size = 0.8 * (1 - dec.shrink) * (0.25 if dec.quant != "fp32" else 1.0)
+    return {
+        "model": "m",
+        "trial": r.name,
+        "status": "ok",
+        "bleu4": 0.90 - loss,
+        "cider_d": 2.0 - 10 * loss,
+        "e2e_ms": ms,
+        "size_mb": size,
+        "gzip_mb": size * 0.9 * (1 - max(enc.prune, dec.prune) / 2),
+    }
+
+
+def search(goal: Goal, frozen: bool = False, **kw) -> tuple[Search, list[tuple[str, list]]]:
+    s = Search(goal, frozen, {}, {})
+    waves = []
+    while True:
+        what, trials = s.next_wave()
+        if not trials:
+            return s, waves
+        waves.append((what, trials))
+        for t in trials:
+            s.records[t] = measured(t, **kw)
+            s.waves[t] = what
+
+
+def test_quantizes_then_bisects_shrink_levels_to_the_lowest_latency_that_meets_the_goal():
+    s, waves = search(Goal(max_delta_bleu4=0.01))
+    assert waves[0][0] == "post-training quantization"
+    assert waves[0][1] == ["fp32:fp32", "dynamic:dynamic", "int8:int8", "int8:dynamic"]
+    shrinks = [t for w, ts in waves[1:] for t in ts]
+    assert all(w.startswith("shrink bisection on int8:int8") for w, _ in waves[1:])
+    # int8 loses 0.004, so shrink may lose 0.006: up to 35%; bisection: 50 (no), 25 (yes), 38
+    assert shrinks == ["shrink-50+int8:shrink-50+int8", "shrink-25+int8:shrink-25+int8",
+                       "shrink-38+int8:shrink-38+int8"]  # fmt: skip
+    assert s.best()["trial"] == "shrink-25+int8:shrink-25+int8"
+    assert len(s.records) == 7  # fewer than a grid of every level
+
+
+def test_int8_that_loses_too_much_gets_quantization_aware_training():
+    s, waves = search(Goal(max_delta_bleu4=0.005), int8_loss=0.008, qat_loss=0.001)
+    assert waves[1] == ("quantization-aware training (int8 lost too much)", ["int8:qat-int8"])
+    assert s.best()["trial"].endswith("qat-int8")  # QAT's int8 met the goal; then shrunk
+
+
+def test_a_frozen_backbone_is_never_shrunk_and_size_goals_skip_pruning_unless_gzip():
+    s, _ = search(Goal(max_delta_bleu4=0.01, minimize="size"), frozen=True)
+    assert all(not parse_trial(t).encoder.shrink for t in s.records)
+    assert not any(parse_trial(t).decoder.prune for t in s.records)
+    g, waves = search(Goal(max_delta_bleu4=0.01, minimize="gzip_size"))
+    assert waves[-1][0] == "pruning (lowers the gzip size)"
+    assert any(parse_trial(t).decoder.prune for t in g.records)
+
+
+def test_a_goal_nothing_meets_names_the_closest_and_why():
+    s, _ = search(Goal(max_delta_bleu4=0.01, max_ms=0.01))
+    assert s.best() is None
+    doc = choice_document(s, "m")
+    assert not doc["met"] and doc["winner"] is None and len(doc["closest"]) == 3
+    text = render_choice(doc, "test cpu")
+    assert "No candidate meets the goal" in text and "ms > 0.01" in text
+    # a budget bounds the search
+    small, _ = search(Goal(max_delta_bleu4=0.01, max_trials=5))
+    assert len(small.records) == 5
+
+
+def test_misses_says_which_bound_and_by_how_much():
+    base = measured("fp32")
+    worse = {**measured("int8"), "bleu4": base["bleu4"] - 0.02}
+    assert misses(Goal(max_delta_bleu4=0.01), worse, base) == ["bleu4 -0.0200 > 0.01"]
+    assert misses(Goal(max_delta_bleu4=0.03), worse, base) == []
+    assert misses(Goal(max_delta_cider=0.0), measured("int8"), base)[0].startswith("cider_d")
+    failed = {"trial": "int8:int8", "status": "error", "error": "boom\nmore"}
+    assert misses(Goal(max_delta_bleu4=0.01), failed, base) == ["failed: boom"]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({}, "max_delta_bleu4 or max_delta_cider"),
+        ({"max_delta_bleu4": float("nan")}, "max_delta_bleu4"),
+        ({"max_delta_bleu4": -0.1}, "must be >= 0"),
+        ({"max_delta_bleu4": 0.01, "minimize": "speed"}, "minimize"),
+        ({"max_delta_bleu4": 0.01, "max_ms": 0.0}, "max_ms"),
+        ({"max_delta_bleu4": 0.01, "max_trials": 1}, "max_trials"),
+    ],
+)
+def test_bad_goals_are_refused_naming_the_key(kw, message):
+    with pytest.raises(CapfleetError, match=message):
+        Goal(**kw)
