@@ -17,6 +17,9 @@ BENCHMARKS = (
     "label_smoothing",
     "shrink_tuning",
     "int8_kernels",
+    "choose",
+    "plan",
+    "flickr8k_scale",
 )
 
 

@@ -12,16 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.caption_scale import (
-    SMALL_DECODER,
-    caption_cli,
-    make_bundle,
-    per_core_limit,
-    summary_row,
-    write_manifest,
-)
+from bench.caption_scale import caption_cli, per_core_limit, small_cnn_job, summary_row
 from bench.common import write_result
-from bench.photos import make_jpegs
 
 ROWS = int(os.environ.get("CAPFLEET_BENCH_CAPTION_ROWS", 20_000))
 DISTINCT = 2000
@@ -32,10 +24,7 @@ SIZINGS = [None, (1, 1.0), (2, 1.0), (2, 0.5), (4, 0.5), (1, 2.0)]
 def run() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        photos = make_jpegs(tmp / "photos", DISTINCT)
-        calib = [p.read_bytes() for p in photos[:32]]
-        bundle = make_bundle(tmp / "small_cnn-fp32", "small_cnn", "fp32", calib, *SMALL_DECODER)
-        manifest = write_manifest(tmp / "m.csv", photos, ROWS)
+        photos, bundle, manifest = small_cnn_job(tmp, ROWS, DISTINCT)
         limit = per_core_limit(bundle, photos)
         print("per-core limit", limit, flush=True)
         runs = []

@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from capfleet.model.artifacts import cpu_info
 from capfleet.model.bundle import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -16,17 +17,8 @@ SHAPES_SPEC = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "train
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **cpu_info(),
         "platform": platform.platform(),
         "versions": package_versions("tensorflow", "tf-keras", "ai-edge-litert", "ray"),
     }

@@ -18,13 +18,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.cluster.features import compute_features
 from capfleet.model.artifacts import write_parquet_atomic
 from capfleet.model.data import data_identity
 from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import CapfleetError
 from capfleet.model.modeldir import read_model_manifest
 from capfleet.model.train_config import TrainConfig, TrainGrid
-from capfleet.model.training import train, warm_feature_cache
+from capfleet.model.training import train
 
 VARIANTS_FILE = "variants.parquet"
 
@@ -137,8 +138,8 @@ def run_train_job(
     with ray_session(address) as ray:
         if frozen:
             log(f"train: computing features of {len(frozen)} frozen backbone(s) once")
-            warm = ray.remote(num_cpus=1, max_calls=1)(warm_feature_cache)
-            ray.get([warm.remote(c, print) for c in frozen.values()])
+            for c in frozen.values():  # each across every CPU of the cluster
+                compute_features(c, address, log=log)
         task = ray.remote(max_retries=max_retries, max_calls=1)(_train_task)
         pending = {
             task.options(num_cpus=max(1, cfg.threads)).remote(name, cfg): (name, cfg)

@@ -191,3 +191,31 @@ def package_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[n] = "absent"
     return out
+
+
+INT8_FLAGS = {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def cpu_info() -> dict:
+    """This machine's CPU: its model, cores and the instructions int8 speed depends on. With
+    VNNI (avx512_vnni, avx_vnni) or AMX, int8 matrix products run several times faster than
+    fp32; with AVX2 alone they are no faster (so every latency figure says which it ran on)."""
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        kind = "vnni"
+    else:
+        kind = "avx2-only" if "avx2" in flags else "other"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "int8_instructions": sorted(flags & INT8_FLAGS),
+        "int8_kind": kind,
+    }

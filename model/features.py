@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,24 +18,32 @@ from capfleet.model.errors import CapfleetError
 from capfleet.model.images import ImageError, decode_image, preprocess
 
 
+def decode_files(uris: Sequence[str], size: int) -> tuple[list, list[int], list[str]]:
+    """Each file decoded to (size, size, 3) uint8: (the images, the positions that decoded,
+    "uri: reason" for the others)."""
+    images, kept, bad = [], [], []
+    for i, uri in enumerate(uris):
+        try:
+            data = Path(uri).read_bytes()
+        except OSError as e:
+            bad.append(f"{uri}: {e.strerror or e}")
+            continue
+        out = decode_image(data, (size, size))
+        if isinstance(out, ImageError):
+            bad.append(f"{uri}: {out}")
+            continue
+        images.append(out)
+        kept.append(i)
+    return images, kept, bad
+
+
 def load_images(
     records: Sequence[ImageRecord], size: int, log: Callable[[str], None] = print
 ) -> tuple[np.ndarray, list[ImageRecord]]:
     """Decode every record's image to (N, size, size, 3) uint8, skipping (and reporting) bad
     ones. Returns the images and the records that decoded, in order."""
-    images, kept, bad = [], [], []
-    for rec in records:
-        try:
-            data = Path(rec.uri).read_bytes()
-        except OSError as e:
-            bad.append(f"{rec.uri}: {e.strerror or e}")
-            continue
-        out = decode_image(data, (size, size))
-        if isinstance(out, ImageError):
-            bad.append(f"{rec.uri}: {out}")
-            continue
-        images.append(out)
-        kept.append(rec)
+    images, positions, bad = decode_files([r.uri for r in records], size)
+    kept = [records[i] for i in positions]
     if bad:
         log(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
     if not images:
@@ -95,3 +105,117 @@ def cached_features(
     ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
     write_json_atomic(cache / f"{encoder}-{key}.json", ids)
     return out
+
+
+# -- features in parts, computed across a cluster (cluster/features.py runs this) ----------
+
+FEATURE_SHARD = 256  # images per part: a unit of work and of resume
+
+
+def parts_dir(cache_dir: str | Path, encoder: str, weights_id: str, records) -> Path:
+    """Where the parts of these records' features go: keyed by every listed image (path, size,
+    mtime), so that a rerun on the same images finds them and changed images start afresh."""
+    return Path(cache_dir) / f"{encoder}-{cache_key(encoder, weights_id, records)}.parts"
+
+
+class FeatureWorker:
+    """One process's frozen backbone: a shard of image paths in, its features written as one
+    .npy part (the images that decoded) with a .json of their ids and the ones that did not.
+    Built from a seed, as train() builds it, so a random backbone is the same everywhere."""
+
+    def __init__(self, encoder: str, weights: str, seed: int, threads: int, batch: int = 32):
+        from capfleet.model.encoders import build_encoder, encoder_info
+        from capfleet.model.fitting import configure_threads
+
+        configure_threads(threads)
+        import tf_keras as keras
+
+        keras.utils.set_random_seed(seed)
+        self.info = encoder_info(encoder)
+        self.backbone = build_encoder(encoder, weights)
+        self.batch = batch
+
+    def features(self, uris: Sequence[str]) -> tuple[np.ndarray, list[int], list[str]]:
+        """(features of the images that decoded, their positions, the others' reasons)."""
+        images, kept, bad = decode_files(uris, self.info.input_size)
+        if not images:
+            return np.zeros((0, 0), np.float32), kept, bad
+        pixels = np.stack(images)
+        feats = [
+            self.backbone.predict_on_batch(
+                preprocess(pixels[i : i + self.batch], self.info.preprocess)
+            )
+            for i in range(0, len(pixels), self.batch)
+        ]
+        return np.concatenate(feats).astype(np.float32), kept, bad
+
+    def write_part(
+        self,
+        folder: str | Path,
+        shard: int,
+        ids: Sequence[str],
+        uris: Sequence[str],
+        note: dict | None = None,
+    ) -> dict:
+        """Compute and write one part; `note` is kept in its .json (who computed it)."""
+        feats, kept, bad = self.features(uris)
+        folder = Path(folder)
+        buf = io.BytesIO()
+        np.save(buf, feats)
+        # the ids first: a part counts as done once its .npy exists, so that goes last
+        meta = {"ids": [ids[i] for i in kept], "skipped": bad, **(note or {})}
+        write_json_atomic(folder / f"part-{shard:06d}.json", meta)
+        write_bytes_atomic(folder / f"part-{shard:06d}.npy", buf.getvalue())
+        return {"shard": shard, "images": len(kept), "skipped": len(bad)}
+
+
+def done_parts(folder: str | Path, shards: int) -> set[int]:
+    """Shards whose part is whole: its .npy loads and matches its .json's ids."""
+    done = set()
+    for n in range(shards):
+        npy, meta = Path(folder) / f"part-{n:06d}.npy", Path(folder) / f"part-{n:06d}.json"
+        try:
+            ids = json.loads(meta.read_text())["ids"]
+            arr = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError, KeyError):
+            continue
+        if arr.shape[0] == len(ids):
+            done.add(n)
+    return done
+
+
+def assemble_parts(
+    folder: str | Path,
+    records: Sequence[ImageRecord],
+    encoder: str,
+    weights_id: str,
+    cache_dir: str | Path,
+    shard_size: int = FEATURE_SHARD,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Join a split's parts, in order, into the cache file that cached_features() reads for the
+    records that decoded (the same key load_images' kept records give)."""
+    shards = math.ceil(len(records) / shard_size)
+    feats, kept, skipped = [], [], []
+    for n in range(shards):
+        meta = json.loads((Path(folder) / f"part-{n:06d}.json").read_text())
+        arr = np.load(Path(folder) / f"part-{n:06d}.npy")
+        chunk = records[n * shard_size : (n + 1) * shard_size]
+        by_id = {r.image_id: r for r in chunk}
+        kept += [by_id[i] for i in meta["ids"]]
+        skipped += meta["skipped"]
+        if len(arr):
+            feats.append(arr)
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+    if not feats:
+        raise CapfleetError(f"none of {len(records)} images could be read")
+    out = np.concatenate(feats)
+    key = cache_key(encoder, weights_id, kept)
+    path = Path(cache_dir) / f"{encoder}-{key}.npy"
+    buf = io.BytesIO()
+    np.save(buf, out)
+    write_bytes_atomic(path, buf.getvalue())
+    ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in kept]}
+    write_json_atomic(Path(cache_dir) / f"{encoder}-{key}.json", ids)
+    return path

@@ -105,22 +105,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     return manifest
 
 
-def warm_feature_cache(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
-    """Compute a frozen backbone's train and dev features into the cache that `train(cfg)`
-    reads, so that variants sharing a backbone compute them once (a no-op for the small CNN)."""
-    import tf_keras as keras
-
-    info = encoder_info(cfg.encoder)
-    if info.trainable:
-        return
-    configure_threads(cfg.threads)
-    keras.utils.set_random_seed(cfg.seed)  # as train(): a random backbone is the same one
-    backbone = build_encoder(cfg.encoder, cfg.weights_arg)
-    for split in ("train", "dev"):
-        images, records = load_split(cfg.data, split, info.input_size, log=log)
-        model_inputs(images, records, info, backbone, cfg, log)
-
-
 def model_inputs(images, records, info, backbone, cfg: TrainConfig, log=print):
     """What the training graph takes for these images: preprocessed pixels for a jointly
     trained encoder, a frozen backbone's features (cached on disk, computed once) otherwise."""

@@ -1,0 +1,117 @@
+"""A frozen backbone's features across the cluster: a Ray Data job over shards of a split's
+images, one autoscaling pool of 1-CPU actors (each its own backbone), every shard's features
+written as its own .npy part. Parts already whole are skipped, so a job that died (or lost a
+node) resumes where it stopped; then the parts are joined into the cache file training reads
+(model/features.py: keyed as cached_features keys it)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from capfleet.cluster.connect import ray_session
+from capfleet.model.data import read_split
+from capfleet.model.encoders import encoder_info
+from capfleet.model.features import (
+    FEATURE_SHARD,
+    FeatureWorker,
+    assemble_parts,
+    cache_key,
+    done_parts,
+    parts_dir,
+)
+from capfleet.model.train_config import TrainConfig
+
+
+class _Worker(FeatureWorker):
+    """The Ray Data callable: one shard per call; says which node computed it."""
+
+    def __init__(self, folder: str, **kw):
+        super().__init__(**kw)
+        import ray
+
+        self.folder = folder
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        shard = int(batch["shard"][0])
+        ids, uris = [str(i) for i in batch["ids"][0]], [str(u) for u in batch["uris"][0]]
+        row = self.write_part(self.folder, shard, ids, uris, {"node": self.node})
+        return {k: [v] for k, v in {**row, "node": self.node}.items()}
+
+
+def compute_features(
+    cfg: TrainConfig,
+    address: str | None = None,
+    shard_size: int = FEATURE_SHARD,
+    max_actors: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train and dev features of cfg's frozen backbone into cfg.feature_cache, computed on every
+    CPU of the cluster. Returns, per split, the parts run now, the nodes that ran them and the
+    seconds taken."""
+    info = encoder_info(cfg.encoder)
+    if info.trainable:
+        return {}
+    report = {}
+    with ray_session(address) as ray:
+        for split in ("train", "dev"):
+            t0 = time.perf_counter()
+            records = read_split(cfg.data, split)
+            cache = Path(cfg.feature_cache)
+            folder = parts_dir(cache, info.name, cfg.weights_id, records)
+            final = cache / f"{info.name}-{cache_key(info.name, cfg.weights_id, records)}.npy"
+            if final.is_file():  # every image decoded, already joined: nothing to do
+                log(f"features: {split} cached ({final.name})")
+                report[split] = {"parts_run": 0, "nodes": [], "seconds": 0.0}
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            shards = math.ceil(len(records) / shard_size)
+            done = done_parts(folder, shards)
+            todo = [n for n in range(shards) if n not in done]
+            log(
+                f"features: {info.name} of {len(records)} {split} images, {shards} parts "
+                f"({len(done)} done before), on Ray"
+            )
+            rows = _run(ray, cfg, records, folder, todo, shard_size, max_actors) if todo else []
+            assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
+            seconds = time.perf_counter() - t0
+            nodes = sorted({r["node"] for r in rows})
+            log(f"features: {split} done in {seconds:.0f} s on {len(nodes)} node(s)")
+            report[split] = {"parts_run": len(rows), "nodes": nodes, "seconds": round(seconds, 1)}
+    return report
+
+
+def _run(ray, cfg: TrainConfig, records, folder: Path, todo, shard_size: int, max_actors: int):
+    items = [
+        {
+            "shard": n,
+            "ids": [r.image_id for r in records[n * shard_size : (n + 1) * shard_size]],
+            "uris": [r.uri for r in records[n * shard_size : (n + 1) * shard_size]],
+        }
+        for n in todo
+    ]
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    high = max(1, min(max_actors or cpus, cpus, len(items)))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _Worker,
+        fn_constructor_kwargs={
+            "folder": str(folder.resolve()),
+            "encoder": cfg.encoder,
+            "weights": cfg.weights_arg,
+            "seed": cfg.seed,
+            "threads": 1,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high, initial_size=high),
+        max_restarts=-1,  # a lost node's actors start again elsewhere; their shards are retried
+        max_task_retries=3,
+    )
+    return ds.take_all()
