@@ -189,9 +189,7 @@ def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | 
         "Assumes: CPUs like these (model and int8 instructions), throughput growing with "
         "CPUs at the efficiency measured here (no object-store, network or storage limit), "
         "images like the sample, the same fixed start-up on a cluster, shards no slower than "
-        "the calibration's"
-        + (f", {price:g} per CPU-hour" if price is not None else "")
-        + ".",
+        "the calibration's" + (f", {price:g} per CPU-hour" if price is not None else "") + ".",
     ]
     return "\n".join(lines)
 

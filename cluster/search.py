@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from capfleet.cluster.connect import ray_session
-from capfleet.cluster.trials import _record_path, run_compress_job
+from capfleet.cluster.trials import run_compress_job
 from capfleet.compression.config import CompressConfig, slug
 from capfleet.compression.goal import (
     Search,
@@ -77,7 +77,8 @@ def run_goal_search(
         best = _publish(out, out / "bundles" / Path(model).name / slug(doc["winner"]))
         log(f"search: winner {doc['winner']}, copied to {best}")
     else:
-        (out / BEST_DIR).exists() and shutil.rmtree(out / BEST_DIR)  # an earlier goal's
+        if (out / BEST_DIR).exists():  # an earlier goal's choice: not this goal's
+            shutil.rmtree(out / BEST_DIR)
         log(f"search: no candidate meets the goal; closest: {', '.join(doc['closest'])}")
     log(
         f"search: {len(search.records)} trials in {time.perf_counter() - t0:.0f} s; "
@@ -89,7 +90,6 @@ def run_goal_search(
         "winner": doc["winner"],
         "best": str(best) if best else None,
         "choice": str(out / CHOICE_FILE),
-        "record": str(_record_path(out, model, doc["winner"])) if doc["met"] else None,
     }
 
 

@@ -3,12 +3,13 @@
 Instead of a fixed list of trials, a compress job with a goal ([compress.goal]) runs trials in
 waves and looks at each wave's records before choosing the next:
 
-  1. post-training quantization: fp32 (the baseline), dynamic, int8, int8:dynamic;
+  1. post-training quantization: fp32 (the baseline), dynamic, int8;
   2. quantization-aware training (qat-int8), only when full int8 missed the quality bound but
      would otherwise beat the best recipe so far;
-  3. shrink levels by bisection on the best recipe so far (both parts, or the decoder alone
-     behind a frozen backbone): 50%, then 75% or 25%, then the middle of what is left (steps
-     of about 12 points), assuming quality falls as more is removed;
+  3. shrinking the best recipe so far, each part alone (the decoder alone behind a frozen
+     backbone): both parts at 50% in one wave, then bisection on the part that did best
+     (75% or 25%, then the middle of what is left: steps of about 12 points, assuming quality
+     falls as more is removed), then both parts together at the levels each reached alone;
   4. pruning, only when the goal minimizes the gzip size: a TFLite bundle's kernels stay dense,
      so pruning lowers neither the .tflite size nor the latency.
 
@@ -30,7 +31,7 @@ from capfleet.model.errors import CapfleetError, check_numbers, check_range
 BASELINE = "fp32:fp32"
 OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
 QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}
-PTQ_WAVE = ("fp32", "dynamic", "int8", "int8:dynamic")
+PTQ_WAVE = ("fp32", "dynamic", "int8")
 SHRINK_STEP = 15  # bisection stops when the bracket is at most this many points wide
 
 
@@ -116,13 +117,11 @@ def shortfall(goal: Goal, record: dict, baseline: dict) -> float:
     return total
 
 
-def _with_shrink(trial: str, level: float, frozen_encoder: bool) -> str:
-    """`trial` with `level` percent of units removed: from both parts, or the decoder alone
-    behind a frozen backbone (which cannot be shrunk)."""
+def _with_shrink(trial: str, encoder: float, decoder: float) -> str:
+    """`trial` with `encoder` and `decoder` percent of each part's units removed."""
     r = parse_trial(trial)
-    s = level / 100
-    enc = r.encoder if frozen_encoder else PartRecipe(r.encoder.quant, r.encoder.prune, s)
-    dec = PartRecipe(r.decoder.quant, r.decoder.prune, s)
+    enc = PartRecipe(r.encoder.quant, r.encoder.prune, encoder / 100)
+    dec = PartRecipe(r.decoder.quant, r.decoder.prune, decoder / 100)
     return TrialRecipe(enc, dec).name
 
 
@@ -161,13 +160,17 @@ class Search:
 
     def next_wave(self) -> tuple[str, list[str]]:
         """(what the wave is, its new trials); an empty list when the search is over."""
-        todo = lambda names: [n for n in dict.fromkeys(names) if n not in self.records]  # noqa: E731
         budget = self.goal.max_trials - len(self.records)
         if budget <= 0:
             return "budget spent", []
+        what, trials = self._next_wave()
+        return what, trials[:budget]
+
+    def _next_wave(self) -> tuple[str, list[str]]:
+        todo = lambda names: [n for n in dict.fromkeys(names) if n not in self.records]  # noqa: E731
         first = todo(parse_trial(t).name for t in PTQ_WAVE)
         if first:
-            return "post-training quantization", first[:budget]
+            return "post-training quantization", first
         if self.baseline.get("status") != "ok":
             return "the fp32 baseline failed: nothing to compare with", []
         best, col = self.best(), self.goal.objective
@@ -184,11 +187,10 @@ class Search:
             return "quantization-aware training (int8 lost too much)", [qat]
         if best is None:
             return "no recipe meets the goal unshrunk: shrinking only loses more", []
-        pruned = parse_trial(best["trial"]).decoder.prune
-        level = None if pruned else self._next_shrink(best["trial"])  # pruning comes last
-        if level is not None:
-            base = self._unshrunk(best["trial"])
-            return f"shrink bisection on {base}", [_with_shrink(base, level, self.frozen_encoder)]
+        if not parse_trial(best["trial"]).decoder.prune:  # pruning comes last
+            wave = self._shrink_wave(self._unshrunk(best["trial"]))
+            if wave:
+                return wave
         if self.goal.minimize == "gzip_size":
             for p in (50, 75):
                 t = _with_prune(best["trial"], p)
@@ -204,25 +206,63 @@ class Search:
         dec = PartRecipe(r.decoder.quant, r.decoder.prune)
         return TrialRecipe(enc, dec).name
 
-    def _next_shrink(self, best_trial: str) -> float | None:
-        """The next shrink level to try for the best recipe's family, by bisection of the
-        bracket [largest level that met the goal, smallest that missed it]; None when the
-        bracket is narrower than SHRINK_STEP."""
-        base = self._unshrunk(best_trial)
-        lo, hi = 0.0, 100.0
+    def _parts(self) -> tuple[str, ...]:
+        return ("decoder",) if self.frozen_encoder else ("encoder", "decoder")
+
+    def _shrunk(self, base: str, part: str, level: int) -> str:
+        return _with_shrink(
+            base, level if part == "encoder" else 0, level if part == "decoder" else 0
+        )
+
+    def _bracket(self, base: str, part: str) -> tuple[int, int]:
+        """[largest level of `part` alone that met the goal, smallest that missed it]."""
+        lo, hi = 0, 100
         for level in range(1, 100):
-            t = _with_shrink(base, level, self.frozen_encoder)
-            if t in self.records:
-                if misses(self.goal, self.records[t], self.baseline):
+            r = self.records.get(self._shrunk(base, part, level))
+            if r is not None:
+                if misses(self.goal, r, self.baseline):
                     hi = min(hi, level)
                 else:
                     lo = max(lo, level)
-        if hi - lo <= SHRINK_STEP or lo >= hi:
-            return None
-        level = round((lo + hi) / 2)
-        if _with_shrink(base, level, self.frozen_encoder) in self.records:
-            return None
-        return level
+        return lo, hi
+
+    def _best_alone(self, base: str, part: str) -> dict | None:
+        """The best record (by the objective) of `part` shrunk alone that met the goal."""
+        ok = [
+            r
+            for r in (self.records.get(self._shrunk(base, part, lv)) for lv in range(1, 100))
+            if r is not None and not misses(self.goal, r, self.baseline)
+        ]
+        return min(ok, key=lambda r: r[self.goal.objective], default=None)
+
+    def _shrink_wave(self, base: str) -> tuple[str, list[str]] | None:
+        """Shrink each part of `base` alone: both at 50% in one wave (they run side by side),
+        then bisection on the part whose shrunk bundle met the goal with the lowest objective
+        (or on every part while none has), then both parts at their levels together."""
+        parts, col = self._parts(), self.goal.objective
+        first = [t for t in (self._shrunk(base, p, 50) for p in parts) if t not in self.records]
+        if first:
+            return f"shrink each part of {base} by half", first
+        brackets = {p: self._bracket(base, p) for p in parts}
+        met = {p: self._best_alone(base, p) for p in parts}
+        leading = [p for p in parts if met[p] is not None]
+        if leading:
+            leading = [min(leading, key=lambda p: met[p][col])]
+        wave = []
+        for p in leading or parts:
+            lo, hi = brackets[p]
+            if hi - lo > SHRINK_STEP:
+                t = self._shrunk(base, p, round((lo + hi) / 2))
+                if t not in self.records:
+                    wave.append(t)
+        if wave:
+            return f"shrink bisection on {base}", wave
+        levels = {p: brackets[p][0] for p in parts}
+        if len(parts) == 2 and all(levels.values()):  # both parts shrink well alone: together
+            t = _with_shrink(base, levels["encoder"], levels["decoder"])
+            if t not in self.records:
+                return f"both parts of {base} shrunk together", [t]
+        return None
 
 
 def choice_document(search: Search, model: str) -> dict:

@@ -193,41 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capfleet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="generate data sets").add_subparsers(
-        dest="what", required=True
-    )
-    sh = data.add_parser("shapes", help="write the embedded shapes data set (Flickr8k layout)")
-    sh.add_argument("--out", required=True, help="output directory")
-    sh.add_argument("--images", type=int, default=3000, help="number of images (default 3000)")
-    sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    sh.set_defaults(func=_data_shapes)
-    rh = data.add_parser(
-        "rehearsal",
-        help="write a Flickr8k-sized rehearsal set (8,091 photos, ~8,000 words; captions "
-        "unrelated to the images: for scale, not quality)",
-    )
-    rh.add_argument("--out", required=True, help="output directory")
-    rh.add_argument("--images", type=int, default=8091, help="number of photos (default 8091)")
-    rh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    rh.set_defaults(func=_data_rehearsal)
-
-    def spec_command(name: str, help: str, kind: str | None) -> None:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("spec", help="a TOML spec file")
-        p.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
-        p.set_defaults(func=_run, kind=kind)
-
-    spec_command("train", 'train a captioner, or a [grid] of them on Ray (kind = "train")', "train")
-
-    ex = sub.add_parser("export", help="export a trained model directory to an fp32 bundle")
-    ex.add_argument("model", help="a model directory written by `capfleet train`")
-    ex.add_argument("--out", required=True, help="the bundle directory to write")
-    ex.set_defaults(func=_export)
-
+def _add_caption(sub) -> None:
+    """capfleet caption: the caption job's flags, their defaults from CAPTION_DEFAULTS."""
     cap = sub.add_parser("caption", help="caption an image set with one or more bundles on Ray")
     cap.add_argument(
         "--bundle",
@@ -317,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.set_defaults(func=_caption)
 
-    spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")
 
+def _add_plan(sub) -> None:
+    """capfleet plan SPEC --images N."""
     pl = sub.add_parser(
         "plan", help="estimate a caption job's time and cost per cluster size (calibrated here)"
     )
@@ -338,6 +306,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", help="also write the plan as JSON to this file")
     pl.set_defaults(func=_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate data sets").add_subparsers(
+        dest="what", required=True
+    )
+    sh = data.add_parser("shapes", help="write the embedded shapes data set (Flickr8k layout)")
+    sh.add_argument("--out", required=True, help="output directory")
+    sh.add_argument("--images", type=int, default=3000, help="number of images (default 3000)")
+    sh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sh.set_defaults(func=_data_shapes)
+    rh = data.add_parser(
+        "rehearsal",
+        help="write a Flickr8k-sized rehearsal set (8,091 photos, ~8,000 words; captions "
+        "unrelated to the images: for scale, not quality)",
+    )
+    rh.add_argument("--out", required=True, help="output directory")
+    rh.add_argument("--images", type=int, default=8091, help="number of photos (default 8091)")
+    rh.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    rh.set_defaults(func=_data_rehearsal)
+
+    def spec_command(name: str, help: str, kind: str | None) -> None:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("spec", help="a TOML spec file")
+        p.add_argument("--address", help="a running Ray cluster: auto or ray://HOST:10001")
+        p.set_defaults(func=_run, kind=kind)
+
+    spec_command("train", 'train a captioner, or a [grid] of them on Ray (kind = "train")', "train")
+
+    ex = sub.add_parser("export", help="export a trained model directory to an fp32 bundle")
+    ex.add_argument("model", help="a model directory written by `capfleet train`")
+    ex.add_argument("--out", required=True, help="the bundle directory to write")
+    ex.set_defaults(func=_export)
+
+    _add_caption(sub)
+
+    spec_command("compress", 'run compression trials on Ray (kind = "compress")', "compress")
+
+    _add_plan(sub)
 
     rep = sub.add_parser("report", help="re-render report.md/png of a compress output")
     rep.add_argument("dir", help="a compress output directory (holding trials.parquet)")

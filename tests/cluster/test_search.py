@@ -27,14 +27,9 @@ def test_goal_search_chooses_publishes_and_explains(local_ray, tiny_model, tmp_p
     lines: list = []
     done = api.compress(cfg, log=lines.append)
     rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert [r["trial"] for r in rows][:4] == [
-        "fp32:fp32",
-        "dynamic:dynamic",
-        "int8:int8",
-        "int8:dynamic",
-    ]
+    assert [r["trial"] for r in rows][:3] == ["fp32:fp32", "dynamic:dynamic", "int8:int8"]
     assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
-    assert "shrink-50" in rows[4]["trial"]  # the bisection's first level
+    assert all("shrink-50" in r["trial"] for r in rows[3:])  # each part halved, side by side
     fastest = min(rows, key=lambda r: r["e2e_ms"])["trial"]
     assert done.met is True and done.winner == fastest
     assert json.loads((out / "best" / "manifest.json").read_text())  # a whole bundle...
