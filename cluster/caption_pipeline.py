@@ -271,7 +271,11 @@ def _run_pipeline(
             batch_format="numpy",
             num_cpus=cfg.actor_cpus,
             # starts as large as the cluster allows; may shrink when idle (the job's tail)
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
+            # one shard in flight per actor: an actor that dies (a poison shard) takes only its
+            # own shard's try with it, never an innocent shard queued behind it
+            compute=ray.data.ActorPoolStrategy(
+                min_size=low, max_size=high, initial_size=high, max_tasks_in_flight_per_actor=1
+            ),
             # a dead actor is always restarted (a pool with none would wait forever), but a
             # shard is tried at most 1 + max_retries times: one that kills every worker it
             # lands on (out of memory, a native crash) cannot loop

@@ -344,8 +344,9 @@ def render_choice(doc: dict, machine: str) -> str:
     lines += [
         "",
         "How the search works: post-training quantizations first; quantization-aware "
-        "training only where int8 lost too much quality; then shrink levels by bisection on "
-        "the best recipe (assuming quality falls as more units are removed); pruning only for "
+        "training only where int8 lost too much quality; then each part of the best recipe "
+        "shrunk alone, bisection on the part that did best (assuming quality falls as more "
+        "units are removed) and both parts together; pruning only for "
         "the gzip size (the .tflite kernels stay dense). Quality is measured on the test "
         "images every trial scores (CIDEr-D's IDF is that image set's); latency with each "
         f"bundle timed alone on this machine ({machine}).",
