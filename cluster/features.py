@@ -20,7 +20,6 @@ from capfleet.model.features import (
     assemble_parts,
     cache_key,
     done_parts,
-    parts_dir,
 )
 from capfleet.model.train_config import TrainConfig
 
@@ -61,8 +60,10 @@ def compute_features(
             t0 = time.perf_counter()
             records = read_split(cfg.data, split)
             cache = Path(cfg.feature_cache)
-            folder = parts_dir(cache, info.name, cfg.weights_id, records)
+            # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
+            # the same images finds its parts, changed images start afresh
             final = cache / f"{info.name}-{cache_key(info.name, cfg.weights_id, records)}.npy"
+            folder = final.with_suffix(".parts")
             if final.is_file():  # every image decoded, already joined: nothing to do
                 log(f"features: {split} cached ({final.name})")
                 report[split] = {"parts_run": 0, "nodes": [], "seconds": 0.0}

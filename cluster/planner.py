@@ -6,10 +6,9 @@ joining Ray, reading, decoding and captioning with every bundle, writing parts a
 summary), on the first `sample` and the first 4 x `sample` listed images (into a folder
 beside the spec's output, removed after). Each run starts its own embedded Ray, as a job
 does; in a session already connected to Ray a short warm-up job runs first, so that the
-first timed run does not pay for starting what the others reuse. Two sizes separate
-what every job pays once (Ray's start, the actors' model loading, the summary and
-gallery) from what each
-image costs:
+first timed run does not pay for starting what the others reuse. Two sizes separate what
+every job pays once (Ray's start, the actors' model loading, the summary and gallery) from
+what each image costs:
 
     rate  = (n2 - n1) / (wall2 - wall1)       images/s on the CPUs calibrated on
     (both runs in shards of n1 / CPUs at most, so that every CPU has work from the start)

@@ -112,12 +112,6 @@ def cached_features(
 FEATURE_SHARD = 256  # images per part: a unit of work and of resume
 
 
-def parts_dir(cache_dir: str | Path, encoder: str, weights_id: str, records) -> Path:
-    """Where the parts of these records' features go: keyed by every listed image (path, size,
-    mtime), so that a rerun on the same images finds them and changed images start afresh."""
-    return Path(cache_dir) / f"{encoder}-{cache_key(encoder, weights_id, records)}.parts"
-
-
 class FeatureWorker:
     """One process's frozen backbone: a shard of image paths in, its features written as one
     .npy part (the images that decoded) with a .json of their ids and the ones that did not.

@@ -23,12 +23,13 @@ def main(data: str, out: str) -> None:
 
     from capfleet.cluster.features import compute_features
     from capfleet.model.data import read_split
-    from capfleet.model.features import cache_key, parts_dir
+    from capfleet.model.features import cache_key
     from capfleet.model.train_config import TrainConfig
 
     cfg = TrainConfig(data=data, out=str(Path(out) / "model"), encoder="mobilenet_v2", seed=5)
     records = read_split(data, "train")
-    folder = parts_dir(cfg.feature_cache, "mobilenet_v2", cfg.weights_id, records)
+    key = cache_key("mobilenet_v2", cfg.weights_id, records)  # every image decodes
+    folder = Path(cfg.feature_cache) / f"mobilenet_v2-{key}.parts"
     env = {"env_vars": {**capfleet.TF_ENV, **LOOPBACK_ENV}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
@@ -55,7 +56,6 @@ def main(data: str, out: str) -> None:
         thread.join(600)
         first_ok = not error
         again = compute_features(cfg, shard_size=8, log=print)  # resumes from the parts
-        key = cache_key("mobilenet_v2", cfg.weights_id, records)  # every image decodes
         train = np.load(Path(cfg.feature_cache) / f"mobilenet_v2-{key}.npy")
     finally:
         ray.shutdown()
