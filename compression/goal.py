@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from capfleet.compression.recipes import PartRecipe, TrialRecipe, parse_trial
+from capfleet.compression.report import BASELINE, pareto
 from capfleet.model.errors import CapfleetError, check_numbers, check_range
 
-BASELINE = "fp32:fp32"
 OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
 QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}
 PTQ_WAVE = ("fp32", "dynamic", "int8")
@@ -267,8 +266,6 @@ class Search:
 
 def choice_document(search: Search, model: str) -> dict:
     """Every candidate with its wave and verdict, the winner and why, the Pareto front."""
-    from capfleet.compression.report import pareto
-
     goal, base = search.goal, search.baseline
     col = goal.objective
     rows = []
@@ -357,7 +354,3 @@ def render_choice(doc: dict, machine: str) -> str:
 
 def choice_json(doc: dict) -> str:
     return json.dumps(doc, indent=1, default=str) + "\n"
-
-
-def canonical(trials: Sequence[str]) -> list[str]:
-    return [parse_trial(t).name for t in trials]
