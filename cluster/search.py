@@ -44,10 +44,10 @@ def run_goal_search(
     search = Search(goal, frozen, {}, {})
     # trials an earlier run (a search, or a list) recorded here are candidates too; the compress
     # job keeps them if their model, data and settings are unchanged, redoes them if not
-    tried = _recorded(out, Path(model).name)
-    if tried:
-        search.records = {r["trial"]: r for r in read_trials(out) if r["trial"] in tried}
-        search.waves.update({t: "an earlier run" for t in tried})
+    earlier = _recorded(out, Path(model).name)
+    search.records = {r["trial"]: r for r in earlier}
+    search.waves.update({r["trial"]: "an earlier run" for r in earlier})
+    tried = list(search.records)
     log(f"search: {goal.describe()}")
     job = {}
     with ray_session(address):  # one Ray for every wave
@@ -93,10 +93,10 @@ def run_goal_search(
     }
 
 
-def _recorded(out: Path, model: str) -> list[str]:
-    """The trials of `model` in an earlier run's OUT/trials.parquet."""
+def _recorded(out: Path, model: str) -> list[dict]:
+    """The records of `model` in an earlier run's OUT/trials.parquet."""
     try:
-        return [r["trial"] for r in read_trials(out) if r["model"] == model]
+        return [r for r in read_trials(out) if r["model"] == model]
     except CapfleetError:  # none yet
         return []
 
