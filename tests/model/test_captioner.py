@@ -113,3 +113,52 @@ def test_small_cnn_output_shape():
     enc = build_encoder("small_cnn")
     out = enc.predict_on_batch(np.zeros((2, 72, 72, 3), np.float32))
     assert out.shape == (2, 153)  # 17 attribute scores for each of the 3x3 cells
+
+
+def test_caption_batches_cut_padding_without_changing_a_loss(cap):
+    from capfleet.model.fitting import BUCKET_POOL, caption_batches, caption_loss
+
+    rng = np.random.default_rng(0)
+    n, k, t, batch = 200, 3, cap.config.max_len, 8
+    lengths = rng.integers(2, t + 1, (n, k))  # start + words + end, in tokens
+    tokens = np.zeros((n, k, t), np.int32)
+    for i, j in np.ndindex(n, k):
+        tokens[i, j, : lengths[i, j]] = rng.integers(3, cap.config.vocab_size, lengths[i, j])
+    x = rng.normal(size=(n, cap.config.feature_dim)).astype(np.float32)
+
+    def epoch(ds):
+        return [(xb.numpy(), tb.numpy(), yb.numpy()) for (xb, tb), yb in ds]
+
+    ds = caption_batches(x, tokens, batch, seed=3)
+    first, second = epoch(ds), epoch(ds)
+    for batches in (first, second):  # every image exactly once per epoch, with its own captions
+        rows = np.concatenate([xb for xb, _, _ in batches])
+        order = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in rows]
+        assert sorted(order) == list(range(n))
+        got = np.concatenate(
+            [np.pad(yb, ((0, 0), (0, 0), (0, t - 1 - yb.shape[2]))) for *_, yb in batches]
+        )
+        np.testing.assert_array_equal(got, tokens[order, :, 1:])
+    assert [b[0].tobytes() for b in first] != [b[0].tobytes() for b in second]  # reshuffled
+    assert [b[0].tobytes() for b in first] == [
+        b[0].tobytes() for b in epoch(caption_batches(x, tokens, batch, seed=3))
+    ]  # one seed, one order
+    # each batch ends at its longest caption, and like lengths share a batch: far less
+    # padding than batches of random images (whose longest is nearly always the frame)
+    for _, tb, yb in first:  # (no token lost: checked above)
+        assert tb.shape == yb.shape and (yb[:, :, -1] != 0).any()
+    assert BUCKET_POOL * batch >= n  # one pool here: the whole set sorted
+    cut = sum(yb.size for *_, yb in first)
+    assert cut < 0.9 * n * k * (t - 1)
+
+    # the cut changes no loss: a cut batch scores as the same batch padded to the full frame
+    loss = caption_loss(0.1)
+    for xb, tb, yb in first[:4]:
+        full_in = np.pad(tb, ((0, 0), (0, 0), (0, t - 1 - tb.shape[2])))
+        full_out = np.pad(yb, ((0, 0), (0, 0), (0, t - 1 - yb.shape[2])))
+        a = float(loss(yb, cap.training_model([xb, tb], training=False)))
+        b = float(loss(full_out, cap.training_model([xb, full_in], training=False)))
+        assert a == pytest.approx(b, rel=1e-5)
+
+    val = epoch(caption_batches(x, tokens, 64))  # no seed: the order kept
+    np.testing.assert_array_equal(np.concatenate([xb for xb, _, _ in val]), x)
