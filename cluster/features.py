@@ -25,20 +25,20 @@ from capfleet.model.train_config import TrainConfig
 
 
 class _Worker(FeatureWorker):
-    """The Ray Data callable: one shard per call; says which node computed it."""
+    """The Ray Data callable: one shard per call, into its split's parts folder; says which
+    node computed it."""
 
-    def __init__(self, folder: str, **kw):
+    def __init__(self, **kw):
         super().__init__(**kw)
         import ray
 
-        self.folder = folder
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
-        shard = int(batch["shard"][0])
+        shard, folder = int(batch["shard"][0]), str(batch["folder"][0])
         ids, uris = [str(i) for i in batch["ids"][0]], [str(u) for u in batch["uris"][0]]
-        row = self.write_part(self.folder, shard, ids, uris, {"node": self.node})
-        return {k: [v] for k, v in {**row, "node": self.node}.items()}
+        row = self.write_part(folder, shard, ids, uris, {"node": self.node})
+        return {k: [v] for k, v in {**row, "folder": folder, "node": self.node}.items()}
 
 
 def compute_features(
@@ -49,51 +49,56 @@ def compute_features(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train and dev features of cfg's frozen backbone into cfg.feature_cache, computed on every
-    CPU of the cluster. Returns, per split, the parts run now, the nodes that ran them and the
-    seconds taken."""
+    CPU of the cluster, both splits in one job. Returns, per split, the parts run now and the
+    nodes that ran them, and the seconds taken."""
     info = encoder_info(cfg.encoder)
     if info.trainable:
         return {}
-    report = {}
-    with ray_session(address) as ray:
-        for split in ("train", "dev"):
-            t0 = time.perf_counter()
-            records = read_split(cfg.data, split)
-            cache = Path(cfg.feature_cache)
-            # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
-            # the same images finds its parts, changed images start afresh
-            final = cache / f"{info.name}-{cache_key(info.name, cfg.weights_id, records)}.npy"
-            folder = final.with_suffix(".parts")
-            if final.is_file():  # every image decoded, already joined: nothing to do
-                log(f"features: {split} cached ({final.name})")
-                report[split] = {"parts_run": 0, "nodes": [], "seconds": 0.0}
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            shards = math.ceil(len(records) / shard_size)
-            done = done_parts(folder, shards)
-            todo = [n for n in range(shards) if n not in done]
-            log(
-                f"features: {info.name} of {len(records)} {split} images, {shards} parts "
-                f"({len(done)} done before), on Ray"
-            )
-            rows = _run(ray, cfg, records, folder, todo, shard_size, max_actors) if todo else []
-            assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
-            seconds = time.perf_counter() - t0
-            nodes = sorted({r["node"] for r in rows})
-            log(f"features: {split} done in {seconds:.0f} s on {len(nodes)} node(s)")
-            report[split] = {"parts_run": len(rows), "nodes": nodes, "seconds": round(seconds, 1)}
-    return report
+    t0, cache, splits, items = time.perf_counter(), Path(cfg.feature_cache), {}, []
+    for split in ("train", "dev"):
+        records = read_split(cfg.data, split)
+        # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
+        # the same images finds its parts, changed images start afresh
+        final = cache / f"{info.name}-{cache_key(info.name, cfg.weights_id, records)}.npy"
+        if final.is_file():  # every image decoded, already joined: nothing to do
+            log(f"features: {split} cached ({final.name})")
+            continue
+        folder = final.with_suffix(".parts")
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = math.ceil(len(records) / shard_size)
+        done = done_parts(folder, shards)
+        todo = [n for n in range(shards) if n not in done]
+        log(
+            f"features: {info.name} of {len(records)} {split} images, {shards} parts "
+            f"({len(done)} done before)"
+        )
+        splits[split] = (records, folder)
+        items += [
+            {
+                "shard": n,
+                "folder": str(folder.resolve()),
+                "ids": [r.image_id for r in records[n * shard_size : (n + 1) * shard_size]],
+                "uris": [r.uri for r in records[n * shard_size : (n + 1) * shard_size]],
+            }
+            for n in todo
+        ]
+    rows = []
+    if items:  # both splits' parts in one job: one pool of actors, each backbone built once
+        with ray_session(address) as ray:
+            rows = _run(ray, cfg, items, max_actors)
+    report = {s: {"parts_run": 0, "nodes": []} for s in ("train", "dev")}
+    for split, (records, folder) in splits.items():
+        assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
+        mine = [r for r in rows if r["folder"] == str(folder.resolve())]
+        report[split] = {"parts_run": len(mine), "nodes": sorted({r["node"] for r in mine})}
+    seconds = time.perf_counter() - t0
+    if splits:
+        nodes = len({r["node"] for r in rows})
+        log(f"features: {len(rows)} parts done in {seconds:.0f} s on {nodes} node(s)")
+    return {**report, "seconds": round(seconds, 1)}
 
 
-def _run(ray, cfg: TrainConfig, records, folder: Path, todo, shard_size: int, max_actors: int):
-    items = [
-        {
-            "shard": n,
-            "ids": [r.image_id for r in records[n * shard_size : (n + 1) * shard_size]],
-            "uris": [r.uri for r in records[n * shard_size : (n + 1) * shard_size]],
-        }
-        for n in todo
-    ]
+def _run(ray, cfg: TrainConfig, items: list[dict], max_actors: int):
     cpus = int(ray.cluster_resources().get("CPU", 1))
     high = max(1, min(max_actors or cpus, cpus, len(items)))
     ctx = ray.data.DataContext.get_current()
@@ -102,7 +107,6 @@ def _run(ray, cfg: TrainConfig, records, folder: Path, todo, shard_size: int, ma
     ds = ds.map_batches(
         _Worker,
         fn_constructor_kwargs={
-            "folder": str(folder.resolve()),
             "encoder": cfg.encoder,
             "weights": cfg.weights_arg,
             "seed": cfg.seed,
