@@ -6,10 +6,13 @@ spec with imagenet on a machine with network).
 
 The pipeline's steps run one by one, as `capfleet run` runs them, each measured: the VGG16
 features (a Ray Data job over every CPU), each variant's training, the compression trials,
-the test split captioned. Per stage: wall seconds, CPU-seconds of every process of the run
-(from /proc: the driver, Ray's daemons and workers), the CPUs busy share (CPU-s / (wall x
-cores)), peak RSS by process kind, disk used by the feature cache and the bundles. Also the
-standalone encoder's rate on one core, for the features' target (>= 0.9 x rate x cores).
+the test split captioned; then the same trials again one per CPU at once (the spec runs them
+one after another with both CPUs each) for the parallel speed-up at this scale; then a
+MobileNetV2 and a ResNet50 variant (features + the same epochs) for the registry. Per stage:
+wall seconds, CPU-seconds of every process of the run (from /proc: the driver, Ray's daemons
+and workers), the CPUs busy share (CPU-s / (wall x cores)), peak RSS by process kind, disk
+used by the feature cache and the bundles. Also the standalone encoder's rate on one core,
+for the features' target (>= 0.9 x rate x cores).
 
 The full spec (20 epochs, two learning rates, six trials) needs hours on 2 cores; the
 CAPFLEET_BENCH_F8K_* variables shorten it, and the result records what ran:
@@ -19,10 +22,12 @@ EPOCHS (default 1), LEARNING_RATES (comma-separated; default the spec's first), 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -40,6 +45,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 def _kind(cmd: bytes, pid: int, root: int) -> str:
     if pid == root:
         return "driver"
+    if b"multiprocessing" in cmd:
+        return "standalone encoder (this benchmark's reference, before Ray)"
     if b"FeatureWorker" in cmd or b"_Worker" in cmd:
         return "feature actor"
     if b"CaptionWorker" in cmd:
@@ -102,6 +109,48 @@ class Meter:
         return sum(self.cpu.values())
 
 
+def standalone(encoder: str, seed: int, uris: list[str]) -> dict:
+    """The feature encoder alone on one core, in its own process: Keras (as the feature job
+    runs it) and its fp32 LiteRT conversion, their images/s and how far their features differ."""
+    import numpy as np
+
+    from capfleet.model.features import FeatureWorker
+
+    worker = FeatureWorker(encoder, None, seed, 1)
+    worker.features(uris[:4])  # warm-up
+    t0 = time.perf_counter()
+    keras_feats, _, _ = worker.features(uris)
+    keras_s = time.perf_counter() - t0
+
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from capfleet.model.features import decode_files
+    from capfleet.model.images import preprocess
+
+    it = Interpreter(
+        model_content=tf.lite.TFLiteConverter.from_keras_model(worker.backbone).convert(),
+        num_threads=1,
+    )
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    t0 = time.perf_counter()
+    images, _, _ = decode_files(uris, worker.info.input_size)
+    x = preprocess(np.stack(images), worker.info.preprocess)
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    lite = it.get_tensor(out["index"])
+    lite_s = time.perf_counter() - t0
+    return {
+        "images": len(uris),
+        "keras_img_s_per_core": round(len(uris) / keras_s, 2),
+        "litert_fp32_img_s_per_core": round(len(uris) / lite_s, 2),
+        "max_abs_difference": float(np.abs(keras_feats - lite).max()),
+        "max_abs_feature": float(np.abs(keras_feats).max()),
+    }
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
@@ -118,10 +167,10 @@ def run() -> None:
     from capfleet.jobs.specs import build_pipeline, read_spec
     from capfleet.model import rehearsal
     from capfleet.model.data import read_split
-    from capfleet.model.features import FeatureWorker
+    from capfleet.model.train_config import TrainGrid
 
     cores = os.cpu_count() or 1
-    stages, meter = {}, Meter()
+    stages, meter, registry = {}, Meter(), []
 
     def stage(name: str, fn):
         t0, c0 = time.perf_counter(), meter.total_cpu()
@@ -150,14 +199,13 @@ def run() -> None:
         doc["compress"] = {**doc["compress"], "trials": list(TRIALS)}
         cfg = build_pipeline(doc, str(SPEC))
         first = cfg.train.variants[0]
-        # the standalone encoder on one core, for the features' target
-        worker = FeatureWorker("vgg16", None, first.seed, 1)
+        # the standalone encoder on one core, for the features' target, in its own process
         sample = [r.uri for r in read_split(str(data), "test")[:32]]
-        worker.features(sample[:4])  # warm-up
-        t0 = time.perf_counter()
-        worker.features(sample)
-        alone = len(sample) / (time.perf_counter() - t0)
-        del worker
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            engines = pool.submit(standalone, "vgg16", first.seed, sample).result()
+        print("standalone", engines, flush=True)
+        alone = max(engines["keras_img_s_per_core"], engines["litert_fp32_img_s_per_core"])
         with ray_session(None):
             feats = stage("features", lambda: compute_features(first, log=print))
             train_images = sum(len(read_split(str(data), s)) for s in ("train", "dev"))
@@ -166,6 +214,10 @@ def run() -> None:
             variants = [v.out for v in cfg.train.variants]
             compress = dataclasses.replace(cfg.compress, models=tuple(variants[:1]))
             stage("compress trials", lambda: run_compress_job(compress, log=print))
+            side = dataclasses.replace(
+                compress, out=str(tmp / "run" / "compress-parallel"), cpus_per_trial=1.0
+            )
+            stage("compress trials, 1 CPU each at once", lambda: run_compress_job(side, log=print))
             names = tuple(parse_trial(t).name for t in cfg.caption.trials)
             bundles = [
                 str(Path(compress.out) / "bundles" / Path(variants[0]).name / slug(n))
@@ -178,10 +230,24 @@ def run() -> None:
                 split=cfg.caption.split or "test",
             )
             job = stage("caption test split", lambda: run_caption_job(cap, log=print))
+            for enc in ("mobilenet_v2", "resnet50"):
+                other = dataclasses.replace(first, encoder=enc, out=str(tmp / "run" / enc))
+                grid = TrainGrid(out=str(tmp / "run" / "registry"), variants=(other,), names=(enc,))
+                stage(f"{enc} variant", lambda g=grid: run_train_job(g, log=print))
+                registry.append(pq.read_table(Path(grid.out) / "variants.parquet").to_pylist()[0])
         trials = pq.read_table(Path(compress.out) / "trials.parquet").to_pylist()
+        seq_s = stages["compress trials"]["wall_s"]
+        par_s = stages["compress trials, 1 CPU each at once"]["wall_s"]
         variants_rows = pq.read_table(Path(cfg.train.out) / "variants.parquet").to_pylist()
         disk = {
-            "feature_cache_mb": round(_du(Path(first.feature_cache)) / 1e6, 1),
+            **{
+                f"feature_cache_{enc}_mb": round(
+                    sum(p.stat().st_size for p in Path(first.feature_cache).glob(f"{enc}-*.npy"))
+                    / 1e6,
+                    1,
+                )
+                for enc in ("vgg16", "mobilenet_v2", "resnet50")
+            },
             "bundles_mb": round(_du(Path(compress.out) / "bundles") / 1e6, 1),
             "photos_mb": round(_du(data) / 1e6, 1),
         }
@@ -203,17 +269,19 @@ def run() -> None:
                 **feats,
                 "images_per_s": round(rate, 2),
                 "standalone_per_core_img_s": round(alone, 2),
+                "engines": engines,
                 "target_img_s": round(0.9 * alone * cores, 2),
                 "met": rate >= 0.9 * alone * cores,
             },
             "variants": [
                 {k: v.get(k) for k in ("variant", "status", "epochs_run", "train_seconds", "error")}
-                for v in variants_rows
+                for v in [*variants_rows, *registry]
             ],
             "trials": [
                 {k: t.get(k) for k in ("trial", "status", "size_mb", "e2e_ms", "wall_s", "error")}
                 for t in trials
             ],
+            "trials_parallel_speedup": round(seq_s / par_s, 2),
             "caption": {"wall_s": job["wall_seconds"], "rows": job["rows"]},
             "peak_rss_mb": {k: round(v / 1e6) for k, v in sorted(meter.peak.items())},
             "disk": disk,

@@ -97,6 +97,12 @@ def vocabulary(size: int = VOCAB, seed: int = 0) -> list[str]:
     return words[:size]
 
 
+def word_frequencies(n: int) -> np.ndarray:
+    """Zipf-like shares of n words, commonest first (as a language's word counts fall off)."""
+    p = 1.0 / np.arange(1, n + 1) ** 1.05
+    return p / p.sum()
+
+
 def caption_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
     """Words per caption: mean about 11, most 6 to 16, a tail to 35 (as Flickr8k's)."""
     body = np.round(rng.gamma(6.0, 1.65, n) + 1)
@@ -117,8 +123,7 @@ def generate(out: str | Path, images: int = FLICKR8K["images"], seed: int = 0) -
     text_dir.mkdir(parents=True, exist_ok=True)
     photos = source_photos()
     words = vocabulary(seed=seed)
-    zipf = 1.0 / np.arange(1, len(words) + 1) ** 1.05
-    zipf /= zipf.sum()
+    zipf = word_frequencies(len(words))
     names, tokens = [], []
     for i in range(images):
         rng = np.random.default_rng([seed, i])
