@@ -118,7 +118,7 @@ def measure(caps: list[list[str]], every: list[str]) -> dict:
     cut = sum(int(np.prod(tb.shape)) for tb in epoch_batches)
     lstm_vars = [*cap.embedding.trainable_variables, *cap.lstm.trainable_variables]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None), tf.int32)])
     def lstm_step(tb):
         with tf.GradientTape() as tape:
             flat = tf.reshape(tb, (-1, tf.shape(tb)[2]))

@@ -227,7 +227,7 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
     enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
     step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
-    log(f"{recipe.name}: converted in {time.perf_counter() - t0:.1f} s")
+    log(f"{recipe.name}: calibrated and converted in {time.perf_counter() - t0:.1f} s")
     return enc_bytes, step_bytes, sparsity
 
 

@@ -102,7 +102,8 @@ def caption_batches(x, tokens, batch_size: int, seed: int | None = None):
     longest 35: most of a frame sized for the longest is padding). With a seed (training),
     every epoch shuffles the images, sorts each pool of BUCKET_POOL batches' worth by longest
     caption so that a batch holds captions of like length, and shuffles the batches' order;
-    with none (validation) the order is kept."""
+    with none (validation) the order is kept. (The loss averages over each batch's own tokens,
+    as before; a batch of short captions now has fewer of them.)"""
     import tensorflow as tf
 
     x, tokens = np.asarray(x), np.asarray(tokens)
