@@ -64,6 +64,9 @@ class Meter:
         self.cpu: dict[int, float] = {}
         self.kinds: dict[int, str] = {}
         self.peak: dict[str, int] = {}
+        self.stage = "set-up"
+        self.hwm: dict[int, int] = {}
+        self.stage_peak: dict[str, dict] = {}  # stage -> the largest process that grew in it
         self.stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -99,6 +102,11 @@ class Meter:
             kind = self.kinds.setdefault(pid, _kind(cmd, pid, self.root))
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu)
             self.peak[kind] = max(self.peak.get(kind, 0), hwm * 1024)
+            grew, self.hwm[pid] = hwm > self.hwm.get(pid, 0), hwm
+            top = self.stage_peak.get(self.stage)
+            if grew and kind != "driver" and (top is None or hwm * 1024 > top["bytes"]):
+                name = cmd.split(b"\0")[0].decode(errors="replace")[:60]
+                self.stage_peak[self.stage] = {"bytes": hwm * 1024, "kind": kind, "process": name}
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
@@ -174,6 +182,7 @@ def run() -> None:
     stages, meter, registry = {}, Meter(), []
 
     def stage(name: str, fn):
+        meter.stage = name
         t0, c0 = time.perf_counter(), meter.total_cpu()
         out = fn()
         wall, cpu = time.perf_counter() - t0, meter.total_cpu() - c0
@@ -287,6 +296,11 @@ def run() -> None:
             "trials_parallel_speedup": round(seq_s / par_s, 2),
             "caption": {"wall_s": job["wall_seconds"], "rows": job["rows"]},
             "peak_rss_mb": {k: round(v / 1e6) for k, v in sorted(meter.peak.items())},
+            # per stage, the largest process whose peak grew during it
+            "stage_peak_rss_mb": {
+                s: {"mb": round(p["bytes"] / 1e6), "kind": p["kind"], "process": p["process"]}
+                for s, p in meter.stage_peak.items()
+            },
             "disk": disk,
         },
     )

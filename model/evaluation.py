@@ -18,6 +18,8 @@ from capfleet.model.images import preprocess
 from capfleet.model.metrics import score_corpus
 from capfleet.model.text import Vocabulary, clean_caption
 
+ENCODE_BATCH = 16  # images per Keras encoder call
+
 
 class KerasStep:
     """The Keras step graph as a decoding step function (numpy in, numpy out)."""
@@ -35,14 +37,19 @@ class KerasStep:
 def keras_caption_ids(
     cap: Captioner, backbone, images: np.ndarray, beam_width: int = 1, batch_size: int = 256
 ) -> np.ndarray:
-    """RGB uint8 images -> generated ids with the Keras graphs (the reference for bundles)."""
+    """RGB uint8 images -> generated ids with the Keras graphs (the reference for bundles).
+    The decoder takes `batch_size` images at a time, the encoder ENCODE_BATCH: a CNN's first
+    activations are large (VGG16's 13 MB an image; 256 at once took a process to 15 GB)."""
     info = encoder_info(cap.config.encoder)
     enc = cap.encoder_model(backbone)
     step = KerasStep(cap.step_model())
     out = []
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i : i + batch_size], info.preprocess)
-        out.append(decode(step, enc.predict_on_batch(x), cap.config.max_len, beam_width))
+        proj = np.concatenate(
+            [enc.predict_on_batch(x[j : j + ENCODE_BATCH]) for j in range(0, len(x), ENCODE_BATCH)]
+        )
+        out.append(decode(step, proj, cap.config.max_len, beam_width))
     return np.concatenate(out)
 
 

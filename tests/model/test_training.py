@@ -124,3 +124,31 @@ def test_models_trained_before_label_smoothing_are_tuned_without_it():
     assert TrainConfig(data="d", out="o").label_smoothing == 0.1
     new = {"train": {"data": "d", "out": "o", "label_smoothing": 0.2}}
     assert trained_config(new).label_smoothing == 0.2
+
+
+def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_dir):
+    """The feature job runs the backbone in Keras (on this project's CPUs as fast per core as
+    its fp32 LiteRT conversion); both engines give the same features within 1e-4."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from capfleet.model.features import FeatureWorker, decode_files
+    from capfleet.model.images import preprocess
+
+    uris = [r.uri for r in Flickr8kReader(str(shapes_dir), "train").records()[:6]]
+    worker = FeatureWorker("mobilenet_v2", None, seed=3, threads=1)
+    keras_feats, kept, bad = worker.features(uris)
+    assert kept == list(range(6)) and not bad and keras_feats.shape == (6, 1280)
+    lite = Interpreter(
+        model_content=tf.lite.TFLiteConverter.from_keras_model(worker.backbone).convert()
+    )
+    inp, out = lite.get_input_details()[0], lite.get_output_details()[0]
+    images, _, _ = decode_files(uris, worker.info.input_size)
+    x = preprocess(np.stack(images), worker.info.preprocess)
+    lite.resize_tensor_input(inp["index"], x.shape)
+    lite.allocate_tensors()
+    lite.set_tensor(inp["index"], x)
+    lite.invoke()
+    litert_feats = lite.get_tensor(out["index"])
+    assert np.abs(keras_feats).max() > 0.1  # features, not zeros
+    np.testing.assert_allclose(litert_feats, keras_feats, atol=1e-4)
