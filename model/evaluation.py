@@ -39,7 +39,8 @@ def keras_caption_ids(
 ) -> np.ndarray:
     """RGB uint8 images -> generated ids with the Keras graphs (the reference for bundles).
     The decoder takes `batch_size` images at a time, the encoder ENCODE_BATCH: a CNN's first
-    activations are large (VGG16's 13 MB an image; 256 at once took a process to 15 GB)."""
+    activations are large (VGG16's are 13 MB an image and layer: 256 at once would hold
+    several GB of them)."""
     info = encoder_info(cap.config.encoder)
     enc = cap.encoder_model(backbone)
     step = KerasStep(cap.step_model())
