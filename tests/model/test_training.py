@@ -128,7 +128,8 @@ def test_models_trained_before_label_smoothing_are_tuned_without_it():
 
 def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_dir):
     """The feature job runs the backbone in Keras (on this project's CPUs as fast per core as
-    its fp32 LiteRT conversion); both engines give the same features within 1e-4."""
+    its fp32 LiteRT conversion); both engines give the same features within 1e-4 of their
+    scale. ResNet50: with random weights its features are far from zero (MobileNetV2's vanish)."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
@@ -136,9 +137,9 @@ def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_di
     from capfleet.model.images import preprocess
 
     uris = [r.uri for r in Flickr8kReader(str(shapes_dir), "train").records()[:6]]
-    worker = FeatureWorker("mobilenet_v2", None, seed=3, threads=1)
+    worker = FeatureWorker("resnet50", None, seed=3, threads=1)
     keras_feats, kept, bad = worker.features(uris)
-    assert kept == list(range(6)) and not bad and keras_feats.shape == (6, 1280)
+    assert kept == list(range(6)) and not bad and keras_feats.shape == (6, 2048)
     lite = Interpreter(
         model_content=tf.lite.TFLiteConverter.from_keras_model(worker.backbone).convert()
     )
@@ -150,5 +151,6 @@ def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_di
     lite.set_tensor(inp["index"], x)
     lite.invoke()
     litert_feats = lite.get_tensor(out["index"])
-    assert np.abs(keras_feats).max() > 0.1  # features, not zeros
-    np.testing.assert_allclose(litert_feats, keras_feats, atol=1e-4)
+    scale = float(np.abs(keras_feats).max())
+    assert scale > 1.0  # features, not zeros
+    assert float(np.abs(litert_feats - keras_feats).max()) <= 1e-4 * scale
