@@ -18,7 +18,7 @@ from capfleet.model.features import (
     FEATURE_SHARD,
     FeatureWorker,
     assemble_parts,
-    cache_key,
+    cache_file,
     done_parts,
 )
 from capfleet.model.train_config import TrainConfig
@@ -59,11 +59,11 @@ def compute_features(
         records = read_split(cfg.data, split)
         # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
         # the same images finds its parts, changed images start afresh
-        final = cache / f"{info.name}-{cache_key(info.name, cfg.weights_id, records)}.npy"
+        final = cache_file(cache, info.name, cfg.weights_id, records)
         if final.is_file():  # every image decoded, already joined: nothing to do
             log(f"features: {split} cached ({final.name})")
             continue
-        folder = final.with_suffix(".parts")
+        folder = final.with_suffix(".parts").resolve()
         folder.mkdir(parents=True, exist_ok=True)
         shards = math.ceil(len(records) / shard_size)
         done = done_parts(folder, shards)
@@ -76,7 +76,7 @@ def compute_features(
         items += [
             {
                 "shard": n,
-                "folder": str(folder.resolve()),
+                "folder": str(folder),
                 "ids": [r.image_id for r in records[n * shard_size : (n + 1) * shard_size]],
                 "uris": [r.uri for r in records[n * shard_size : (n + 1) * shard_size]],
             }
@@ -89,7 +89,7 @@ def compute_features(
     report = {s: {"parts_run": 0, "nodes": []} for s in ("train", "dev")}
     for split, (records, folder) in splits.items():
         assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
-        mine = [r for r in rows if r["folder"] == str(folder.resolve())]
+        mine = [r for r in rows if r["folder"] == str(folder)]
         report[split] = {"parts_run": len(mine), "nodes": sorted({r["node"] for r in mine})}
     seconds = time.perf_counter() - t0
     if splits:

@@ -29,7 +29,7 @@ from capfleet.model.captioner import Captioner
 from capfleet.model.decoding import greedy_decode
 from capfleet.model.encoders import encoder_info
 from capfleet.model.evaluation import KerasStep, score_captions_per_image
-from capfleet.model.features import load_split
+from capfleet.model.features import load_split, predict_batches
 from capfleet.model.fitting import configure_threads, fit_captions
 from capfleet.model.images import preprocess
 from capfleet.model.modeldir import load_trained
@@ -54,7 +54,7 @@ def _calibration(cap, backbone, images: np.ndarray, style: str):
     enc = cap.encoder_model(backbone)
     # a few images at a time: VGG16's first activations are 13 MB an image, and memory freed
     # after one big batch stays with the process (64 at once took a VGG16 trial to 9.3 GB)
-    proj = np.concatenate([enc.predict_on_batch(x[i : i + 8]) for i in range(0, len(x), 8)])
+    proj = predict_batches(enc, x, 8)
     seen = []
     step = KerasStep(cap.step_model())
 

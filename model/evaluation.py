@@ -13,8 +13,7 @@ from capfleet.model.captioner import Captioner
 from capfleet.model.data import ImageRecord
 from capfleet.model.decoding import decode
 from capfleet.model.encoders import encoder_info
-from capfleet.model.features import load_images
-from capfleet.model.images import preprocess
+from capfleet.model.features import load_images, predict_batches
 from capfleet.model.metrics import score_corpus
 from capfleet.model.text import Vocabulary, clean_caption
 
@@ -46,10 +45,7 @@ def keras_caption_ids(
     step = KerasStep(cap.step_model())
     out = []
     for i in range(0, len(images), batch_size):
-        x = preprocess(images[i : i + batch_size], info.preprocess)
-        proj = np.concatenate(
-            [enc.predict_on_batch(x[j : j + ENCODE_BATCH]) for j in range(0, len(x), ENCODE_BATCH)]
-        )
+        proj = predict_batches(enc, images[i : i + batch_size], ENCODE_BATCH, info.preprocess)
         out.append(decode(step, proj, cap.config.max_len, beam_width))
     return np.concatenate(out)
 

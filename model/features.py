@@ -73,6 +73,37 @@ def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str
     return h.hexdigest()[:20]
 
 
+def cache_file(cache_dir: str | Path, encoder: str, weights_id: str, records) -> Path:
+    """The cache file of these records' features: `<encoder>-<key>.npy` (its ids in a .json
+    beside it, its parts, while computed across a cluster, in a .parts folder)."""
+    return Path(cache_dir) / f"{encoder}-{cache_key(encoder, weights_id, records)}.npy"
+
+
+def _write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray) -> Path:
+    """The .npy and its .json of ids, each written atomically (a crash leaves no half file)."""
+    path = cache_file(cache_dir, encoder, weights_id, records)
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    write_bytes_atomic(path, buf.getvalue())
+    ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
+    write_json_atomic(path.with_suffix(".json"), ids)
+    return path
+
+
+def predict_batches(model, images: np.ndarray, batch: int, style: str | None = None):
+    """A Keras model's outputs for `images`, `batch` at a time (a CNN's activations grow with
+    the batch: VGG16's are 13 MB an image and layer), each batch preprocessed in `style`
+    first when one is given."""
+    return np.concatenate(
+        [
+            model.predict_on_batch(
+                preprocess(images[i : i + batch], style) if style else images[i : i + batch]
+            )
+            for i in range(0, len(images), batch)
+        ]
+    )
+
+
 def cached_features(
     backbone,
     encoder: str,
@@ -86,24 +117,14 @@ def cached_features(
 ) -> np.ndarray:
     """(N, F) float32 features of a frozen backbone, computed once per (encoder, weights, images)
     and kept as npy in `cache_dir` (written atomically, so a crash leaves no half file)."""
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(encoder, weights_id, records)
-    path = cache / f"{encoder}-{key}.npy"
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = cache_file(cache_dir, encoder, weights_id, records)
     if path.is_file():
         log(f"features: cached {path.name}")
         return np.load(path)
     log(f"features: computing {encoder} for {len(images)} images")
-    feats = [
-        backbone.predict_on_batch(preprocess(images[i : i + batch_size], style))
-        for i in range(0, len(images), batch_size)
-    ]
-    out = np.concatenate(feats).astype(np.float32)
-    buf = io.BytesIO()
-    np.save(buf, out)
-    write_bytes_atomic(path, buf.getvalue())
-    ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
-    write_json_atomic(cache / f"{encoder}-{key}.json", ids)
+    out = predict_batches(backbone, images, batch_size, style).astype(np.float32)
+    _write_cache(cache_dir, encoder, weights_id, records, out)
     return out
 
 
@@ -134,14 +155,8 @@ class FeatureWorker:
         images, kept, bad = decode_files(uris, self.info.input_size)
         if not images:
             return np.zeros((0, 0), np.float32), kept, bad
-        pixels = np.stack(images)
-        feats = [
-            self.backbone.predict_on_batch(
-                preprocess(pixels[i : i + self.batch], self.info.preprocess)
-            )
-            for i in range(0, len(pixels), self.batch)
-        ]
-        return np.concatenate(feats).astype(np.float32), kept, bad
+        feats = predict_batches(self.backbone, np.stack(images), self.batch, self.info.preprocess)
+        return feats.astype(np.float32), kept, bad
 
     def write_part(
         self,
@@ -204,12 +219,4 @@ def assemble_parts(
         log(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
     if not feats:
         raise CapfleetError(f"none of {len(records)} images could be read")
-    out = np.concatenate(feats)
-    key = cache_key(encoder, weights_id, kept)
-    path = Path(cache_dir) / f"{encoder}-{key}.npy"
-    buf = io.BytesIO()
-    np.save(buf, out)
-    write_bytes_atomic(path, buf.getvalue())
-    ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in kept]}
-    write_json_atomic(Path(cache_dir) / f"{encoder}-{key}.json", ids)
-    return path
+    return _write_cache(cache_dir, encoder, weights_id, kept, np.concatenate(feats))

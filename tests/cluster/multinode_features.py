@@ -23,13 +23,13 @@ def main(data: str, out: str) -> None:
 
     from capfleet.cluster.features import compute_features
     from capfleet.model.data import read_split
-    from capfleet.model.features import cache_key
+    from capfleet.model.features import cache_file
     from capfleet.model.train_config import TrainConfig
 
     cfg = TrainConfig(data=data, out=str(Path(out) / "model"), encoder="mobilenet_v2", seed=5)
     records = read_split(data, "train")
-    key = cache_key("mobilenet_v2", cfg.weights_id, records)  # every image decodes
-    folder = Path(cfg.feature_cache) / f"mobilenet_v2-{key}.parts"
+    final = cache_file(cfg.feature_cache, "mobilenet_v2", cfg.weights_id, records)  # all decode
+    folder = final.with_suffix(".parts")
     env = {"env_vars": {**capfleet.TF_ENV, **LOOPBACK_ENV}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
@@ -56,7 +56,7 @@ def main(data: str, out: str) -> None:
         thread.join(600)
         first_ok = not error
         again = compute_features(cfg, shard_size=8, log=print)  # resumes from the parts
-        train = np.load(Path(cfg.feature_cache) / f"mobilenet_v2-{key}.npy")
+        train = np.load(final)
     finally:
         ray.shutdown()
         cluster.shutdown()
