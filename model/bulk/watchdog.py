@@ -1,7 +1,12 @@
 """A shard that takes too long ends its own worker: a hang in a decoder or a stalled read is
 not interruptible from Python, so the worker process notes why and exits; the pipeline's
 bounded retries then try the shard again, and a shard that keeps failing becomes error rows
-with the reason the note gives (see capfleet.cluster.caption_pipeline)."""
+with the reason the note gives (see capfleet.cluster.caption_pipeline).
+
+The tries are counted here, by the worker as it starts a shard, not by Ray: when an actor
+dies, Ray retries every shard queued on it, and only the one it was running has used a try.
+So an actor may hold a second shard queued behind the one it runs (no idle gap between
+shards) without a poison shard using up an innocent neighbour's tries."""
 
 from __future__ import annotations
 
@@ -38,8 +43,34 @@ def note_failure(out: str | Path, shard: int, reason: str, detail: str) -> None:
     write_bytes_atomic(note_path(out, shard), json.dumps(note).encode())
 
 
+def tries_path(out: str | Path, shard: int, stage: str) -> Path:
+    return Path(out) / FAILED_DIR / f"shard-{shard:06d}.{stage}.tries"
+
+
+class OutOfTries(RuntimeError):
+    """A shard that has used its tries: its worker passes it by, the driver writes its rows."""
+
+
+def start_try(out: str | Path, shard: int, stage: str, tries: int) -> None:
+    """Count one start of `stage` on the shard (a byte appended to its tries file, synced
+    before the work starts, so a crash right after still counts); raises OutOfTries once it
+    has been started `tries` times."""
+    path = tries_path(out, shard, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        used = os.fstat(f.fileno()).st_size
+        if used >= tries:
+            raise OutOfTries(f"shard {shard}: {stage} started {used} times, its limit")
+        f.write(b".")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def clear_note(out: str | Path, shard: int) -> None:
+    """A fresh start for the shard: no note, no tries used."""
     note_path(out, shard).unlink(missing_ok=True)
+    for path in (Path(out) / FAILED_DIR).glob(f"shard-{shard:06d}.*.tries"):
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.schema import CAPTION_SCHEMA, ERROR, OK
 from capfleet.model.bulk.stats import stats_of
-from capfleet.model.bulk.watchdog import WORKER_ERROR, deadline, note_failure
+from capfleet.model.bulk.watchdog import WORKER_ERROR, deadline, note_failure, start_try
 from capfleet.model.bulk.writer import part_path, part_stats, write_part
 from capfleet.model.bundle import BundleRunner
 from capfleet.model.metrics import rouge_l, sentence_bleu4
@@ -42,6 +42,7 @@ class CaptionWorker:
         shard_timeout_s: float = 0.0,
         repair: bool = False,
         decode: dict | None = None,
+        tries: int = 3,
     ):
         self.runner = BundleRunner(bundle_dir, num_threads=num_threads, beam_width=beam_width)
         self.name = name
@@ -55,12 +56,14 @@ class CaptionWorker:
         # decode_batch's arguments when this worker fetches and decodes its shards itself (the
         # first pool, by default: one process per core reads, decodes and captions)
         self.decode = decode
+        self.tries = tries  # starts of one shard before it is passed by (1 + retries)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
+        shard = int(batch["shard"][0])
+        start_try(self.out, shard, self.name, self.tries)
         if self.decode is not None:
             batch = decode_batch(batch, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
-        shard = int(batch["shard"][0])
         rows = len(batch["image_id"][0])
         timer = (
             deadline(self.out, shard, self.name, self.shard_timeout_s)

@@ -19,6 +19,7 @@ from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.fetch import read_http, read_uri, sample_key
 from capfleet.model.bulk.reader import expand_braces, first_images, list_inputs
 from capfleet.model.bulk.stats import BleuStats
+from capfleet.model.bulk.watchdog import OutOfTries, clear_note, start_try
 from capfleet.model.data import Flickr8kReader, ManifestReader
 from capfleet.model.metrics import corpus_bleu_scores
 
@@ -270,3 +271,18 @@ def test_a_corrupt_plan_or_an_old_one_is_refused_saying_how_to_recover(tmp_path)
     (tmp_path / "plan.json").write_text('{"shard_size": 4, "bundles": {}}')  # capfleet 0.1's
     with pytest.raises(CapfleetError, match="another capfleet version.*new --out"):
         check_plan(tmp_path, plan)
+
+
+def test_a_shards_tries_are_counted_per_model_by_its_starts(tmp_path):
+    # the bound on a poison shard: counted as the worker starts it (a shard queued on an actor
+    # that died never started, so it keeps its tries), per model, reset for a fresh job
+    for _ in range(2):
+        start_try(tmp_path, 7, "int8", tries=2)
+    with pytest.raises(OutOfTries, match="started 2 times"):
+        start_try(tmp_path, 7, "int8", tries=2)
+    start_try(tmp_path, 7, "fp32", tries=2)  # another model's pool has its own count
+    start_try(tmp_path, 8, "int8", tries=2)  # and another shard
+    clear_note(tmp_path, 7)
+    start_try(tmp_path, 7, "int8", tries=1)
+    with pytest.raises(OutOfTries):
+        start_try(tmp_path, 7, "int8", tries=1)
