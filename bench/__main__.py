@@ -20,6 +20,7 @@ BENCHMARKS = (
     "choose",
     "plan",
     "flickr8k_scale",
+    "feature_rate",
 )
 
 
