@@ -20,7 +20,9 @@ from pathlib import Path
 
 from capfleet.model.artifacts import write_bytes_atomic
 
-FAILED_DIR = "_failed"  # OUT/_failed/shard-NNNNNN.json: why a shard's last attempt ended
+# OUT/_failed/shard-NNNNNN.json: why a shard's last attempt ended; shard-NNNNNN.MODEL.tries:
+# how often a model's worker started it (removed once its part is written)
+FAILED_DIR = "_failed"
 TIMEOUT, WORKER_DIED, WORKER_ERROR = "timeout", "worker_died", "worker_error"
 EXIT_CODE = 70
 
@@ -64,6 +66,11 @@ def start_try(out: str | Path, shard: int, stage: str, tries: int) -> None:
         f.write(b".")
         f.flush()
         os.fsync(f.fileno())
+
+
+def end_try(out: str | Path, shard: int, stage: str) -> None:
+    """The shard's part is written: its count is no longer needed."""
+    tries_path(out, shard, stage).unlink(missing_ok=True)
 
 
 def clear_note(out: str | Path, shard: int) -> None:

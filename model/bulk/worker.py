@@ -14,7 +14,13 @@ import pyarrow.parquet as pq
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.schema import CAPTION_SCHEMA, ERROR, OK
 from capfleet.model.bulk.stats import stats_of
-from capfleet.model.bulk.watchdog import WORKER_ERROR, deadline, note_failure, start_try
+from capfleet.model.bulk.watchdog import (
+    WORKER_ERROR,
+    deadline,
+    end_try,
+    note_failure,
+    start_try,
+)
 from capfleet.model.bulk.writer import part_path, part_stats, write_part
 from capfleet.model.bundle import BundleRunner
 from capfleet.model.metrics import rouge_l, sentence_bleu4
@@ -76,6 +82,7 @@ class CaptionWorker:
         except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
             note_failure(self.out, shard, WORKER_ERROR, f"{self.name}: {type(e).__name__}: {e}")
             raise
+        end_try(self.out, shard, self.name)
         if self.keep_images:
             return batch
         return {"shard": batch["shard"], "rows": np.array([rows])}

@@ -123,6 +123,7 @@ def test_a_shard_that_kills_its_workers_is_bounded_and_retried_by_a_rerun(
     assert (again["shards"]["run"], again["shards"]["failed"]) == (1, 0)
     rows = read_captions(cfg.out).to_pylist()
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
+    assert not list((tmp_path / "o" / "_failed").glob("*.tries"))  # counts of written parts
 
 
 def test_a_shard_that_hangs_times_out(local_ray, tiny_bundle, faulty, tmp_path):

@@ -19,7 +19,7 @@ from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.fetch import read_http, read_uri, sample_key
 from capfleet.model.bulk.reader import expand_braces, first_images, list_inputs
 from capfleet.model.bulk.stats import BleuStats
-from capfleet.model.bulk.watchdog import OutOfTries, clear_note, start_try
+from capfleet.model.bulk.watchdog import OutOfTries, clear_note, end_try, start_try
 from capfleet.model.data import Flickr8kReader, ManifestReader
 from capfleet.model.metrics import corpus_bleu_scores
 
@@ -286,3 +286,5 @@ def test_a_shards_tries_are_counted_per_model_by_its_starts(tmp_path):
     start_try(tmp_path, 7, "int8", tries=1)
     with pytest.raises(OutOfTries):
         start_try(tmp_path, 7, "int8", tries=1)
+    end_try(tmp_path, 7, "int8")  # its part was written: the count goes
+    start_try(tmp_path, 7, "int8", tries=1)
