@@ -41,11 +41,11 @@ class CaptionConfig:
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
     image_column: str = ""  # Parquet input with several columns of bytes: the image's
     batch_size: int = 256  # images per model call
-    shard_size: int = 1024  # images per output part file (the unit of resume)
-    # Actors per bundle; 0 = an autoscaling pool that grows to what the cluster's CPUs allow
+    shard_size: int = 1024  # images per output part file at most (the unit of resume)
+    # Actors (each hosts every bundle); 0 = an autoscaling pool as large as the CPUs allow
     actors: int = 0
     actor_cpus: float = 1.0  # CPUs per actor (its interpreter gets as many threads, >= 1)
-    # CPUs per decode task. Equal to actor_cpus, the first pool's actors fetch and decode their
+    # CPUs per decode task. Equal to actor_cpus, the actors fetch and decode their
     # shards themselves (one process per core reads, decodes and captions its own shards);
     # different, decoding runs as tasks of its own.
     decode_cpus: float = 1.0

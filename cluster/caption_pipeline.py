@@ -1,17 +1,22 @@
-"""The caption job on Ray Data: shards -> fetch + decode -> one actor pool per bundle (each
-actor writes its shard's Parquet part) -> shard ids back to the driver for progress.
+"""The caption job on Ray Data: shards -> fetch + decode -> one actor pool, each actor hosting
+every bundle (it captions a shard with each model in turn and writes each model's Parquet part)
+-> shard ids back to the driver for progress.
 
-Sizing: with no `actors`, each bundle's pool autoscales up to what the cluster's CPUs allow
-(its share of them when there are several bundles). With `decode_cpus` equal to `actor_cpus`
-(the default) the first pool's actors fetch and decode their shards themselves, so each actor
-is one process per CPU that reads, decodes and captions its own shards; nothing else in the
-pipeline needs a CPU (the driver lists the shards, the actors write the parts), which keeps a
-pool that takes every CPU from starving other stages (docs/stack.md).
+Sizing: with no `actors`, the pool autoscales up to what the cluster's CPUs allow. One pool of
+actors holding every model keeps each CPU busy whatever the models' relative speeds (a pool per
+model left a fast int8 model's actors waiting on a slow fp32 one's: 57% of the CPUs busy
+captioning a test split with both) and decodes each shard once; an actor's memory is the sum of
+its models'. With `decode_cpus` equal to `actor_cpus` (the default) the actors fetch and decode
+their shards themselves, so each actor is one process per CPU that reads, decodes and captions
+its own shards; nothing else in the pipeline needs a CPU (the driver lists the shards, the
+actors write the parts), which keeps a pool that takes every CPU from starving other stages
+(docs/stack.md).
 With an address, OUT must be a filesystem that the driver and every worker see.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -64,6 +69,7 @@ from capfleet.model.errors import CapfleetError
 LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 PROGRESS_EVERY_S = 5.0
 WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
+SMALL_INPUT_SHARDS, MIN_SHARD = 16, 64  # how a small input is cut (see _listing)
 
 
 def run_caption_job(
@@ -190,11 +196,21 @@ def _record_failure(out: Path, names, shard: Shard, listing: Listing, why: str) 
 
 
 def _listing(cfg: CaptionConfig, log) -> Listing:
-    listing = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column)
-    if cfg.limit:
-        listing = first_images(listing, cfg.limit)
+    """The input cut into shards of `shard_size` images at most; a small input into smaller
+    ones, at least SMALL_INPUT_SHARDS of at least MIN_SHARD images, so that it still keeps
+    several CPUs busy (1,000 test images in one shard had one actor caption them all while
+    the others idled). Cut from the input's size alone: a rerun cuts the same shards."""
+
+    def cut(size: int) -> Listing:
+        listing = list_inputs(cfg.input, cfg.split, size, cfg.image_column)
+        return first_images(listing, cfg.limit) if cfg.limit else listing
+
+    listing = cut(cfg.shard_size)
     if not listing.images:
         raise CapfleetError(f"{cfg.input}: no images to caption")
+    small = max(MIN_SHARD, math.ceil(listing.images / SMALL_INPUT_SHARDS))
+    if small < cfg.shard_size:
+        listing = cut(small)
     if cfg.references:
         refs = open_reader(cfg.references, cfg.split or None).records()
         by_id = {r.image_id: r.captions for r in refs}
@@ -205,9 +221,9 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
 
 
 def pool_size(ray, cfg: CaptionConfig) -> tuple[int, int]:
-    """(min, max) actors of each bundle's pool: `actors` pins it; otherwise it grows to the
-    cluster's CPUs divided among the bundles, at least one actor each. An actor larger than
-    every node could never be placed: refused here rather than waited for."""
+    """(min, max) actors of the pool (each hosts every bundle): `actors` pins it; otherwise it
+    grows to the cluster's CPUs, at least one actor. An actor larger than every node could
+    never be placed: refused here rather than waited for."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     largest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
     for key in ("actor_cpus", "decode_cpus"):
@@ -219,7 +235,7 @@ def pool_size(ray, cfg: CaptionConfig) -> tuple[int, int]:
     if cfg.actors:
         return cfg.actors, cfg.actors
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    most = max(1, int(cpus // (cfg.actor_cpus * len(cfg.bundles))))
+    most = max(1, int(cpus // cfg.actor_cpus))
     return 1, most
 
 
@@ -250,44 +266,44 @@ def _run_pipeline(
             num_cpus=cfg.decode_cpus,
             max_retries=cfg.max_retries,
         )
-    threads = max(1, int(cfg.actor_cpus))
-    for k, (bundle, name) in enumerate(zip(cfg.bundles, cfg.names, strict=True)):
-        ds = ds.map_batches(
-            CaptionWorker,
-            fn_constructor_kwargs={
-                "bundle_dir": str(Path(bundle).resolve()),
-                "name": name,
-                "out": str(out.resolve()),
-                "batch_size": cfg.batch_size,
-                "num_threads": threads,
-                "beam_width": cfg.beam_width,
-                "keep_images": k < len(cfg.bundles) - 1,
-                "shard_timeout_s": cfg.shard_timeout_s,
-                "repair": repair,
-                # the first pool fetches and decodes its shards itself (the default)
-                "decode": decode if fused and k == 0 else None,
-                "tries": 1 + cfg.max_retries,
+    ds = ds.map_batches(
+        CaptionWorker,
+        fn_constructor_kwargs={
+            # every actor hosts every bundle and captions each shard with each in turn
+            "bundles": {
+                name: str(Path(bundle).resolve())
+                for bundle, name in zip(cfg.bundles, cfg.names, strict=True)
             },
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=cfg.actor_cpus,
-            # starts as large as the cluster allows; may shrink when idle (the job's tail).
-            # Two shards in flight per actor: the next one is queued while it runs the first,
-            # so it never waits on the driver between shards (one in flight cost 10%)
-            compute=ray.data.ActorPoolStrategy(
-                min_size=low, max_size=high, initial_size=high, max_tasks_in_flight_per_actor=2
-            ),
-            # a dead actor is always restarted (a pool with none would wait forever) and Ray
-            # retries the shards queued on it; the worker counts each shard's starts and passes
-            # it by after 1 + max_retries, so one that kills every worker it lands on (out of
-            # memory, a native crash) cannot loop, and a shard queued behind it loses no try
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
+            "out": str(out.resolve()),
+            "batch_size": cfg.batch_size,
+            "num_threads": max(1, int(cfg.actor_cpus)),
+            "beam_width": cfg.beam_width,
+            "shard_timeout_s": cfg.shard_timeout_s,
+            "repair": repair,
+            "decode": decode if fused else None,  # the actors fetch and decode (the default)
+            "tries": 1 + cfg.max_retries,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cfg.actor_cpus,
+        # starts as large as the cluster allows; may shrink when idle (the job's tail).
+        # Two shards in flight per actor: the next one is queued while it runs the first,
+        # so it never waits on the driver between shards (one in flight cost 10%)
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high, initial_size=high, max_tasks_in_flight_per_actor=2
+        ),
+        # a dead actor is always restarted (a pool with none would wait forever) and Ray
+        # retries the shards queued on it; the worker counts each shard's starts and passes
+        # it by after 1 + max_retries, so one that kills every worker it lands on (out of
+        # memory, a native crash) cannot loop, and a shard queued behind it loses no try
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
     total = sum(len(s) for s in todo)
     progress = Progress(total, log)
     pool = f"{low}" if low == high else f"1 to {high}"
-    log(f"caption: {len(todo)} shards to do; {pool} actor(s) of {cfg.actor_cpus:g} CPU per model")
+    models = "the model" if len(cfg.bundles) == 1 else f"all {len(cfg.bundles)} models"
+    log(f"caption: {len(todo)} shards; {pool} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
     done: set[int] = set()
     for row in ds.iter_rows():
         done.add(int(row["shard"]))

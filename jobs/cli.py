@@ -222,13 +222,17 @@ def _add_caption(sub) -> None:
         "--batch-size", type=int, default=d["batch_size"], help="images per model call"
     )
     cap.add_argument(
-        "--shard-size", type=int, default=d["shard_size"], help="images per output part file"
+        "--shard-size",
+        type=int,
+        default=d["shard_size"],
+        help="images per output part file, at most (a small input is cut finer)",
     )
     cap.add_argument(
         "--actors",
         type=int,
         default=d["actors"],
-        help="actors per bundle (default: an autoscaling pool as large as the cluster allows)",
+        help="actors, each hosting every bundle (default: an autoscaling pool as large as the "
+        "cluster allows)",
     )
     cap.add_argument("--actor-cpus", type=float, default=d["actor_cpus"], help="CPUs per actor")
     cap.add_argument(

@@ -2,7 +2,7 @@
 
     reader.py   input records -> fixed shards (the unit of work and of resume); each image's bytes
     decode.py   a shard's bytes -> decoded images at every input size the bundles need
-    worker.py   CaptionWorker: hosts one bundle, captions a shard, writes its Parquet part
+    worker.py   CaptionWorker: hosts every bundle, captions a shard, writes each model's part
     writer.py   where parts go, the resume plan (plan.json), reading the parts back
     summary.py  one row per model from the parts written
     schema.py   the output tables' schemas, declared once

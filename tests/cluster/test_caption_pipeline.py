@@ -81,6 +81,9 @@ def test_two_bundles_every_image_once_with_error_reasons_and_bleu(
     rows = read_captions(tmp_path / "out").to_pylist()
     assert len(rows) == 2 * total
     assert len({(r["model"], r["image_id"]) for r in rows}) == 2 * total  # no duplicates
+    # one pool whose actors host both bundles: a shard's rows of both models share a worker
+    workers = {(r["shard"], r["worker"]) for r in rows}
+    assert len(workers) == len({r["shard"] for r in rows}) == 3
     for r in rows:
         if r["image_id"] in bad:
             assert r["status"] == "error" and r["caption"] is None
@@ -261,3 +264,23 @@ def test_plain_coco_json_input_is_read_whole(local_ray, tiny_bundle, shapes_dir,
     assert job["rows"] == {"tiny-fp32": len(recs)}
     summary = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()[0]
     assert summary["ok"] == len(recs) and summary["bleu1"] is not None
+
+
+def test_a_small_input_is_cut_into_shards_for_every_cpu(tiny_bundle, shapes_dir, tmp_path):
+    from capfleet.cluster.caption_pipeline import MIN_SHARD, SMALL_INPUT_SHARDS, _listing
+
+    uri = Flickr8kReader(shapes_dir, "test").records()[0].uri
+    (tmp_path / "m.csv").write_text(
+        "image_id,uri\n" + "".join(f"r{i},{uri}\n" for i in range(1000))
+    )
+    cfg = lambda **kw: CaptionConfig(  # noqa: E731
+        bundles=(str(tiny_bundle),), input=str(tmp_path / "m.csv"), out="o", **kw
+    )
+    # 1,000 images and the default 1,024 per shard: 16 shards of 64, not one of 1,000
+    cut = _listing(cfg(), print)
+    assert [len(s) for s in cut.shards] == [64] * 15 + [40]
+    assert len(cut.shards) == SMALL_INPUT_SHARDS and MIN_SHARD == 64
+    assert [i for s in cut.shards for i in s.image_id] == [f"r{i}" for i in range(1000)]
+    assert _listing(cfg(), print).identity() == cut.identity()  # a rerun cuts the same
+    assert [len(s) for s in _listing(cfg(shard_size=50), print).shards] == [50] * 20  # smaller
+    assert [len(s) for s in _listing(cfg(limit=100), print).shards] == [64, 36]
