@@ -6,8 +6,8 @@ encoding its images: (a) one process alone, the other cores idle, times the core
 process per core at once, summed: what the cores deliver together when all of them encode
 (they share the memory bus and the last-level cache; on a VM two vCPUs may share a physical
 core). Each is measured twice, alternating, and averaged. Then the feature job
-(`capfleet.cluster.features.compute_features`: a Ray Data job over every CPU) on the train and
-dev splits of a rehearsal set of CAPFLEET_BENCH_FEATURE_IMAGES photos (default 3,000), start-up
+(`capfleet.cluster.features.compute_features`: a Ray Data job over every CPU) on the train, dev
+and test splits of a rehearsal set of CAPFLEET_BENCH_FEATURE_IMAGES photos (default 3,000), start-up
 included; its rate is compared with both references (the target: >= 0.9 of the reference)."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run() -> None:
     from capfleet.cluster.features import compute_features
     from capfleet.jobs.specs import build_pipeline, read_spec
     from capfleet.model import rehearsal
-    from capfleet.model.data import read_split
+    from capfleet.model.data import SPLITS, read_split
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -88,7 +88,7 @@ def run() -> None:
         uris = [r.uri for r in read_split(str(data), "test")[:SAMPLE]]
         ref = encoder_rates(first.encoder, first.seed, uris)
         print("standalone", ref, flush=True)
-        images = sum(len(read_split(str(data), s)) for s in ("train", "dev"))
+        images = sum(len(read_split(str(data), s)) for s in SPLITS)
         with ray_session(None):
             t0 = time.perf_counter()
             compute_features(first, log=print)

@@ -62,7 +62,6 @@ class Meter:
     def __init__(self):
         self.root = os.getpid()
         self.cpu: dict[int, float] = {}
-        self.kinds: dict[int, str] = {}
         self.peak: dict[str, int] = {}
         self.stage = "set-up"
         self.hwm: dict[int, int] = {}
@@ -99,7 +98,8 @@ class Meter:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except (OSError, ValueError, StopIteration):
                 continue
-            kind = self.kinds.setdefault(pid, _kind(cmd, pid, self.root))
+            # by its title now: Ray hands an idle worker (ray::IDLE) a task or an actor
+            kind = _kind(cmd, pid, self.root)
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu)
             self.peak[kind] = max(self.peak.get(kind, 0), hwm * 1024)
             grew, self.hwm[pid] = hwm > self.hwm.get(pid, 0), hwm
@@ -175,7 +175,7 @@ def run() -> None:
     from capfleet.compression.recipes import parse_trial
     from capfleet.jobs.specs import build_pipeline, read_spec
     from capfleet.model import rehearsal
-    from capfleet.model.data import read_split
+    from capfleet.model.data import SPLITS, read_split
     from capfleet.model.train_config import TrainGrid
 
     cores = os.cpu_count() or 1
@@ -219,8 +219,8 @@ def run() -> None:
         alone = max(engines["keras_img_s_per_core"], engines["litert_fp32_img_s_per_core"])
         with ray_session(None):
             feats = stage("features", lambda: compute_features(first, log=print))
-            train_images = sum(len(read_split(str(data), s)) for s in ("train", "dev"))
-            rate = train_images / stages["features"]["wall_s"]
+            feature_images = sum(len(read_split(str(data), s)) for s in SPLITS)
+            rate = feature_images / stages["features"]["wall_s"]
             stage("train variants", lambda: run_train_job(cfg.train, log=print))
             variants = [v.out for v in cfg.train.variants]
             compress = dataclasses.replace(cfg.compress, models=tuple(variants[:1]))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from capfleet.cluster.connect import ray_session
-from capfleet.model.data import read_split
+from capfleet.model.data import SPLITS, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.features import (
     FEATURE_SHARD,
@@ -48,14 +48,15 @@ def compute_features(
     max_actors: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train and dev features of cfg's frozen backbone into cfg.feature_cache, computed on every
-    CPU of the cluster, both splits in one job. Returns, per split, the parts run now and the
+    """Train, dev and test features of cfg's frozen backbone into cfg.feature_cache, computed on
+    every CPU of the cluster, the splits in one job (training reads train and dev, its test
+    scoring the test split's). Returns, per split, the parts run now and the
     nodes that ran them, and the seconds taken."""
     info = encoder_info(cfg.encoder)
     if info.trainable:
         return {}
     t0, cache, splits, items = time.perf_counter(), Path(cfg.feature_cache), {}, []
-    for split in ("train", "dev"):
+    for split in SPLITS:
         records = read_split(cfg.data, split)
         # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
         # the same images finds its parts, changed images start afresh
@@ -83,10 +84,10 @@ def compute_features(
             for n in todo
         ]
     rows = []
-    if items:  # both splits' parts in one job: one pool of actors, each backbone built once
+    if items:  # every split's parts in one job: one pool of actors, each backbone built once
         with ray_session(address) as ray:
             rows = _run(ray, cfg, items, max_actors)
-    report = {s: {"parts_run": 0, "nodes": []} for s in ("train", "dev")}
+    report = {s: {"parts_run": 0, "nodes": []} for s in SPLITS}
     for split, (records, folder) in splits.items():
         assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
         mine = [r for r in rows if r["folder"] == str(folder)]

@@ -39,11 +39,12 @@ from capfleet.model.training import FinetuneData, finetune_data
 DEFAULT_SETTINGS = TrialSettings()
 
 
-def calibration_samples(cap, backbone, data: str, images: int, log=print):
+def calibration_samples(cap, backbone, data: str, images: int, log=print, workers: int = 1):
     """The int8 representative samples (see `_calibration`) from the first `images` images of
-    the training split of `data`: (encoder samples, decoder samples)."""
+    the training split of `data` (decoded on `workers` threads): (encoder samples, decoder
+    samples)."""
     info = encoder_info(cap.config.encoder)
-    calib, _ = load_split(data, "train", info.input_size, limit=images, log=log)
+    calib, _ = load_split(data, "train", info.input_size, images, log, workers)
     return _calibration(cap, backbone, calib, info.preprocess)
 
 
@@ -222,7 +223,7 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
     t0 = time.perf_counter()
     if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
         enc_samples, dec_samples = calibration_samples(
-            cap, backbone, data, settings.calibration_images, log
+            cap, backbone, data, settings.calibration_images, log, settings.threads
         )
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
     enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
@@ -240,7 +241,7 @@ def score_bundle(
     uses every CPU the trial holds (settings.threads); latency is measured apart, alone."""
     runner = BundleRunner(bundle_dir, num_threads=settings.threads)
     info = encoder_info(runner.manifest["encoder"]["name"])
-    x, test_recs = _test_inputs(data, info, settings.eval_images, log)
+    x, test_recs = _test_inputs(data, info, settings.eval_images, log, settings.threads)
     t0 = time.perf_counter()
     ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
     log(
@@ -281,9 +282,10 @@ def _record(model: str, recipe: TrialRecipe, bundle_dir: Path, bundle, sparsity,
     }
 
 
-def _test_inputs(data: str, info, limit: int, log):
-    """Preprocessed test-split images, the first `limit` of them (0 = all), and their records."""
-    images, records = load_split(data, "test", info.input_size, limit=limit, log=log)
+def _test_inputs(data: str, info, limit: int, log, workers: int = 1):
+    """Preprocessed test-split images, the first `limit` of them (0 = all), decoded on `workers`
+    threads, and their records."""
+    images, records = load_split(data, "test", info.input_size, limit, log, workers)
     return preprocess(images, info.preprocess), records
 
 

@@ -89,3 +89,30 @@ def evaluate(
     images, records = load_images(records, encoder_info(cap.config.encoder).input_size, log)
     ids = keras_caption_ids(cap, backbone, images, beam_width)
     return score_captions(records, [vocab.decode(row) for row in ids], data_dir)
+
+
+def evaluate_features(
+    cap: Captioner,
+    features: np.ndarray,
+    vocab: Vocabulary,
+    records,
+    data_dir: str,
+    beam_width: int = 1,
+    batch_size: int = 256,
+) -> dict:
+    """`evaluate` from a frozen backbone's features of the records (the feature cache's): the
+    same captions with no image decoded and no backbone run."""
+    proj = cap.features_model()
+    step = KerasStep(cap.step_model())
+    ids = np.concatenate(
+        [
+            decode(
+                step,
+                proj.predict_on_batch(features[i : i + batch_size]),
+                cap.config.max_len,
+                beam_width,
+            )
+            for i in range(0, len(features), batch_size)
+        ]
+    )
+    return score_captions(records, [vocab.decode(row) for row in ids], data_dir)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +19,45 @@ from capfleet.model.errors import CapfleetError
 from capfleet.model.images import ImageError, decode_image, preprocess
 
 
-def decode_files(uris: Sequence[str], size: int) -> tuple[list, list[int], list[str]]:
+def decode_files(
+    uris: Sequence[str], size: int, workers: int = 1
+) -> tuple[list, list[int], list[str]]:
     """Each file decoded to (size, size, 3) uint8: (the images, the positions that decoded,
-    "uri: reason" for the others)."""
-    images, kept, bad = [], [], []
-    for i, uri in enumerate(uris):
+    "uri: reason" for the others). `workers` threads decode at once (Pillow decodes and
+    resizes outside the GIL: a process that holds several CPUs decodes on all of them)."""
+
+    def one(uri: str):
         try:
             data = Path(uri).read_bytes()
         except OSError as e:
-            bad.append(f"{uri}: {e.strerror or e}")
-            continue
+            return f"{uri}: {e.strerror or e}"
         out = decode_image(data, (size, size))
-        if isinstance(out, ImageError):
-            bad.append(f"{uri}: {out}")
-            continue
-        images.append(out)
-        kept.append(i)
+        return f"{uri}: {out}" if isinstance(out, ImageError) else out
+
+    if workers > 1 and len(uris) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, uris))
+    else:
+        results = [one(u) for u in uris]
+    images, kept, bad = [], [], []
+    for i, out in enumerate(results):
+        if isinstance(out, str):
+            bad.append(out)
+        else:
+            images.append(out)
+            kept.append(i)
     return images, kept, bad
 
 
 def load_images(
-    records: Sequence[ImageRecord], size: int, log: Callable[[str], None] = print
+    records: Sequence[ImageRecord],
+    size: int,
+    log: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> tuple[np.ndarray, list[ImageRecord]]:
-    """Decode every record's image to (N, size, size, 3) uint8, skipping (and reporting) bad
-    ones. Returns the images and the records that decoded, in order."""
-    images, positions, bad = decode_files([r.uri for r in records], size)
+    """Decode every record's image to (N, size, size, 3) uint8 on `workers` threads, skipping
+    (and reporting) bad ones. Returns the images and the records that decoded, in order."""
+    images, positions, bad = decode_files([r.uri for r in records], size, workers)
     kept = [records[i] for i in positions]
     if bad:
         log(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
@@ -52,12 +67,17 @@ def load_images(
 
 
 def load_split(
-    data: str, split: str, size: int, limit: int = 0, log: Callable[[str], None] = print
+    data: str,
+    split: str,
+    size: int,
+    limit: int = 0,
+    log: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> tuple[np.ndarray, list[ImageRecord]]:
     """A training data set's split (its first `limit` images; 0 = all), decoded by `load_images`
     to (N, size, size, 3) uint8, with the records that decoded."""
     records = read_split(data, split)
-    return load_images(records[:limit] if limit else records, size, log)
+    return load_images(records[:limit] if limit else records, size, log, workers)
 
 
 def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
@@ -88,6 +108,34 @@ def _write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.nd
     ids = {"encoder": encoder, "weights": weights_id, "image_ids": [r.image_id for r in records]}
     write_json_atomic(path.with_suffix(".json"), ids)
     return path
+
+
+def find_cached(
+    cache_dir: str | Path, encoder: str, weights_id: str, records: Sequence[ImageRecord]
+) -> tuple[np.ndarray, list[ImageRecord]] | None:
+    """A split's features already in the cache, found without decoding an image, with the
+    records they are of: the file of every listed record (all decoded), else the one the
+    feature job joined from its parts for the records that decoded (its parts name them).
+    None when neither is there."""
+    path = cache_file(cache_dir, encoder, weights_id, records)
+    kept = list(records)
+    if not path.is_file():
+        metas = sorted(path.with_suffix(".parts").glob("part-*.json"))
+        if not metas:
+            return None
+        ids = {i for m in metas for i in json.loads(m.read_text())["ids"]}
+        kept = [r for r in records if r.image_id in ids]
+        path = cache_file(cache_dir, encoder, weights_id, kept)
+        if not path.is_file():
+            return None
+    try:
+        listed = json.loads(path.with_suffix(".json").read_text())["image_ids"]
+        feats = np.load(path)
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: computed again
+    if listed != [r.image_id for r in kept] or len(feats) != len(kept):
+        return None
+    return feats, kept
 
 
 def predict_batches(model, images: np.ndarray, batch: int, style: str | None = None):

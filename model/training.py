@@ -3,6 +3,7 @@ and fine-tuning feed the training graph (pixels, or a frozen backbone's cached f
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,8 +14,8 @@ from capfleet.model.artifacts import package_versions, write_json_atomic
 from capfleet.model.captioner import Captioner, CaptionerConfig
 from capfleet.model.data import SPLITS, data_identity, read_split
 from capfleet.model.encoders import build_encoder, encoder_info, encoder_section
-from capfleet.model.evaluation import evaluate
-from capfleet.model.features import cached_features, load_images, load_split
+from capfleet.model.evaluation import evaluate, evaluate_features
+from capfleet.model.features import cached_features, find_cached, load_images
 from capfleet.model.fitting import caption_sets, configure_threads, fit_captions, time_budget
 from capfleet.model.images import preprocess
 from capfleet.model.modeldir import MANIFEST_FILE, MODEL_FORMAT, save_trained, trained_config
@@ -36,8 +37,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     # all three splits are read before any work, so a bad data set fails in seconds
     train_recs, dev_recs, test_recs = (read_split(cfg.data, s) for s in SPLITS)
-    train_imgs, train_recs = load_images(train_recs, info.input_size, log)
-    dev_imgs, dev_recs = load_images(dev_recs, info.input_size, log)
+    backbone = None if info.trainable else build_encoder(cfg.encoder, cfg.weights_arg)
+    encoder = build_encoder(cfg.encoder, cfg.weights_arg) if info.trainable else None
+    x_train, train_recs = split_inputs(train_recs, info, backbone, cfg, log)
+    x_dev, dev_recs = split_inputs(dev_recs, info, backbone, cfg, log)
     vocab = Vocabulary.build(
         (clean_caption(c) for r in train_recs for c in r.captions), cfg.min_count
     )
@@ -50,12 +53,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         f"train: {len(train_recs)} images, dev {len(dev_recs)}, vocabulary {len(vocab)}, "
         f"max_len {max_len}, encoder {cfg.encoder} ({cfg.weights})"
     )
-
-    backbone = None if info.trainable else build_encoder(cfg.encoder, cfg.weights_arg)
-    encoder = build_encoder(cfg.encoder, cfg.weights_arg) if info.trainable else None
-    x_train = model_inputs(train_imgs, train_recs, info, backbone, cfg, log)
-    x_dev = model_inputs(dev_imgs, dev_recs, info, backbone, cfg, log)
-    del train_imgs, dev_imgs
 
     if cfg.pretrain_epochs:
         pretrain_cells(encoder, x_train, train_recs, x_dev, dev_recs, cfg, log)
@@ -84,7 +81,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     train_s = time.perf_counter() - t0
     save_trained(out, cap, backbone, vocab, random_backbone=cfg.weights == "none")
 
-    metrics = evaluate(cap, backbone, vocab, test_recs, cfg.data, cfg.beam_width, log)
+    if info.trainable:
+        metrics = evaluate(cap, backbone, vocab, test_recs, cfg.data, cfg.beam_width, log)
+    else:  # scored from the test split's features (cached: the feature job computes them too)
+        x_test, test_recs = split_inputs(test_recs, info, backbone, cfg, log)
+        metrics = evaluate_features(cap, x_test, vocab, test_recs, cfg.data, cfg.beam_width)
     metrics["data"] = cfg.data
     scores = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
     log(f"test: {scores}")
@@ -103,6 +104,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     }
     write_json_atomic(out / MANIFEST_FILE, manifest)
     return manifest
+
+
+def split_inputs(records, info, backbone, cfg: TrainConfig, log=print):
+    """(model inputs, the records that decoded) of a split. A frozen backbone's features the
+    cache already has are read without decoding an image (a Flickr8k-sized split is minutes
+    of decoding on one core); otherwise the images are decoded and given to model_inputs."""
+    if not info.trainable:
+        hit = find_cached(cfg.feature_cache, info.name, cfg.weights_id, records)
+        if hit is not None:
+            log(f"features: cached, {len(hit[1])} images")
+            return hit
+    images, records = load_images(records, info.input_size, log, cfg.threads or os.cpu_count() or 1)
+    return model_inputs(images, records, info, backbone, cfg, log), records
 
 
 def model_inputs(images, records, info, backbone, cfg: TrainConfig, log=print):
@@ -141,8 +155,7 @@ def finetune_data(cap: Captioner, backbone, manifest: dict, vocab: Vocabulary, l
     info = encoder_info(cap.config.encoder)
     splits, records_by_split = [], []
     for split in ("train", "dev"):
-        images, records = load_split(cfg.data, split, info.input_size, log=log)
-        x = model_inputs(images, records, info, backbone, cfg, log)
+        x, records = split_inputs(read_split(cfg.data, split), info, backbone, cfg, log)
         tokens = caption_sets(records, vocab, cap.config.max_len, cfg.captions_per_image)
         splits.append((x, tokens))
         records_by_split.append(records)

@@ -36,7 +36,7 @@ encoder = ["small_cnn", "mobilenet_v2"]
         assert (tmp_path / "train" / r["variant"] / "manifest.json").is_file()
     # mobilenet's features were computed once, before its variant started, then only read
     cache = sorted((tmp_path / "train" / "feature_cache").glob("*.npy"))
-    assert len(cache) == 2  # train and dev
+    assert len(cache) == 3  # train, dev and test
     mobile = next(r for r in rows if r["encoder"] == "mobilenet_v2")
     assert all(p.stat().st_mtime < mobile["started"] for p in cache)
     assert any("computing features of 1 frozen backbone" in line for line in lines)

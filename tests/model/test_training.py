@@ -16,7 +16,7 @@ from capfleet.model.train_config import TrainConfig
 from capfleet.model.training import train
 
 
-def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path):
+def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cfg = TrainConfig(
         data=str(shapes_dir),
@@ -35,15 +35,17 @@ def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_pa
     manifest = train(cfg, log=logs.append)
     assert any(line.startswith("features: computing mobilenet_v2") for line in logs)
     npys = sorted(cache.glob("mobilenet_v2-*.npy"))
-    assert len(npys) == 2  # train and dev
+    assert len(npys) == 3  # train, dev and test
     assert np.load(npys[0]).shape[1] == 1280
     assert manifest["encoder"]["weights"] == "none"
     assert len(manifest["history"]["val_nll"]) == 1  # plain dev cross-entropy beside the loss
     assert (tmp_path / "m" / "encoder.weights.h5").is_file()  # random backbone kept for export
 
     logs.clear()
-    train(cfg, log=logs.append)
-    assert sum(line.startswith("features: cached") for line in logs) == 2
+    with monkeypatch.context() as m:  # trained again from the cache alone: no image decoded
+        m.setattr("capfleet.model.features.decode_files", _no_decoding)
+        manifest = train(cfg, log=logs.append)
+    assert sum(line.startswith("features: cached") for line in logs) == 3
     assert not any(line.startswith("features: computing") for line in logs)
 
     # the reloaded model reproduces the test captions of the one that was trained
@@ -53,6 +55,10 @@ def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_pa
     assert ids.shape == (len(images), cap.config.max_len - 1)
     again = score_captions(recs, [vocab.decode(r) for r in ids], str(shapes_dir))
     assert again == {k: v for k, v in manifest["test_metrics"].items() if k != "data"}
+
+
+def _no_decoding(*_):
+    raise AssertionError("an image was decoded")
 
 
 def test_training_data_without_splits_is_refused_before_work(tmp_path):
@@ -154,3 +160,16 @@ def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_di
     scale = float(np.abs(keras_feats).max())
     assert scale > 1.0  # features, not zeros
     assert float(np.abs(litert_feats - keras_feats).max()) <= 1e-4 * scale
+
+
+def test_images_decoded_on_threads_equal_one_by_one(shapes_dir, tmp_path):
+    from capfleet.model.features import decode_files
+
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    uris = [r.uri for r in Flickr8kReader(shapes_dir, "test").records()]
+    uris = uris[:5] + [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.jpg")] + uris[5:]
+    one, kept1, bad1 = decode_files(uris, 72)
+    many, kept2, bad2 = decode_files(uris, 72, workers=3)
+    assert kept1 == kept2 == [i for i in range(len(uris)) if i not in (5, 6)]
+    assert bad1 == bad2 and len(bad1) == 2 and "gone.jpg" in bad1[1]
+    assert all(np.array_equal(a, b) for a, b in zip(one, many, strict=True))
