@@ -42,12 +42,20 @@ def keras_caption_ids(
     several GB of them)."""
     info = encoder_info(cap.config.encoder)
     enc = cap.encoder_model(backbone)
+    project = lambda x: predict_batches(enc, x, ENCODE_BATCH, info.preprocess)  # noqa: E731
+    return _decode_batches(cap, project, images, beam_width, batch_size)
+
+
+def _decode_batches(cap: Captioner, project, inputs, beam_width: int, batch_size: int):
+    """Generated ids of `inputs`, `batch_size` at a time: `project` maps a batch of them to
+    the image projection the Keras step graph decodes from."""
     step = KerasStep(cap.step_model())
-    out = []
-    for i in range(0, len(images), batch_size):
-        proj = predict_batches(enc, images[i : i + batch_size], ENCODE_BATCH, info.preprocess)
-        out.append(decode(step, proj, cap.config.max_len, beam_width))
-    return np.concatenate(out)
+    return np.concatenate(
+        [
+            decode(step, project(inputs[i : i + batch_size]), cap.config.max_len, beam_width)
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
 
 
 def score_captions(
@@ -102,17 +110,6 @@ def evaluate_features(
 ) -> dict:
     """`evaluate` from a frozen backbone's features of the records (the feature cache's): the
     same captions with no image decoded and no backbone run."""
-    proj = cap.features_model()
-    step = KerasStep(cap.step_model())
-    ids = np.concatenate(
-        [
-            decode(
-                step,
-                proj.predict_on_batch(features[i : i + batch_size]),
-                cap.config.max_len,
-                beam_width,
-            )
-            for i in range(0, len(features), batch_size)
-        ]
-    )
+    project = cap.features_model().predict_on_batch
+    ids = _decode_batches(cap, project, features, beam_width, batch_size)
     return score_captions(records, [vocab.decode(row) for row in ids], data_dir)
