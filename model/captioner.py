@@ -5,7 +5,10 @@
     add -> Dense(units, relu) -> Dense(vocab)                       = next-word logits (B, V)
 
 Graphs over the same layers:
-  training: teacher forcing, K right-padded captions per image (B, K, T) -> logits (B, K, T, V)
+  training: teacher forcing, K right-padded captions per image (B, K, T) -> the logits of every
+            real next token (M, V): position t predicts token t+1, and the positions whose next
+            token is padding are dropped before the output layer (most of a batch's positions
+            at Flickr8k's lengths; at a vocabulary of thousands that layer is most of the work)
   prefix:   the study's graph, a left-padded prefix (B, T) -> logits for the next word (B, V)
   step:     one LSTMCell step (token, h, c, image projection) -> (logits, h', c'); converts to
             TFLite with a dynamic batch (a Keras LSTM layer does not, docs/stack.md)
@@ -120,7 +123,8 @@ class Captioner:
 
     # -- graphs --------------------------------------------------------------------------
     def _training_graph(self):
-        """(images or features (B, ...), captions (B, K, T)) -> logits (B, K, T, V).
+        """(images or features (B, ...), captions (B, K, T)) -> logits (M, V) of the M real
+        next tokens, in the order of `next_tokens(captions)`.
 
         K captions per image share one encoder pass: the CNN runs once per image, not once
         per caption (5x less encoder work on Flickr8k's five captions).
@@ -132,11 +136,20 @@ class Captioner:
         tokens = k.Input((None, None), dtype="int32", name="tokens")  # (B, K, T) right-padded
         shape = tf.shape(tokens)
         flat = tf.reshape(tokens, (-1, shape[2]))  # (B*K, T)
-        seq = self.lstm(self.txt_dropout(self.embedding(flat)))  # (B*K, T, U)
+        seq = self.lstm(self.txt_dropout(self.embedding(flat[:, :-1])))  # (B*K, T-1, U)
         img = tf.repeat(self._project(feats), shape[1], axis=0)[:, None, :]  # (B*K, 1, U)
-        logits = self._head(seq, img)  # (B*K, T, V)
-        out = tf.reshape(logits, (shape[0], shape[1], shape[2], self.config.vocab_size))
-        return k.Model([img_in, tokens], out, name="captioner_training")
+        merged = self.merge_add([seq, img])  # (B*K, T-1, U)
+        real = tf.boolean_mask(merged, tf.not_equal(flat[:, 1:], 0))  # (M, U)
+        logits = self.out_dense(self.merge_dense(real))  # (M, V)
+        return k.Model([img_in, tokens], logits, name="captioner_training")
+
+    @staticmethod
+    def next_tokens(tokens):
+        """Captions (B, K, T) -> the real next tokens (M,) the training graph's logits predict."""
+        import numpy as np
+
+        nxt = np.asarray(tokens)[..., 1:]
+        return nxt[nxt != 0]
 
     def prefix_model(self):
         """The study's graph: (features or images, left-padded prefix) -> next-word logits."""

@@ -65,8 +65,8 @@ def fit_captions(
     *,
     label_smoothing: float,
 ):
-    """Teacher forcing: (inputs, tokens (N, K, T)) -> fit `model` to predict each next token,
-    ignoring padding. Returns the Keras History; besides the loss it holds `nll` and `val_nll`,
+    """Teacher forcing: (inputs, tokens (N, K, T)) -> fit `model` (a training graph) to predict
+    each real next token. Returns the Keras History; besides the loss it holds `nll` and `val_nll`,
     the plain cross-entropy, which stays comparable across label smoothings.
 
     Fine-tuning passes the label smoothing the model was trained with: the same loss."""
@@ -95,15 +95,16 @@ BUCKET_POOL = 32  # batches' worth of images sorted by caption length together
 
 
 def caption_batches(x, tokens, batch_size: int, seed: int | None = None):
-    """Teacher-forcing batches ((x, tokens[:, :, :-1]), tokens[:, :, 1:]) as a tf.data Dataset,
-    each batch cut to its longest caption. The positions past it are padding, which the loss
-    ignores, so the cut changes no batch's loss; it saves their LSTM steps and, at a large
-    vocabulary the most, their softmaxes (Flickr8k's captions average about 11 words, the
-    longest 35: most of a frame sized for the longest is padding). With a seed (training),
-    every epoch shuffles the images, sorts each pool of BUCKET_POOL batches' worth by longest
-    caption so that a batch holds captions of like length, and shuffles the batches' order;
-    with none (validation) the order is kept. (The loss averages over each batch's own tokens,
-    as before; a batch of short captions now has fewer of them.)"""
+    """Teacher-forcing batches ((x, tokens), next tokens (M,)) as a tf.data Dataset, each batch's
+    captions cut to its longest and the next tokens those of `Captioner.next_tokens`, the ones
+    the training graph computes logits for. The positions past the longest caption are
+    padding, so the cut changes no batch's loss; it saves their LSTM steps (Flickr8k's
+    captions average about 11 words, the longest 35: most of a frame sized for the longest is
+    padding). The padding left inside a batch gets no softmax: the graph drops it. With a seed
+    (training), every epoch shuffles the images, sorts each pool of BUCKET_POOL batches' worth
+    by longest caption so that a batch holds captions of like length, and shuffles the
+    batches' order; with none (validation) the order is kept. (The loss averages over each
+    batch's own tokens, as before; a batch of short captions now has fewer of them.)"""
     import tensorflow as tf
 
     x, tokens = np.asarray(x), np.asarray(tokens)
@@ -123,8 +124,9 @@ def caption_batches(x, tokens, batch_size: int, seed: int | None = None):
                 groups += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
             groups = [groups[i] for i in rng.permutation(len(groups))]
         for b in groups:
-            t = int(lengths[b].max())
-            yield (x[b], tokens[b, :, : t - 1]), tokens[b, :, 1:t]
+            cut = tokens[b, :, : int(lengths[b].max())]
+            nxt = cut[:, :, 1:]
+            yield (x[b], cut), nxt[nxt != 0]
 
     k = tokens.shape[1]
     spec = (
@@ -132,7 +134,7 @@ def caption_batches(x, tokens, batch_size: int, seed: int | None = None):
             tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
             tf.TensorSpec((None, k, None), tf.as_dtype(tokens.dtype)),
         ),
-        tf.TensorSpec((None, k, None), tf.as_dtype(tokens.dtype)),
+        tf.TensorSpec((None,), tf.as_dtype(tokens.dtype)),
     )
     return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
 
@@ -147,7 +149,8 @@ def caption_loss(label_smoothing: float):
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
 
     def smoothed_cross_entropy(tokens, logits):
-        tokens = tf.cast(tokens, tf.int32)
+        # the logits' shape less the vocabulary: Keras hands rank-1 targets in as (M, 1)
+        tokens = tf.reshape(tf.cast(tokens, tf.int32), tf.shape(logits)[:-1])
         vocab = tf.shape(logits)[-1]
         target = (1.0 - label_smoothing) * tf.one_hot(tokens, vocab) + label_smoothing / tf.cast(
             vocab, logits.dtype

@@ -42,14 +42,24 @@ def test_teacher_forcing_equals_prefix_graph_for_every_prefix(cap):
         tokens[i, :length] = [START_ID, *rng.integers(4, 23, size=length - 2), END_ID]
     # two captions per image in the training graph: the same caption twice must agree too
     pair = np.stack([tokens, tokens], axis=1)  # (N, 2, T)
-    both = cap.training_model.predict_on_batch([feats, pair])  # (N, 2, T, V)
-    np.testing.assert_allclose(both[:, 0], both[:, 1], atol=1e-6)
-    tf_logits = both[:, 0]  # (N, T, V)
+    both = cap.training_model.predict_on_batch([feats, pair])  # (M, V): real next tokens only
+    np.testing.assert_array_equal(
+        cap.next_tokens(pair),
+        np.concatenate([np.tile(tokens[i, 1:n], 2) for i, n in enumerate(lengths)]),
+    )
+    assert both.shape == (2 * sum(n - 1 for n in lengths), cap.config.vocab_size)
     prefix = cap.prefix_model()
-    for i, length in enumerate(lengths):
-        prefixes = np.stack([left_pad(tokens[i, : k + 1], t) for k in range(length)])
-        logits = prefix.predict_on_batch([np.repeat(feats[i : i + 1], length, 0), prefixes])
-        np.testing.assert_allclose(logits, tf_logits[i, :length], atol=1e-5)
+    start = 0
+    for i, length in enumerate(lengths):  # image i: caption 0's length-1 rows, then caption 1's
+        first, second = (
+            both[start : start + length - 1],
+            both[start + length - 1 : start + 2 * (length - 1)],
+        )
+        start += 2 * (length - 1)
+        np.testing.assert_allclose(first, second, atol=1e-6)
+        prefixes = np.stack([left_pad(tokens[i, : k + 1], t) for k in range(length - 1)])
+        logits = prefix.predict_on_batch([np.repeat(feats[i : i + 1], length - 1, 0), prefixes])
+        np.testing.assert_allclose(logits, first, atol=1e-5)
 
 
 def test_batched_greedy_equals_the_study_loop(cap):
@@ -129,35 +139,37 @@ def test_caption_batches_cut_padding_without_changing_a_loss(cap):
     def epoch(ds):
         return [(xb.numpy(), tb.numpy(), yb.numpy()) for (xb, tb), yb in ds]
 
+    def framed(tb):  # a batch's captions padded back to the full frame
+        return np.pad(tb, ((0, 0), (0, 0), (0, t - tb.shape[2])))
+
     ds = caption_batches(x, tokens, batch, seed=3)
     first, second = epoch(ds), epoch(ds)
     for batches in (first, second):  # every image exactly once per epoch, with its own captions
         rows = np.concatenate([xb for xb, _, _ in batches])
         order = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in rows]
         assert sorted(order) == list(range(n))
-        got = np.concatenate(
-            [np.pad(yb, ((0, 0), (0, 0), (0, t - 1 - yb.shape[2]))) for *_, yb in batches]
-        )
-        np.testing.assert_array_equal(got, tokens[order, :, 1:])
+        got = np.concatenate([framed(tb) for _, tb, _ in batches])
+        np.testing.assert_array_equal(got, tokens[order])
+        for _, tb, yb in batches:  # the targets: every real next token, in the graph's order
+            np.testing.assert_array_equal(yb, cap.next_tokens(tb))
     assert [b[0].tobytes() for b in first] != [b[0].tobytes() for b in second]  # reshuffled
     assert [b[0].tobytes() for b in first] == [
         b[0].tobytes() for b in epoch(caption_batches(x, tokens, batch, seed=3))
     ]  # one seed, one order
     # each batch ends at its longest caption, and like lengths share a batch: far less
     # padding than batches of random images (whose longest is nearly always the frame)
-    for _, tb, yb in first:  # (no token lost: checked above)
-        assert tb.shape == yb.shape and (yb[:, :, -1] != 0).any()
+    for _, tb, _ in first:  # (no token lost: checked above)
+        assert (tb[:, :, -1] != 0).any()
     assert BUCKET_POOL * batch >= n  # one pool here: the whole set sorted
-    cut = sum(yb.size for *_, yb in first)
+    cut = sum(tb[:, :, 1:].size for _, tb, _ in first)
     assert cut < 0.9 * n * k * (t - 1)
+    assert sum(yb.size for *_, yb in first) == (tokens[:, :, 1:] != 0).sum()
 
     # the cut changes no loss: a cut batch scores as the same batch padded to the full frame
     loss = caption_loss(0.1)
     for xb, tb, yb in first[:4]:
-        full_in = np.pad(tb, ((0, 0), (0, 0), (0, t - 1 - tb.shape[2])))
-        full_out = np.pad(yb, ((0, 0), (0, 0), (0, t - 1 - yb.shape[2])))
         a = float(loss(yb, cap.training_model([xb, tb], training=False)))
-        b = float(loss(full_out, cap.training_model([xb, full_in], training=False)))
+        b = float(loss(yb, cap.training_model([xb, framed(tb)], training=False)))
         assert a == pytest.approx(b, rel=1e-5)
 
     val = epoch(caption_batches(x, tokens, 64))  # no seed: the order kept

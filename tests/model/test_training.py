@@ -124,6 +124,37 @@ def test_label_smoothing_loss_is_its_definition_and_ignores_padding():
         TrainConfig(data="d", out="o", label_smoothing=1.0)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_the_loss_keras_fits_is_the_loss_of_the_real_next_tokens(eps):
+    """Under fit, Keras passes the training graph's (M,) targets in as (M, 1): the loss it
+    reports must still be the definition's, computed from the logits one batch at a time."""
+    import tf_keras as keras
+
+    from capfleet.model.captioner import Captioner, CaptionerConfig
+    from capfleet.model.fitting import caption_batches
+
+    keras.utils.set_random_seed(0)
+    cap = Captioner(CaptionerConfig("mobilenet_v2", vocab_size=30, max_len=9, units=8))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, cap.config.feature_dim)).astype(np.float32)
+    tokens = np.zeros((40, 2, 9), np.int32)
+    for i, j in np.ndindex(40, 2):
+        n = int(rng.integers(1, 8))
+        tokens[i, j, : n + 2] = [2, *rng.integers(4, 30, n), 3]
+    model = cap.training_model
+    model.compile(loss=caption_loss(eps))
+    for (xb, tb), yb in caption_batches(x, tokens, 40):  # one batch: the whole set
+        logits = model([xb, tb], training=False)
+        assert logits.shape == (int((tokens[:, :, 1:] != 0).sum()), 30)
+        direct = float(caption_loss(eps)(yb, logits))
+        logp = logits.numpy() - np.log(np.exp(logits.numpy()).sum(-1, keepdims=True))
+        target = (1 - eps) * np.eye(30)[yb.numpy()] + eps / 30
+        assert direct == pytest.approx(float(-(target * logp).sum(-1).mean()), rel=1e-5)
+    assert model.evaluate(caption_batches(x, tokens, 40), verbose=0) == pytest.approx(
+        direct, rel=1e-5
+    )
+
+
 def test_models_trained_before_label_smoothing_are_tuned_without_it():
     old = {"train": {"data": "d", "out": "o"}}
     assert trained_config(old).label_smoothing == 0.0
