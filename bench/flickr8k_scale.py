@@ -51,6 +51,8 @@ def _kind(cmd: bytes, pid: int, root: int) -> str:
         return "feature actor"
     if b"CaptionWorker" in cmd:
         return "caption actor"
+    if b"capfleet.compression.convert" in cmd:
+        return "converter (a child of a trial or an export)"
     if b"ray::" in cmd or b"default_worker" in cmd:
         return "ray worker"
     return "ray daemons"

@@ -10,16 +10,30 @@ mode. Quantization is done by TensorFlow's TFLite converter (recorded in bundle 
     qat-int8 a quantization-aware-trained graph, converted to full integer like int8: the trained
              ranges where the graph has them (its Dense layers), calibrated ranges elsewhere
              (the LSTM cell, whose weights would otherwise stay float: 3x the size)
+
+A graph with more than APART_BYTES of weights (VGG16's encoder: 538 MB) is converted in a
+process of its own, from a SavedModel of the graph and its representative samples saved to a
+temporary folder: the converter's peak memory then ends with that process instead of staying
+with the caller (a Ray worker that runs trial after trial), and that process holds no Keras
+model. Measured for VGG16's encoder to int8 (64 calibration images): 7.9 GB in the caller,
+6.7 GB apart, with the caller staying at the 2.2 GB of its built model.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
 
 from capfleet.model.errors import CapfleetError
 
 MODES = ("fp32", "dynamic", "float16", "int8", "qat-int8")
 QUANTIZER = "tflite-converter"
+APART_BYTES = 256 * 2**20  # weights above which a graph is converted in a process of its own
 
 Representative = Callable[[], Iterable[dict]]
 
@@ -68,19 +82,86 @@ def _convert(fn, keras_model, mode: str, representative: Representative | None) 
 
     if mode not in MODES:
         raise CapfleetError(f"unknown conversion mode {mode!r}; allowed: {', '.join(MODES)}")
+    if mode in ("int8", "qat-int8") and representative is None:
+        raise CapfleetError(f"{mode} conversion needs representative samples to calibrate on")
+    weights = sum(int(np.prod(w.shape)) * w.dtype.size for w in keras_model.weights)
+    if weights > APART_BYTES:
+        return _convert_apart(fn, keras_model, mode, representative)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [fn.get_concrete_function()], keras_model
     )
+    return _run(converter, keras_model.name, mode, representative)
+
+
+def _run(converter, name: str, mode: str, representative: Representative | None) -> bytes:
+    import tensorflow as tf
+
     if mode != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if mode in ("int8", "qat-int8"):
-        if representative is None:
-            raise CapfleetError(f"{mode} conversion needs representative samples to calibrate on")
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
         return converter.convert()
     except Exception as e:  # noqa: BLE001  the converter raises ConverterError and friends
-        raise CapfleetError(f"{keras_model.name}: TFLite conversion ({mode}) failed: {e}") from e
+        raise CapfleetError(f"{name}: TFLite conversion ({mode}) failed: {e}") from e
+
+
+def _convert_apart(fn, keras_model, mode: str, representative: Representative | None) -> bytes:
+    """`_convert` in a child process: the graph saved as a SavedModel (its signature `fn`), the
+    representative samples as one .npy per input (samples stacked), the flatbuffer read back."""
+    import tensorflow as tf
+
+    name = keras_model.name
+    with tempfile.TemporaryDirectory(prefix="capfleet-convert-") as tmp:
+        work = Path(tmp)
+        holder = tf.Module()
+        holder.weights = list(keras_model.weights)  # what the signature's graph reads
+        tf.saved_model.save(
+            holder, str(work / "graph"), signatures={"serving_default": fn.get_concrete_function()}
+        )
+        if representative is not None:
+            samples = list(representative())
+            for key in samples[0]:
+                np.save(work / f"sample-{key}.npy", np.stack([s[key] for s in samples]))
+        proc = subprocess.run(
+            [sys.executable, "-m", "capfleet.compression.convert", str(work), mode, name],
+            capture_output=True,
+            text=True,
+        )
+        error, rc = work / "error.txt", proc.returncode
+        if rc != 0:
+            if error.exists():
+                raise CapfleetError(error.read_text())
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            raise CapfleetError(
+                f"{name}: TFLite conversion ({mode}) failed: its process ended ({how}): "
+                f"{proc.stderr[-2000:].strip()}"
+            )
+        return (work / "model.tflite").read_bytes()
+
+
+def _child(work: Path, mode: str, name: str) -> int:
+    """The child process of `_convert_apart`: SavedModel in `work` -> work/model.tflite."""
+    import tensorflow as tf
+
+    samples = {p.stem.removeprefix("sample-"): np.load(p) for p in work.glob("sample-*.npy")}
+
+    def representative():
+        for i in range(len(next(iter(samples.values())))):
+            yield {key: rows[i] for key, rows in samples.items()}
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(work / "graph"))
+    try:
+        flat = _run(converter, name, mode, representative if samples else None)
+    except CapfleetError as e:
+        (work / "error.txt").write_text(str(e))
+        return 1
+    (work / "model.tflite").write_bytes(flat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
