@@ -53,3 +53,53 @@ def test_a_failed_conversion_apart_names_the_graph_and_the_cause(encoder, monkey
 
     with pytest.raises(CapfleetError, match=r"tiny_encoder: TFLite conversion \(int8\) failed"):
         convert.encoder_to_tflite(encoder, "int8", wrong_inputs)
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter (Z: ended, not yet reaped), None when it is gone."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux only")
+def test_the_converter_process_ends_when_its_caller_is_killed(tmp_path):
+    """A trial's worker killed mid-conversion must not leave its converter running: here the
+    converter blocks on reading its samples (a FIFO no one writes) until its caller dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    os.mkfifo(tmp_path / "sample-image.npy")
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'capfleet.compression.convert',"
+            f" {str(tmp_path)!r}, 'int8', 'x', str(os.getpid())])\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(caller.stdout.readline())
+    try:
+        time.sleep(1.0)
+        assert _state(child) not in (None, "Z")  # converting (blocked on its samples)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        deadline = time.monotonic() + 30
+        while _state(child) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _state(child) in (None, "Z")
+    finally:
+        if _state(child) not in (None, "Z"):
+            os.kill(child, signal.SIGKILL)
+        caller.kill()
