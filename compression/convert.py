@@ -125,10 +125,9 @@ def _convert_apart(fn, keras_model, mode: str, representative: Representative | 
         tf.saved_model.save(
             holder, str(work / "graph"), signatures={"serving_default": fn.get_concrete_function()}
         )
-        if representative is not None:
-            samples = list(representative())
-            for key in samples[0]:
-                np.save(work / f"sample-{key}.npy", np.stack([s[key] for s in samples]))
+        samples = list(representative()) if representative is not None else []
+        for key in samples[0] if samples else ():
+            np.save(work / f"sample-{key}.npy", np.stack([s[key] for s in samples]))
         proc = subprocess.run(
             [
                 *(sys.executable, "-m", "capfleet.compression.convert"),
