@@ -232,8 +232,8 @@ def _full_frame_graph(cap):
     shape = tf.shape(tokens)
     flat = tf.reshape(tokens, (-1, shape[2]))
     seq = cap.lstm(cap.txt_dropout(cap.embedding(flat)))
-    img = tf.repeat(cap.img_dense(cap.img_dropout(feats)), shape[1], axis=0)[:, None, :]
-    logits = cap.out_dense(cap.merge_dense(cap.merge_add([seq, img])))
+    img = tf.repeat(cap._project(feats), shape[1], axis=0)[:, None, :]
+    logits = cap._head(seq, img)
     out = tf.reshape(logits, (shape[0], shape[1], shape[2], cap.config.vocab_size))
     return keras.Model([feats, tokens], out, name="full_frame")
 

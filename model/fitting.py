@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from capfleet.model.captioner import Captioner
 from capfleet.model.data import ImageRecord
 from capfleet.model.text import Vocabulary, clean_caption
 
@@ -125,8 +126,7 @@ def caption_batches(x, tokens, batch_size: int, seed: int | None = None):
             groups = [groups[i] for i in rng.permutation(len(groups))]
         for b in groups:
             cut = tokens[b, :, : int(lengths[b].max())]
-            nxt = cut[:, :, 1:]
-            yield (x[b], cut), nxt[nxt != 0]
+            yield (x[b], cut), Captioner.next_tokens(cut)
 
     k = tokens.shape[1]
     spec = (
