@@ -53,6 +53,8 @@ def _kind(cmd: bytes, pid: int, root: int) -> str:
         return "caption actor"
     if b"capfleet.compression.convert" in cmd:
         return "converter (a child of a trial or an export)"
+    if b"export_backbone" in cmd:
+        return "backbone converter (the feature job's Ray task)"
     if b"ray::" in cmd or b"default_worker" in cmd:
         return "ray worker"
     return "ray daemons"
@@ -119,46 +121,30 @@ class Meter:
         return sum(self.cpu.values())
 
 
-def standalone(encoder: str, seed: int, uris: list[str]) -> dict:
-    """The feature encoder alone on one core, in its own process: Keras (as the feature job
-    runs it) and its fp32 LiteRT conversion, their images/s and how far their features differ."""
+def standalone(encoder: str, seed: int, uris: list[str], flat: str) -> dict:
+    """The feature encoder alone on one core, in its own process: Keras, and its fp32 LiteRT
+    flatbuffer (converted to `flat` first) as the feature job runs it; their images/s and how
+    far their features differ."""
     import numpy as np
 
-    from capfleet.model.features import FeatureWorker
+    from bench.feature_rate import engine
+    from capfleet.compression.export import export_backbone
 
-    worker = FeatureWorker(encoder, None, seed, 1)
-    worker.features(uris[:4])  # warm-up
-    t0 = time.perf_counter()
-    keras_feats, _, _ = worker.features(uris)
-    keras_s = time.perf_counter() - t0
-
-    import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
-
-    from capfleet.model.features import decode_files
-    from capfleet.model.images import preprocess
-
-    it = Interpreter(
-        model_content=tf.lite.TFLiteConverter.from_keras_model(worker.backbone).convert(),
-        num_threads=1,
-    )
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], (len(uris), *inp["shape"][1:]))
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], np.zeros((len(uris), *inp["shape"][1:]), np.float32))
-    it.invoke()  # warm-up
-    t0 = time.perf_counter()
-    images, _, _ = decode_files(uris, worker.info.input_size)
-    it.set_tensor(inp["index"], preprocess(np.stack(images), worker.info.preprocess))
-    it.invoke()
-    lite = it.get_tensor(out["index"])
-    lite_s = time.perf_counter() - t0
+    export_backbone(encoder, None, seed, flat)
+    rates, feats = {}, {}
+    for name in ("keras", "litert"):
+        worker = engine(name, encoder, seed, flat)
+        worker.features(uris[:4])  # warm-up
+        t0 = time.perf_counter()
+        out = worker.features(uris)
+        rates[name] = len(uris) / (time.perf_counter() - t0)
+        feats[name] = out[0] if isinstance(out, tuple) else out
     return {
         "images": len(uris),
-        "keras_img_s_per_core": round(len(uris) / keras_s, 2),
-        "litert_fp32_img_s_per_core": round(len(uris) / lite_s, 2),
-        "max_abs_difference": float(np.abs(keras_feats - lite).max()),
-        "max_abs_feature": float(np.abs(keras_feats).max()),
+        "keras_img_s_per_core": round(rates["keras"], 2),
+        "litert_fp32_img_s_per_core": round(rates["litert"], 2),
+        "max_abs_difference": float(np.abs(feats["keras"] - feats["litert"]).max()),
+        "max_abs_feature": float(np.abs(feats["keras"]).max()),
     }
 
 
@@ -215,9 +201,10 @@ def run() -> None:
         sample = [r.uri for r in read_split(str(data), "test")[:32]]
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            engines = pool.submit(standalone, "vgg16", first.seed, sample).result()
+            flat = str(tmp / "backbone.tflite")  # its own: the feature job converts one too
+            engines = pool.submit(standalone, "vgg16", first.seed, sample, flat).result()
         print("standalone", engines, flush=True)
-        # the target is set by the faster engine, whichever the feature job runs (Keras)
+        # the target is set by the faster engine, whichever the feature job runs (LiteRT)
         alone = max(engines["keras_img_s_per_core"], engines["litert_fp32_img_s_per_core"])
         with ray_session(None):
             feats = stage("features", lambda: compute_features(first, log=print))
@@ -282,6 +269,10 @@ def run() -> None:
             "features": {
                 **feats,
                 "images_per_s": round(rate, 2),
+                "images_per_s_without_conversion": round(
+                    feature_images / (stages["features"]["wall_s"] - feats["convert_seconds"]), 2
+                ),
+                "engine": "litert",
                 "standalone_per_core_img_s": round(alone, 2),
                 "engines": engines,
                 "target_img_s": round(0.9 * alone * cores, 2),

@@ -1,8 +1,10 @@
-"""A frozen backbone's features across the cluster: a Ray Data job over shards of a split's
-images, one autoscaling pool of 1-CPU actors (each its own backbone), every shard's features
-written as its own .npy part. Parts already whole are skipped, so a job that died (or lost a
-node) resumes where it stopped; then the parts are joined into the cache file training reads
-(model/features.py: keyed as cached_features keys it)."""
+"""A frozen backbone's features across the cluster: one Ray task converts the backbone to its
+fp32 LiteRT flatbuffer (kept in the feature cache, so once per backbone), then a Ray Data job
+over shards of a split's images, one autoscaling pool of 1-CPU actors (each running that
+flatbuffer, without TensorFlow), writes every shard's features as its own .npy part. Parts
+already whole are skipped, so a job that died (or lost a node) resumes where it stopped; then
+the parts are joined into the cache file training reads (model/features.py: keyed as
+cached_features keys it). The cache folder must be one every node sees (a shared file system)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from capfleet.cluster.connect import ray_session
+from capfleet.compression.export import export_backbone
 from capfleet.model.data import SPLITS, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.features import (
     FEATURE_SHARD,
     FeatureWorker,
     assemble_parts,
+    backbone_file,
     cache_file,
     done_parts,
 )
@@ -83,10 +87,11 @@ def compute_features(
             }
             for n in todo
         ]
-    rows = []
-    if items:  # every split's parts in one job: one pool of actors, each backbone built once
+    rows, convert_s = [], 0.0
+    if items:  # every split's parts in one job: one pool of actors, each loads the backbone once
         with ray_session(address) as ray:
-            rows = _run(ray, cfg, items, max_actors)
+            model, convert_s = _backbone(ray, cfg, cache, log)
+            rows = _run(ray, cfg, model, items, max_actors)
     report = {s: {"parts_run": 0, "nodes": []} for s in SPLITS}
     for split, (records, folder) in splits.items():
         assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
@@ -96,10 +101,25 @@ def compute_features(
     if splits:
         nodes = len({r["node"] for r in rows})
         log(f"features: {len(rows)} parts done in {seconds:.0f} s on {nodes} node(s)")
-    return {**report, "seconds": round(seconds, 1)}
+    return {**report, "seconds": round(seconds, 1), "convert_seconds": round(convert_s, 1)}
 
 
-def _run(ray, cfg: TrainConfig, items: list[dict], max_actors: int):
+def _backbone(ray, cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
+    """(the backbone's flatbuffer in the cache, seconds taken to make it): converted by a Ray
+    task when not there yet, in a worker of its own (max_calls=1: VGG16's conversion peaks at
+    5.4 GB, which ends with that process)."""
+    path = backbone_file(cache, cfg.encoder, cfg.weights_id).resolve()
+    if path.is_file():
+        return str(path), 0.0
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=1, max_calls=1, max_retries=1)(export_backbone)
+    ray.get(task.remote(cfg.encoder, cfg.weights_arg, cfg.seed, str(path)))
+    seconds = time.perf_counter() - t0
+    log(f"features: {cfg.encoder} converted to LiteRT in {seconds:.0f} s ({path.name})")
+    return str(path), seconds
+
+
+def _run(ray, cfg: TrainConfig, model: str, items: list[dict], max_actors: int):
     cpus = int(ray.cluster_resources().get("CPU", 1))
     high = max(1, min(max_actors or cpus, cpus, len(items)))
     ctx = ray.data.DataContext.get_current()
@@ -107,12 +127,7 @@ def _run(ray, cfg: TrainConfig, items: list[dict], max_actors: int):
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _Worker,
-        fn_constructor_kwargs={
-            "encoder": cfg.encoder,
-            "weights": cfg.weights_arg,
-            "seed": cfg.seed,
-            "threads": 1,
-        },
+        fn_constructor_kwargs={"model_file": model, "encoder": cfg.encoder, "threads": 1},
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,

@@ -41,17 +41,25 @@ APART_BYTES = 256 * 2**20  # weights above which a graph is converted in a proce
 Representative = Callable[[], Iterable[dict]]
 
 
-def encoder_to_tflite(encoder, mode: str = "fp32", representative: Representative | None = None):
-    """Encoder graph (images -> img_proj) -> TFLite with signature inputs {image}."""
+def encoder_to_tflite(
+    encoder,
+    mode: str = "fp32",
+    representative: Representative | None = None,
+    output: str = "img_proj",
+    apart: bool | None = None,
+) -> bytes:
+    """Encoder graph (images -> img_proj) -> TFLite with signature input {image} and output
+    {`output`} (a bare backbone's is "features"). `apart`: convert in a process of its own
+    (None: when the graph has more than APART_BYTES of weights)."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *encoder.input_shape[1:]], tf.float32, name="image")
 
     @tf.function(input_signature=[spec])
     def serve(image):
-        return {"img_proj": encoder(image, training=False)}
+        return {output: encoder(image, training=False)}
 
-    return _convert(serve, encoder, mode, representative)
+    return _convert(serve, encoder, mode, representative, apart)
 
 
 def step_to_tflite(
@@ -80,15 +88,19 @@ def step_function(step, units: int):
     return serve
 
 
-def _convert(fn, keras_model, mode: str, representative: Representative | None) -> bytes:
+def _convert(
+    fn, keras_model, mode: str, representative: Representative | None, apart: bool | None = None
+) -> bytes:
     import tensorflow as tf
 
     if mode not in MODES:
         raise CapfleetError(f"unknown conversion mode {mode!r}; allowed: {', '.join(MODES)}")
     if mode in ("int8", "qat-int8") and representative is None:
         raise CapfleetError(f"{mode} conversion needs representative samples to calibrate on")
-    weights = sum(int(np.prod(w.shape)) * w.dtype.size for w in keras_model.weights)
-    if weights > APART_BYTES:
+    if apart is None:
+        weights = sum(int(np.prod(w.shape)) * w.dtype.size for w in keras_model.weights)
+        apart = weights > APART_BYTES
+    if apart:
         return _convert_apart(fn, keras_model, mode, representative)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [fn.get_concrete_function()], keras_model

@@ -163,34 +163,47 @@ def test_models_trained_before_label_smoothing_are_tuned_without_it():
     assert trained_config(new).label_smoothing == 0.2
 
 
-def test_feature_workers_keras_features_equal_the_litert_fp32_encoders(shapes_dir):
-    """The feature job runs the backbone in Keras (on this project's CPUs as fast per core as
-    its fp32 LiteRT conversion); both engines give the same features within 1e-4 of their
-    scale. ResNet50: with random weights its features are far from zero (MobileNetV2's vanish)."""
-    import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
+def test_feature_worker_runs_the_backbones_litert_flatbuffer_as_keras_computes_it(
+    shapes_dir, tmp_path
+):
+    """The feature job runs the frozen backbone as its fp32 LiteRT flatbuffer; its features
+    are Keras's within 1e-4 of their scale, and the flatbuffer is made once per backbone.
+    ResNet50: with random weights its features are far from zero (MobileNetV2's vanish)."""
+    import tf_keras as keras
 
-    from capfleet.model.features import FeatureWorker, decode_files
+    from capfleet.compression.export import export_backbone
+    from capfleet.model.encoders import build_encoder
+    from capfleet.model.features import FeatureWorker, backbone_file, decode_files
     from capfleet.model.images import preprocess
 
-    uris = [r.uri for r in Flickr8kReader(str(shapes_dir), "train").records()[:6]]
-    worker = FeatureWorker("resnet50", None, seed=3, threads=1)
-    keras_feats, kept, bad = worker.features(uris)
-    assert kept == list(range(6)) and not bad and keras_feats.shape == (6, 2048)
-    lite = Interpreter(
-        model_content=tf.lite.TFLiteConverter.from_keras_model(worker.backbone).convert()
-    )
-    inp, out = lite.get_input_details()[0], lite.get_output_details()[0]
-    images, _, _ = decode_files(uris, worker.info.input_size)
-    x = preprocess(np.stack(images), worker.info.preprocess)
-    lite.resize_tensor_input(inp["index"], x.shape)
-    lite.allocate_tensors()
-    lite.set_tensor(inp["index"], x)
-    lite.invoke()
-    litert_feats = lite.get_tensor(out["index"])
+    path = backbone_file(tmp_path, "resnet50", "none-seed3")
+    assert path != backbone_file(tmp_path, "resnet50", "none-seed4")  # named by the backbone
+    export_backbone("resnet50", None, 3, path)
+    made = path.stat().st_mtime_ns
+    assert export_backbone("resnet50", None, 3, path) == path
+    assert path.stat().st_mtime_ns == made  # kept, not converted again
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    uris = [r.uri for r in Flickr8kReader(str(shapes_dir), "train").records()[:5]]
+    worker = FeatureWorker(path, "resnet50", batch=2)  # batches of 2, 2 and 1 (padded)
+    litert_feats, kept, bad = worker.features([*uris[:2], str(tmp_path / "bad.jpg"), *uris[2:]])
+    assert kept == [0, 1, 3, 4, 5] and len(bad) == 1 and "bad.jpg" in bad[0]
+    assert litert_feats.shape == (5, 2048) and litert_feats.dtype == np.float32
+
+    keras.utils.set_random_seed(3)
+    backbone = build_encoder("resnet50", None)
+    images, _, _ = decode_files(uris, 224)
+    keras_feats = backbone.predict(preprocess(np.stack(images), "caffe"), verbose=0)
     scale = float(np.abs(keras_feats).max())
     assert scale > 1.0  # features, not zeros
     assert float(np.abs(litert_feats - keras_feats).max()) <= 1e-4 * scale
+
+
+def test_a_feature_worker_refuses_a_file_that_is_no_backbone(tmp_path):
+    from capfleet.model.features import FeatureWorker
+
+    (tmp_path / "x.tflite").write_bytes(b"")
+    with pytest.raises(CapfleetError, match="x.tflite: not a backbone LiteRT can load"):
+        FeatureWorker(tmp_path / "x.tflite", "vgg16")
 
 
 def test_images_decoded_on_threads_equal_one_by_one(shapes_dir, tmp_path):
