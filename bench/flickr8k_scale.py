@@ -129,7 +129,9 @@ def standalone(encoder: str, seed: int, uris: list[str], flat: str) -> dict:
 
     from bench.feature_rate import engine
     from capfleet.compression.export import export_backbone
+    from capfleet.model.fitting import configure_threads
 
+    configure_threads(1)  # before TensorFlow starts: the conversion below would fix its pools
     export_backbone(encoder, None, seed, flat)
     rates, feats = {}, {}
     for name in ("keras", "litert"):

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from capfleet.cluster.connect import ray_session
+from capfleet.cluster.connect import first_line, ray_session
 from capfleet.compression.export import export_backbone
 from capfleet.model.data import SPLITS, read_split
 from capfleet.model.encoders import encoder_info
+from capfleet.model.errors import CapfleetError
 from capfleet.model.features import (
     FEATURE_SHARD,
     FeatureWorker,
@@ -55,7 +56,8 @@ def compute_features(
     """Train, dev and test features of cfg's frozen backbone into cfg.feature_cache, computed on
     every CPU of the cluster, the splits in one job (training reads train and dev, its test
     scoring the test split's). Returns, per split, the parts run now and the
-    nodes that ran them, and the seconds taken."""
+    nodes that ran them, the seconds taken, and of them the seconds spent converting the
+    backbone to LiteRT (0 when the cache has it)."""
     info = encoder_info(cfg.encoder)
     if info.trainable:
         return {}
@@ -112,8 +114,17 @@ def _backbone(ray, cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
     if path.is_file():
         return str(path), 0.0
     t0 = time.perf_counter()
+    weights = cfg.weights_arg
+    if weights and Path(weights).is_file():  # the task may run on another node: no relative path
+        weights = str(Path(weights).resolve())
     task = ray.remote(num_cpus=1, max_calls=1, max_retries=1)(export_backbone)
-    ray.get(task.remote(cfg.encoder, cfg.weights_arg, cfg.seed, str(path)))
+    try:
+        ray.get(task.remote(cfg.encoder, weights, cfg.seed, str(path)))
+    except ray.exceptions.RayError as e:  # raised in the task, or its worker died (memory)
+        cause = getattr(e, "cause", None) or e
+        raise CapfleetError(
+            f"features: converting {cfg.encoder} to LiteRT failed: {first_line(cause)}"
+        ) from e
     seconds = time.perf_counter() - t0
     log(f"features: {cfg.encoder} converted to LiteRT in {seconds:.0f} s ({path.name})")
     return str(path), seconds
@@ -127,7 +138,12 @@ def _run(ray, cfg: TrainConfig, model: str, items: list[dict], max_actors: int):
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _Worker,
-        fn_constructor_kwargs={"model_file": model, "encoder": cfg.encoder, "threads": 1},
+        fn_constructor_kwargs={
+            "model_file": model,
+            "encoder": cfg.encoder,
+            "threads": 1,
+            "batch": min(32, max(len(i["ids"]) for i in items)),  # small shards: no padding
+        },
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,

@@ -84,6 +84,7 @@ def main(data: str, out: str) -> None:
                 "rerun": again,
                 "shape": list(train.shape),
                 "alone_shape": list(alone.shape),
+                "scale": float(np.abs(alone).max()),
                 "max_abs_diff": (
                     float(np.abs(train - alone).max()) if train.shape == alone.shape else None
                 ),

@@ -47,4 +47,6 @@ def test_features_across_two_nodes_resume_after_losing_one(tmp_path):
     assert r["part_nodes_before_removal"] == r["worker_node_ids"], "not both nodes computed"
     assert r["parts_before_removal"] < 30, "the node was removed after the job had finished"
     assert r["parts"] == 30 and r["shape"] == r["alone_shape"] == [240, 1280]
-    assert r["max_abs_diff"] < 1e-4  # the same features as one process computes
+    # the same features as one process computes in Keras (the job runs LiteRT), relative to
+    # their scale: a random MobileNetV2's features are small
+    assert r["scale"] > 0 and r["max_abs_diff"] <= 1e-4 * r["scale"]
