@@ -45,10 +45,12 @@ class KerasEncoder:
         self.info, self.backbone = encoder_info(encoder), build_encoder(encoder, None)
 
     def features(self, uris: list[str]):
-        from capfleet.model.features import decode_files, predict_batches
+        """As FeatureWorker.features: (features, positions that decoded, the others' reasons)."""
+        from capfleet.model.features import FEATURE_BATCH, decode_files, predict_batches
 
-        images, _, _ = decode_files(uris, self.info.input_size)
-        return predict_batches(self.backbone, np.stack(images), 32, self.info.preprocess)
+        images, kept, bad = decode_files(uris, self.info.input_size)
+        x = np.stack(images)
+        return predict_batches(self.backbone, x, FEATURE_BATCH, self.info.preprocess), kept, bad
 
 
 def engine(name: str, encoder: str, seed: int, model_file: str):

@@ -138,9 +138,8 @@ def standalone(encoder: str, seed: int, uris: list[str], flat: str) -> dict:
         worker = engine(name, encoder, seed, flat)
         worker.features(uris[:4])  # warm-up
         t0 = time.perf_counter()
-        out = worker.features(uris)
+        feats[name] = worker.features(uris)[0]
         rates[name] = len(uris) / (time.perf_counter() - t0)
-        feats[name] = out[0] if isinstance(out, tuple) else out
     return {
         "images": len(uris),
         "keras_img_s_per_core": round(rates["keras"], 2),

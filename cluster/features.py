@@ -19,6 +19,7 @@ from capfleet.model.data import SPLITS, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import CapfleetError
 from capfleet.model.features import (
+    FEATURE_BATCH,
     FEATURE_SHARD,
     FeatureWorker,
     assemble_parts,
@@ -142,7 +143,8 @@ def _run(ray, cfg: TrainConfig, model: str, items: list[dict], max_actors: int):
             "model_file": model,
             "encoder": cfg.encoder,
             "threads": 1,
-            "batch": min(32, max(len(i["ids"]) for i in items)),  # small shards: no padding
+            # small shards: no padding
+            "batch": min(FEATURE_BATCH, max(len(i["ids"]) for i in items)),
         },
         batch_size=1,
         batch_format="numpy",

@@ -153,7 +153,8 @@ def find_cached(
 
 
 def predict_batches(model, images: np.ndarray, batch: int, style: str | None = None):
-    """A Keras model's outputs for `images`, `batch` at a time (a CNN's activations grow with
+    """A model's outputs for `images` (a Keras model, or anything with its predict_on_batch:
+    FeatureWorker), `batch` at a time (a CNN's activations grow with
     the batch: VGG16's are 13 MB an image and layer), each batch preprocessed in `style`
     first when one is given."""
     return np.concatenate(
@@ -193,6 +194,7 @@ def cached_features(
 # -- features in parts, computed across a cluster (cluster/features.py runs this) ----------
 
 FEATURE_SHARD = 256  # images per part: a unit of work and of resume
+FEATURE_BATCH = 32  # images per backbone call (VGG16's activations are 13 MB an image and layer)
 
 
 class FeatureWorker:
@@ -206,7 +208,9 @@ class FeatureWorker:
     minutes apart, encoded 9.82 images/s on LiteRT once converted, 8.0 on Keras; its actors
     peak at 2.3 GB against Keras's 2.8 GB."""
 
-    def __init__(self, model_file: str | Path, encoder: str, threads: int = 1, batch: int = 32):
+    def __init__(
+        self, model_file: str | Path, encoder: str, threads: int = 1, batch: int = FEATURE_BATCH
+    ):
         from ai_edge_litert.interpreter import Interpreter
 
         from capfleet.model.encoders import encoder_info
@@ -224,9 +228,10 @@ class FeatureWorker:
         except (OSError, ValueError, RuntimeError) as e:
             raise CapfleetError(f"{model_file}: not a backbone LiteRT can load ({e})") from e
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        """Features of up to `batch` images. One interpreter at one batch size, a short batch
-        padded: each size would hold its own packed copy of the weights (VGG16: 537 MB)."""
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        """Features of up to `batch` preprocessed images (named as Keras's, for predict_batches).
+        One interpreter at one batch size, a short batch padded: each size would hold its own
+        packed copy of the weights (VGG16: 537 MB)."""
         n = len(x)
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
@@ -237,12 +242,8 @@ class FeatureWorker:
         images, kept, bad = decode_files(uris, self.info.input_size)
         if not images:
             return np.zeros((0, 0), np.float32), kept, bad
-        x = np.stack(images)
-        feats = [
-            self._run(preprocess(x[i : i + self.batch], self.info.preprocess))
-            for i in range(0, len(x), self.batch)
-        ]
-        return np.concatenate(feats).astype(np.float32, copy=False), kept, bad
+        feats = predict_batches(self, np.stack(images), self.batch, self.info.preprocess)
+        return feats.astype(np.float32, copy=False), kept, bad
 
     def write_part(
         self,
