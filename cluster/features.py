@@ -24,6 +24,7 @@ from capfleet.model.features import (
     FeatureWorker,
     assemble_parts,
     backbone_file,
+    backbone_problem,
     cache_file,
     done_parts,
 )
@@ -113,7 +114,11 @@ def _backbone(ray, cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
     5.4 GB, which ends with that process)."""
     path = backbone_file(cache, cfg.encoder, cfg.weights_id).resolve()
     if path.is_file():
-        return str(path), 0.0
+        problem = backbone_problem(path, cfg.encoder)
+        if problem is None:
+            return str(path), 0.0
+        log(f"features: {path.name} is no {cfg.encoder} backbone ({problem}): converting again")
+        path.unlink()
     t0 = time.perf_counter()
     weights = cfg.weights_arg
     if weights and Path(weights).is_file():  # the task may run on another node: no relative path

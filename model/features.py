@@ -15,6 +15,7 @@ import numpy as np
 
 from capfleet.model.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.model.data import ImageRecord, read_split
+from capfleet.model.encoders import encoder_info
 from capfleet.model.errors import CapfleetError
 from capfleet.model.images import ImageError, decode_image, preprocess
 
@@ -197,6 +198,32 @@ FEATURE_SHARD = 256  # images per part: a unit of work and of resume
 FEATURE_BATCH = 32  # images per backbone call (VGG16's activations are 13 MB an image and layer)
 
 
+def backbone_problem(model_file: str | Path, encoder: str) -> str | None:
+    """Why `model_file` is not `encoder`'s backbone flatbuffer (image -> features, as
+    export_backbone writes it), or None when it is. Read without delegates: a fraction of a
+    second and a few MB even for VGG16, so the driver checks a cached file before a job's actors
+    load it. (It parses the file and its signature; it cannot tell altered weights.)"""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    info = encoder_info(encoder)
+    try:
+        it = Interpreter(
+            model_path=str(model_file),
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        runner = it.get_signature_runner()
+        image = runner.get_input_details().get("image")
+        feats = runner.get_output_details().get("features")
+    except (OSError, ValueError, RuntimeError) as e:
+        return f"LiteRT cannot load it: {(str(e).strip() or repr(e)).splitlines()[0]}"
+    want = [info.input_size, info.input_size, 3]
+    if image is None or list(image["shape_signature"][1:]) != want:
+        return f"its signature takes no image of {want}"
+    if feats is None or int(feats["shape"][-1]) != info.feature_dim:
+        return f"its signature gives no {info.feature_dim} features"
+    return None
+
+
 class FeatureWorker:
     """One process's frozen backbone: a shard of image paths in, its features written as one
     .npy part (the images that decoded) with a .json of their ids and the ones that did not.
@@ -212,8 +239,6 @@ class FeatureWorker:
         self, model_file: str | Path, encoder: str, threads: int = 1, batch: int = FEATURE_BATCH
     ):
         from ai_edge_litert.interpreter import Interpreter
-
-        from capfleet.model.encoders import encoder_info
 
         self.info = encoder_info(encoder)
         self.batch = batch
