@@ -27,10 +27,16 @@ NOT_A_FILE, TIMEOUT, UNREACHABLE = "not_a_file", "timeout", "unreachable"
 USER_AGENT = "capfleet (batch image captioning)"
 
 
-def read_uri(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | ImageError:
-    """The bytes behind a local path, an http(s) URL or a filesystem URI."""
+def read_uri(
+    uri: str,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    timeout: float = HTTP_TIMEOUT_S,
+    attempts: int = HTTP_ATTEMPTS,
+) -> bytes | ImageError:
+    """The bytes behind a local path, an http(s) URL (`timeout` per try, `attempts` tries) or
+    a filesystem URI."""
     if uri.startswith(("http://", "https://")):
-        return read_http(uri, max_bytes)
+        return read_http(uri, max_bytes, timeout, attempts)
     if "://" not in uri or uri.startswith("file://"):
         return _read_local(uri[len("file://") :] if uri.startswith("file://") else uri, max_bytes)
     from pyarrow import fs
@@ -72,11 +78,16 @@ def _too_large(size: int, max_bytes: int) -> ImageError:
     return ImageError(TOO_LARGE, f"{size} bytes exceeds the {max_bytes}-byte cap per image")
 
 
-def read_http(url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout: float = HTTP_TIMEOUT_S):
+def read_http(
+    url: str,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    timeout: float = HTTP_TIMEOUT_S,
+    attempts: int = HTTP_ATTEMPTS,
+):
     """GET with a timeout, bounded retries with backoff for transient failures, a size cap;
     an HTTP error status is `http_<code>`."""
     error = ImageError(UNREACHABLE, url)
-    for attempt in range(HTTP_ATTEMPTS):
+    for attempt in range(attempts):
         if attempt:
             time.sleep(HTTP_BACKOFF_S * 2 ** (attempt - 1))
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})

@@ -4,6 +4,7 @@ OUT/latency.png (each model's latency distribution)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,11 @@ from capfleet.model.gallery import GALLERY_FILE, gallery_items, sample_ids, writ
 from capfleet.model.reports import plot_latency
 
 LATENCY_PLOT = "latency.png"
+# Thumbnails are a courtesy at the end of a job whose captions are already written: one try of a
+# few seconds per image and a budget for them all, so a dead or slow host cannot hold the job
+# for minutes. An image that failed in the job is not fetched again.
+THUMBNAIL_TIMEOUT_S = 5.0
+THUMBNAILS_BUDGET_S = 30.0
 
 
 def gallery_sample(listing: Listing, images: int) -> list[str]:
@@ -48,13 +54,24 @@ def write_reports(out: Path, listing: Listing, models: list[str], sample: list[s
             for r in t.to_pylist():
                 r["cider_d"] = extras[model]["cider_d"].get(r["image_id"])
                 rows.append(r)
-    images = {}
-    for r in rows:  # thumbnails of images that a path or URI names (not tar or Parquet cells)
-        if r["image_id"] not in images and "#" not in r["uri"]:
-            data = read_uri(r["uri"])
-            images[r["image_id"]] = data if isinstance(data, bytes) else None
-    items = gallery_items(rows, images={k: v for k, v in images.items() if v})
+    items = gallery_items(rows, images=_thumbnail_bytes(rows))
     written.append(
         write_gallery(page, items, models, title=f"captions of {len(items)} sampled images")
     )
     return written
+
+
+def _thumbnail_bytes(rows: list[dict]) -> dict[str, bytes | None]:
+    """{image_id: the image's bytes, or None where none is shown}: read once per image that a
+    path or URI names (not tar members or Parquet cells) and that some model captioned."""
+    captioned = {r["image_id"] for r in rows if r["status"] == "ok"}
+    images: dict[str, bytes | None] = {}
+    deadline = time.monotonic() + THUMBNAILS_BUDGET_S
+    for r in rows:
+        if r["image_id"] in images:
+            continue
+        data = None
+        if r["image_id"] in captioned and "#" not in r["uri"] and time.monotonic() < deadline:
+            data = read_uri(r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1)
+        images[r["image_id"]] = data if isinstance(data, bytes) else None
+    return images

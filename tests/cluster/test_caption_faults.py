@@ -44,6 +44,7 @@ class Faulty(http.server.ThreadingHTTPServer):
         self.hits: dict = {}
         self.kills = 0
         self.poison = True
+        self.stop = threading.Event()  # ends a /hang.jpg answer, so closing the server is quick
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -63,7 +64,7 @@ class Faulty(http.server.ThreadingHTTPServer):
                         server.kills += 1
                     return
                 if self.path == "/hang.jpg":
-                    threading.Event().wait(60)
+                    server.stop.wait(60)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(jpeg)))
@@ -83,6 +84,7 @@ def faulty(shapes_dir):
     rec = Flickr8kReader(shapes_dir, "test").records()[0]
     s = Faulty(open(rec.uri, "rb").read())
     yield s
+    s.stop.set()
     s.shutdown()
     s.server_close()
 
@@ -144,6 +146,10 @@ def test_a_shard_that_hangs_times_out(local_ray, tiny_bundle, faulty, tmp_path):
     assert all(rows[f"r{i}"]["status"] == "ok" for i in range(4))
     for i in range(4, 8):
         assert rows[f"r{i}"]["error"].startswith("timeout: fetch and decode ran over 4.0 s")
+    # the gallery shows the captioned images and does not ask the hanging host again
+    page = (tmp_path / "o" / "gallery.html").read_text()
+    assert page.count('<img src="data:image/jpeg') == 4
+    assert faulty.hits["/hang.jpg"] == 1
 
 
 def test_retry_errors_repairs_only_the_failed_rows(local_ray, tiny_bundle, shapes_dir, tmp_path):
