@@ -40,6 +40,7 @@ from capfleet.model.bulk.reader import (
     Shard,
     first_images,
     list_inputs,
+    recut,
     with_references,
 )
 from capfleet.model.bulk.report import gallery_sample, write_reports
@@ -201,16 +202,16 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
     several CPUs busy (1,000 test images in one shard had one actor caption them all while
     the others idled). Cut from the input's size alone: a rerun cuts the same shards."""
 
-    def cut(size: int) -> Listing:
-        listing = list_inputs(cfg.input, cfg.split, size, cfg.image_column)
+    def limited(listing: Listing) -> Listing:
         return first_images(listing, cfg.limit) if cfg.limit else listing
 
-    listing = cut(cfg.shard_size)
+    whole = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column)
+    listing = limited(whole)
     if not listing.images:
         raise CapfleetError(f"{cfg.input}: no images to caption")
     small = max(MIN_SHARD, math.ceil(listing.images / SMALL_INPUT_SHARDS))
-    if small < cfg.shard_size:
-        listing = cut(small)
+    if small < cfg.shard_size:  # cut again from what was listed, not listed again
+        listing = limited(recut(whole, small))
     if cfg.references:
         refs = open_reader(cfg.references, cfg.split or None).records()
         by_id = {r.image_id: r.captions for r in refs}

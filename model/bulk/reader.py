@@ -112,6 +112,68 @@ def list_inputs(
     return Listing(shard_records(records, shard_size), type(reader).__name__)
 
 
+def recut(listing: Listing, shard_size: int) -> Listing:
+    """The listing cut as list_inputs would cut it at `shard_size`, without listing again (an
+    object store's listing, a Parquet file's ids read twice): files re-chunked in order, each
+    Parquet row group's rows cut again from its start, one tar still one shard."""
+    shards: list[Shard] = []
+
+    def add(s: Shard, start: int, stop: int, where: dict) -> None:
+        take = lambda xs: xs[start:stop]  # noqa: E731
+        shards.append(
+            replace(
+                s,
+                shard=len(shards),
+                image_id=take(s.image_id),
+                uri=take(s.uri),
+                error=take(s.error),
+                references=take(s.references),
+                where=where,
+                rows=None,
+            )
+        )
+
+    runs: list[Shard] = []  # consecutive shards that a fresh listing would cut as one run
+
+    def flush() -> None:
+        if not runs:
+            return
+        first = runs[0]
+        whole = replace(
+            first,
+            image_id=[i for s in runs for i in s.image_id],
+            uri=[u for s in runs for u in s.uri],
+            error=[e for s in runs for e in s.error],
+            references=[r for s in runs for r in s.references],
+        )
+        for start in range(0, len(whole), shard_size):
+            where = dict(first.where)
+            if first.source == "parquet":
+                stop = min(start + shard_size, len(whole))
+                where.update(offset=first.where["offset"] + start, length=stop - start)
+            add(whole, start, start + shard_size, where)
+        runs.clear()
+
+    for s in listing.shards:
+        if s.source == "tar":
+            flush()
+            add(s, 0, len(s), s.where)
+            continue
+        same = lambda a, b: (
+            a.source == b.source
+            and (  # noqa: E731
+                a.source != "parquet"
+                or (a.where["path"], a.where["row_group"])
+                == (b.where["path"], b.where["row_group"])
+            )
+        )
+        if runs and not same(runs[0], s):
+            flush()
+        runs.append(s)
+    flush()
+    return Listing(shards, listing.kind)
+
+
 def first_images(listing: Listing, limit: int) -> Listing:
     """The listing cut to its first `limit` images (whole shards, then part of the last one):
     a trial run on a sample of a large input, cut the same way every time."""

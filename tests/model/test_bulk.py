@@ -17,7 +17,7 @@ from PIL import Image
 
 from capfleet.model.bulk.decode import decode_batch
 from capfleet.model.bulk.fetch import read_http, read_uri, sample_key
-from capfleet.model.bulk.reader import expand_braces, first_images, list_inputs
+from capfleet.model.bulk.reader import expand_braces, first_images, list_inputs, recut
 from capfleet.model.bulk.stats import BleuStats
 from capfleet.model.bulk.watchdog import OutOfTries, clear_note, end_try, start_try
 from capfleet.model.data import Flickr8kReader, ManifestReader
@@ -92,6 +92,7 @@ def test_webdataset_shards_one_row_per_sample_read_as_a_stream(shards_dir):
     assert braced.identity() == listing.identity()
     uri = list_inputs(f"file://{shards_dir}/shard-*.tar")
     assert [s.image_id for s in uri.shards] == [s.image_id for s in listing.shards]
+    assert recut(listing, 1) == listing  # a tar is one shard, at any shard size
 
 
 def test_parquet_with_image_bytes_by_row_group(tmp_path):
@@ -119,6 +120,10 @@ def test_parquet_with_image_bytes_by_row_group(tmp_path):
     assert [len(s) for s in first.shards] == [2, 1, 1] and first.images == 4
     assert json.loads(first.shards[-1].item()["where"])["length"] == 1
     assert list(decoded(first.shards[-1])["error"][0]) == [""]
+    # cut again without listing again: the same shards as a fresh listing at that size
+    for size in (1, 2, 4):
+        again = list_inputs(str(tmp_path / "hf.parquet"), shard_size=size)
+        assert recut(list_inputs(str(tmp_path / "hf.parquet"), shard_size=4), size) == again
 
     # plain binary columns: one is found by itself; two need --image-column
     pq.write_table(
@@ -142,6 +147,8 @@ def test_csv_manifest_keeps_ids_as_written_and_a_bad_row_is_its_own_error(tmp_pa
     listing = list_inputs(str(tmp_path / "m.csv"))
     errors = list(decoded(listing.shards[0])["error"][0])
     assert errors[:3] == ["", "", ""] and errors[3].startswith("bad_path")
+    for size in (1, 3):  # cut again without listing again, as a fresh listing cuts
+        assert recut(listing, size) == list_inputs(str(tmp_path / "m.csv"), shard_size=size)
 
 
 def test_a_flickr8k_image_that_is_missing_is_listed_with_its_reason(tmp_path):
