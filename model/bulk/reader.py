@@ -154,19 +154,17 @@ def recut(listing: Listing, shard_size: int) -> Listing:
             add(whole, start, start + shard_size, where)
         runs.clear()
 
+    def same(a, b) -> bool:  # shards of one run: one source, one Parquet row group
+        return a.source == b.source and (
+            a.source != "parquet"
+            or (a.where["path"], a.where["row_group"]) == (b.where["path"], b.where["row_group"])
+        )
+
     for s in listing.shards:
         if s.source == "tar":
             flush()
             add(s, 0, len(s), s.where)
             continue
-        same = lambda a, b: (
-            a.source == b.source
-            and (  # noqa: E731
-                a.source != "parquet"
-                or (a.where["path"], a.where["row_group"])
-                == (b.where["path"], b.where["row_group"])
-            )
-        )
         if runs and not same(runs[0], s):
             flush()
         runs.append(s)
