@@ -4,6 +4,7 @@ the fp32 flatbuffer the feature job runs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from capfleet.compression.convert import QUANTIZER, encoder_to_tflite, step_to_tflite
@@ -60,7 +61,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None =
     enc_bytes = encoder_to_tflite(cap.encoder_model(backbone))
     step_bytes = step_to_tflite(cap.step_model(), cap.config.units)
     info = bundle_info(name or Path(out_dir).name, cap.config, model_dir, manifest)
-    return write_bundle(out_dir, enc_bytes, step_bytes, vocab, info)
+    return write_bundle(out_dir, enc_bytes, step_bytes, vocab, info, os.cpu_count() or 1)
 
 
 def export_backbone(encoder: str, weights: str | None, seed: int, path: str | Path) -> Path:

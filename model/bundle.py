@@ -10,9 +10,10 @@ Nothing here imports TensorFlow: a captioning process loads 60 MB of LiteRT, not
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,11 +47,37 @@ class BundleError(CapfleetError):
 REQUIRED_FILES = (ENCODER_FILE, DECODER_FILE, VOCAB_FILE)
 
 
-def file_record(data: bytes) -> dict:
-    """Raw size, gzip size (level 6, in memory) and sha256 of one file's bytes."""
+GZIP_PIECE = 8 * 2**20  # bytes deflated apart when a file's gzip size is measured on threads
+GZIP_WINDOW = 32 * 2**10  # deflate's window: each piece is primed with the bytes before it
+
+
+def deflate_piece(data: bytes, start: int) -> bytes:
+    """Raw deflate (level 6) of the GZIP_PIECE bytes of `data` from `start`, primed with the
+    window before it, ended with a sync flush (the last piece: a final block): the pieces in
+    order are one deflate stream of `data`, as pigz writes it."""
+    end, view = min(start + GZIP_PIECE, len(data)), memoryview(data)
+    window = view[max(0, start - GZIP_WINDOW) : start]
+    z = zlib.compressobj(6, zlib.DEFLATED, -15, **({"zdict": window} if window else {}))
+    last = zlib.Z_FINISH if end == len(data) else zlib.Z_SYNC_FLUSH
+    return z.compress(view[start:end]) + z.flush(last)
+
+
+def gzip_bytes(data: bytes, threads: int = 1) -> int:
+    """The size of `data` as a gzip file at level 6, its pieces deflated on `threads` threads
+    (zlib frees the GIL; a VGG16 bundle's 560 MB took 18 s on one core): a gzip header, the
+    pieces of `deflate_piece`, a CRC-32 and size trailer. A few bytes a piece larger than
+    deflating it as one piece."""
+    starts = range(0, max(len(data), 1), GZIP_PIECE)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        body = sum(pool.map(lambda start: len(deflate_piece(data, start)), starts))
+    return 10 + body + 8
+
+
+def file_record(data: bytes, threads: int = 1) -> dict:
+    """Raw size, gzip size (level 6, in memory, `gzip_bytes`) and sha256 of one file's bytes."""
     return {
         "bytes": len(data),
-        "gzip_bytes": len(gzip.compress(data, compresslevel=6, mtime=0)),
+        "gzip_bytes": gzip_bytes(data, threads),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
 
@@ -61,14 +88,16 @@ def write_bundle(
     decoder_tflite: bytes,
     vocab: Vocabulary,
     info: dict,
+    threads: int = 1,
 ) -> dict:
-    """Write a bundle; `info` (config, encoder, recipe, source...) goes into the manifest."""
+    """Write a bundle; `info` (config, encoder, recipe, source...) goes into the manifest.
+    Its files' gzip sizes are measured on `threads` threads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / ENCODER_FILE, encoder_tflite)
     write_bytes_atomic(out / DECODER_FILE, decoder_tflite)
     vocab.save(out / VOCAB_FILE)
-    files = {n: file_record((out / n).read_bytes()) for n in REQUIRED_FILES}
+    files = {n: file_record((out / n).read_bytes(), threads) for n in REQUIRED_FILES}
     manifest = {
         "format": BUNDLE_FORMAT,
         **info,

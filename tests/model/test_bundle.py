@@ -1,10 +1,14 @@
+import gzip
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 
+from capfleet.model import bundle
 from capfleet.model.bundle import BundleError, BundleRunner, read_manifest
 from capfleet.model.data import Flickr8kReader
 from capfleet.model.evaluation import keras_caption_ids
@@ -38,6 +42,23 @@ def test_bundle_manifest_sizes_and_hashes(tiny_bundle):
     assert m["size_mb"] == pytest.approx(
         sum(f["bytes"] for f in m["files"].values()) / 1e6, abs=1e-3
     )
+
+
+def test_gzip_size_on_threads_is_the_size_of_a_valid_gzip_of_the_file(monkeypatch):
+    monkeypatch.setattr(bundle, "GZIP_PIECE", 100_000)  # many pieces in a small file
+    rng = np.random.default_rng(0)
+    # weights-like bytes: float32 noise with runs of zeros, as a pruned model has
+    data = (rng.standard_normal(250_000).astype(np.float32) * (rng.random(250_000) > 0.5)).tobytes()
+    pieces = [bundle.deflate_piece(data, s) for s in range(0, len(data), 100_000)]
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+    whole = header + b"".join(pieces) + trailer
+    assert len(pieces) == 10 and gzip.decompress(whole) == data
+    for threads in (1, 3):
+        assert bundle.gzip_bytes(data, threads) == len(whole)
+    one_stream = len(gzip.compress(data, compresslevel=6, mtime=0))
+    assert one_stream <= len(whole) <= one_stream * 1.001  # priming keeps the pieces' matches
+    assert bundle.gzip_bytes(b"") == len(gzip.compress(b"", compresslevel=6, mtime=0))
 
 
 def test_litert_bundle_captions_equal_keras(tiny_model, tiny_bundle, shapes_dir):
