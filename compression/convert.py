@@ -27,7 +27,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,23 @@ def encoder_to_tflite(
     """Encoder graph (images -> img_proj) -> TFLite with signature input {image} and output
     {`output`} (a bare backbone's is "features"). `apart`: convert in a process of its own
     (None: when the graph has more than APART_BYTES of weights)."""
+    with encoder_conversion(encoder, mode, representative, output, apart) as flatbuffer:
+        return flatbuffer()
+
+
+@contextmanager
+def encoder_conversion(
+    encoder,
+    mode: str = "fp32",
+    representative: Representative | None = None,
+    output: str = "img_proj",
+    apart: bool | None = None,
+) -> Iterator[Callable[[], bytes]]:
+    """`encoder_to_tflite` begun, for the caller to work on while it runs: yields a function
+    that waits for the flatbuffer. A graph converted apart goes on in its own process (the
+    converter runs on one thread, so a caller holding more CPUs has them free meanwhile); one
+    converted in this process is done before the yield. Leaving the block ends a conversion
+    still running and removes its folder."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *encoder.input_shape[1:]], tf.float32, name="image")
@@ -59,7 +77,8 @@ def encoder_to_tflite(
     def serve(image):
         return {output: encoder(image, training=False)}
 
-    return _convert(serve, encoder, mode, representative, apart)
+    with _conversion(serve, encoder, mode, representative, apart) as flatbuffer:
+        yield flatbuffer
 
 
 def step_to_tflite(
@@ -91,6 +110,14 @@ def step_function(step, units: int):
 def _convert(
     fn, keras_model, mode: str, representative: Representative | None, apart: bool | None = None
 ) -> bytes:
+    with _conversion(fn, keras_model, mode, representative, apart) as flatbuffer:
+        return flatbuffer()
+
+
+@contextmanager
+def _conversion(
+    fn, keras_model, mode: str, representative: Representative | None, apart: bool | None
+) -> Iterator[Callable[[], bytes]]:
     import tensorflow as tf
 
     if mode not in MODES:
@@ -101,11 +128,14 @@ def _convert(
         weights = sum(int(np.prod(w.shape)) * w.dtype.size for w in keras_model.weights)
         apart = weights > APART_BYTES
     if apart:
-        return _convert_apart(fn, keras_model, mode, representative)
+        with _apart(fn, keras_model, mode, representative) as flatbuffer:
+            yield flatbuffer
+        return
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [fn.get_concrete_function()], keras_model
     )
-    return _run(converter, keras_model.name, mode, representative)
+    flat = _run(converter, keras_model.name, mode, representative)
+    yield lambda: flat
 
 
 def _run(converter, name: str, mode: str, representative: Representative | None) -> bytes:
@@ -124,9 +154,12 @@ def _run(converter, name: str, mode: str, representative: Representative | None)
         raise CapfleetError(f"{name}: TFLite conversion ({mode}) failed: {e}") from e
 
 
-def _convert_apart(fn, keras_model, mode: str, representative: Representative | None) -> bytes:
-    """`_convert` in a child process: the graph saved as a SavedModel (its signature `fn`), the
-    representative samples as one .npy per input (samples stacked), the flatbuffer read back."""
+@contextmanager
+def _apart(fn, keras_model, mode: str, representative: Representative | None):
+    """`_conversion` in a child process: the graph saved as a SavedModel (its signature `fn`),
+    the representative samples as one .npy per input (samples stacked), the flatbuffer read
+    back by the function yielded. The child's messages go to a file, not a pipe: a pipe
+    nobody reads while the caller works on would stall the child once full."""
     import tensorflow as tf
 
     name = keras_model.name
@@ -140,24 +173,35 @@ def _convert_apart(fn, keras_model, mode: str, representative: Representative | 
         samples = list(representative()) if representative is not None else []
         for key in samples[0] if samples else ():
             np.save(work / f"sample-{key}.npy", np.stack([s[key] for s in samples]))
-        proc = subprocess.run(
-            [
-                *(sys.executable, "-m", "capfleet.compression.convert"),
-                *(str(work), mode, name, str(os.getpid())),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        error, rc = work / "error.txt", proc.returncode
-        if rc != 0:
-            if error.exists():
-                raise CapfleetError(error.read_text())
-            how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-            raise CapfleetError(
-                f"{name}: TFLite conversion ({mode}) failed: its process ended ({how}): "
-                f"{proc.stderr[-2000:].strip()}"
+        del samples
+        with open(work / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "capfleet.compression.convert"),
+                    *(str(work), mode, name, str(os.getpid())),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
-        return (work / "model.tflite").read_bytes()
+
+        def flatbuffer() -> bytes:
+            error, rc = work / "error.txt", proc.wait()
+            if rc != 0:
+                if error.exists():
+                    raise CapfleetError(error.read_text())
+                how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+                said = (work / "stderr.txt").read_text(errors="replace")[-2000:].strip()
+                raise CapfleetError(
+                    f"{name}: TFLite conversion ({mode}) failed: its process ended ({how}): {said}"
+                )
+            return (work / "model.tflite").read_bytes()
+
+        try:
+            yield flatbuffer
+        finally:
+            if proc.poll() is None:  # the caller failed or left early: end the conversion
+                proc.kill()
+                proc.wait()
 
 
 def _die_with(parent: int) -> None:
@@ -172,7 +216,7 @@ def _die_with(parent: int) -> None:
 
 
 def _child(work: Path, mode: str, name: str) -> int:
-    """The child process of `_convert_apart`: SavedModel in `work` -> work/model.tflite."""
+    """The child process of `_apart`: SavedModel in `work` -> work/model.tflite."""
     import tensorflow as tf
 
     samples = {p.stem.removeprefix("sample-"): np.load(p) for p in work.glob("sample-*.npy")}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from capfleet.compression.config import TrialSettings
-from capfleet.compression.convert import encoder_to_tflite, step_to_tflite
+from capfleet.compression.convert import encoder_conversion, step_to_tflite
 from capfleet.compression.export import bundle_info
 from capfleet.compression.gallery import write_trial_captions
 from capfleet.compression.recipes import TrialRecipe, check_for_model, parse_trial
@@ -26,7 +26,7 @@ from capfleet.compression.shrink import shrink_captioner
 from capfleet.compression.tune import prune_finetune, prune_one_shot, qat_finetune, sparsity_of
 from capfleet.model.bundle import DECODER_FILE, ENCODER_FILE, MB, BundleRunner, write_bundle
 from capfleet.model.captioner import Captioner
-from capfleet.model.decoding import greedy_decode
+from capfleet.model.decoding import decode, greedy_decode
 from capfleet.model.encoders import encoder_info
 from capfleet.model.evaluation import KerasStep, score_captions_per_image
 from capfleet.model.features import load_split, predict_batches
@@ -43,15 +43,37 @@ def calibration_samples(cap, backbone, data: str, images: int, log=print, worker
     """The int8 representative samples (see `_calibration`) from the first `images` images of
     the training split of `data` (decoded on `workers` threads): (encoder samples, decoder
     samples)."""
+    x = calibration_images(cap, data, images, log, workers)
+    return encoder_samples(x), decoder_samples(cap, backbone, x)
+
+
+def calibration_images(cap, data: str, images: int, log=print, workers: int = 1) -> np.ndarray:
+    """The first `images` images of the training split of `data`, preprocessed for the
+    captioner's encoder (decoded on `workers` threads)."""
     info = encoder_info(cap.config.encoder)
     calib, _ = load_split(data, "train", info.input_size, images, log, workers)
-    return _calibration(cap, backbone, calib, info.preprocess)
+    return preprocess(calib, info.preprocess)
 
 
 def _calibration(cap, backbone, images: np.ndarray, style: str):
-    """Representative samples for int8: preprocessed images for the encoder; for the decoder,
-    the (token, h, c, img_proj) each step really sees while greedily captioning those images."""
+    """Representative samples for int8 of these images: (encoder samples, decoder samples)."""
     x = preprocess(images, style)
+    return encoder_samples(x), decoder_samples(cap, backbone, x)
+
+
+def encoder_samples(x: np.ndarray):
+    """The encoder's int8 representative samples: these preprocessed images, one a sample."""
+
+    def samples():
+        for i in range(len(x)):
+            yield {"image": x[i : i + 1]}
+
+    return samples
+
+
+def decoder_samples(cap, backbone, x: np.ndarray):
+    """The decoder's int8 representative samples: the (token, h, c, img_proj) each step really
+    sees while greedily captioning these preprocessed images (2,000 of them at most)."""
     enc = cap.encoder_model(backbone)
     # a few images at a time: VGG16's first activations are 13 MB an image, and memory freed
     # after one big batch stays with the process (64 at once took a VGG16 trial to 9.3 GB)
@@ -72,14 +94,10 @@ def _calibration(cap, backbone, images: np.ndarray, style: str):
     rng = np.random.default_rng(0)
     picked = [rows[i] for i in rng.permutation(len(rows))[:2000]]
 
-    def encoder_samples():
-        for i in range(len(x)):
-            yield {"image": x[i : i + 1]}
-
-    def decoder_samples():
+    def samples():
         yield from picked
 
-    return encoder_samples, decoder_samples
+    return samples
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -93,18 +111,25 @@ def _best_ms(fn, repeats: int) -> float:
 
 def measure_latency(runner: BundleRunner, x: np.ndarray, batch: int, repeats: int) -> dict:
     """Encoder, decoder and end-to-end ms per image on one batch of preprocessed images (the
-    batch is filled by repeating images when the test split is smaller)."""
+    batch is filled by repeating images when the test split is smaller): after a warm-up, the
+    best of `repeats` runs each, a run captioning the batch as `BundleRunner.caption_ids` does
+    with its two parts timed apart. (Timing the encoder in runs of its own as well ran a
+    VGG16 encoder twice as often, each pass seconds on the one thread timed.)"""
     reps = -(-batch // len(x))
     xb = np.concatenate([x] * reps)[:batch]
     runner.caption_ids(xb)  # warm up: interpreters built, caches filled
-    proj = runner.encode(xb)
-    enc = _best_ms(lambda: runner.encode(xb), repeats)
-    dec = _best_ms(lambda: greedy_decode(runner.step, proj, runner.max_len), repeats)
-    e2e = _best_ms(lambda: runner.caption_ids(xb), repeats)
+    enc = dec = e2e = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proj = runner.encode(xb)
+        t1 = time.perf_counter()
+        decode(runner.step, proj, runner.max_len, runner.beam_width)
+        t2 = time.perf_counter()
+        enc, dec, e2e = min(enc, t1 - t0), min(dec, t2 - t1), min(e2e, t2 - t0)
     return {
-        "encoder_ms": enc / batch,
-        "decoder_ms": dec / batch,
-        "e2e_ms": e2e / batch,
+        "encoder_ms": enc * 1000.0 / batch,
+        "decoder_ms": dec * 1000.0 / batch,
+        "e2e_ms": e2e * 1000.0 / batch,
     }
 
 
@@ -139,7 +164,7 @@ def run_trial(
         "settings": asdict(settings),
     }
     info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
-    bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_)
+    bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_, settings.threads)
     scores = score_bundle(out, data, settings, log, captions_out)
     return {
         **_record(Path(model_dir).name, recipe, out, bundle, sparsity, settings, scores),
@@ -214,20 +239,23 @@ def _shrink(cap: Captioner, encoder_share, decoder_share, data: FinetuneData, se
 def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, log):
     """The tuned captioner's encoder and step graphs -> TFLite in the recipe's modes, int8
     calibrated on the training split of `data`. Returns (encoder bytes, step bytes, the share of
-    zero weights of each part)."""
+    zero weights of each part). A large encoder converts in a process of its own, on one
+    thread: the decoder's calibration and conversion run here meanwhile."""
     enc, dec = recipe.encoder, recipe.decoder
     encoder_model = cap.encoder_model(backbone)
     step_model = cap.step_model()
     sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
-    enc_samples = dec_samples = None
+    int8 = ("int8", "qat-int8")
     t0 = time.perf_counter()
-    if {"int8", "qat-int8"} & {enc.quant, dec.quant}:
-        enc_samples, dec_samples = calibration_samples(
-            cap, backbone, data, settings.calibration_images, log, settings.threads
-        )
+    x = None
+    if enc.quant in int8 or dec.quant in int8:
+        x = calibration_images(cap, data, settings.calibration_images, log, settings.threads)
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
-    enc_bytes = encoder_to_tflite(encoder_model, enc.quant, enc_samples)
-    step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
+    enc_samples = encoder_samples(x) if enc.quant in int8 else None
+    with encoder_conversion(encoder_model, enc.quant, enc_samples) as encoder_flatbuffer:
+        dec_samples = decoder_samples(cap, backbone, x) if dec.quant in int8 else None
+        step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
+        enc_bytes = encoder_flatbuffer()
     log(f"{recipe.name}: calibrated and converted in {time.perf_counter() - t0:.1f} s")
     return enc_bytes, step_bytes, sparsity
 

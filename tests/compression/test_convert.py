@@ -1,5 +1,7 @@
 """A large graph is converted in a process of its own: same flatbuffer behaviour, clear errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,13 +38,37 @@ def test_a_graph_converted_apart_runs_as_one_converted_in_process(encoder, mode,
     here = convert.encoder_to_tflite(encoder, mode, samples)
     monkeypatch.setattr(convert, "APART_BYTES", 0)  # every graph apart
     calls = []
-    real = convert._convert_apart
-    monkeypatch.setattr(convert, "_convert_apart", lambda *a: calls.append(a[2]) or real(*a))
+    real = convert._apart
+    monkeypatch.setattr(convert, "_apart", lambda *a: calls.append(a[2]) or real(*a))
     apart = convert.encoder_to_tflite(encoder, mode, samples)
     assert calls == [mode]
     np.testing.assert_array_equal(_run(apart, x), _run(here, x))
     if mode == "fp32":
         np.testing.assert_allclose(_run(apart, x), encoder.predict_on_batch(x), atol=1e-5)
+
+
+def test_a_conversion_apart_goes_on_while_the_caller_works_and_ends_when_it_fails(
+    encoder, monkeypatch
+):
+    import subprocess
+
+    monkeypatch.setattr(convert, "APART_BYTES", 0)
+    children, real = [], subprocess.Popen
+    monkeypatch.setattr(
+        convert.subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1]
+    )
+    x = np.random.default_rng(2).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    with convert.encoder_conversion(encoder, "fp32") as flatbuffer:
+        assert children[0].poll() is None  # converting (TensorFlow alone takes seconds to start)
+        out = _run(flatbuffer(), x)
+    np.testing.assert_allclose(out, encoder.predict_on_batch(x), atol=1e-5)
+
+    with pytest.raises(RuntimeError, match="the caller's own work failed"):
+        with convert.encoder_conversion(encoder, "fp32"):
+            raise RuntimeError("the caller's own work failed")
+    child = children[1]
+    assert child.poll() is not None  # ended, not left converting for nobody
+    assert not Path(child.args[3]).exists()  # its folder removed
 
 
 def test_a_failed_conversion_apart_names_the_graph_and_the_cause(encoder, monkeypatch):

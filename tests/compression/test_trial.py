@@ -70,6 +70,38 @@ def test_int8_is_smaller_and_integer(tiny_model, tiny_bundle, tmp_path):
     assert read_manifest(tmp_path / "b")["quantizer"] == "tflite-converter"
 
 
+def test_an_int8_trial_converting_its_encoder_apart_builds_the_same_bundle(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The decoder is calibrated and converted while the encoder converts in its own process:
+    the bundle is the one a trial converting both in turn builds."""
+    from capfleet.compression import convert
+
+    here = run_trial(tiny_model, "int8", tmp_path / "here", QUICK, lambda _: None, tmp_path / "h")
+    monkeypatch.setattr(convert, "APART_BYTES", 0)  # the tiny encoder too
+    apart = run_trial(tiny_model, "int8", tmp_path / "apart", QUICK, lambda _: None, tmp_path / "a")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from capfleet.model.bundle import read_manifest
+
+    files = [read_manifest(tmp_path / b)["files"] for b in ("here", "apart")]
+    assert files[0]["decoder_step.tflite"]["bytes"] == files[1]["decoder_step.tflite"]["bytes"]
+    # the same tensors with the same calibrated ranges (the files differ in a byte of metadata)
+    details = [
+        [
+            (t["name"], t["dtype"], t["quantization"])
+            for t in Interpreter(str(tmp_path / b / "decoder_step.tflite")).get_tensor_details()
+        ]
+        for b in ("here", "apart")
+    ]
+    assert details[0] == details[1]
+    assert "int8" in _dtypes(tmp_path / "apart" / "encoder.tflite")
+    assert pq.read_table(tmp_path / "h").column("caption").to_pylist() == (
+        pq.read_table(tmp_path / "a").column("caption").to_pylist()
+    )
+    assert (here["bleu4"], here["cider_d"]) == (apart["bleu4"], apart["cider_d"])
+
+
 def test_a_shrunk_decoder_is_tuned_for_shrink_epochs(tiny_model, tmp_path, capfd):
     settings = dataclasses.replace(QUICK, finetune_epochs=1, shrink_epochs=2)
     rec = run_trial(tiny_model, "fp32:shrink-50", tmp_path / "b", settings, log=lambda _: None)
