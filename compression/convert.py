@@ -68,7 +68,7 @@ def encoder_conversion(
     that waits for the flatbuffer. A graph converted apart goes on in its own process (the
     converter runs on one thread, so a caller holding more CPUs has them free meanwhile); one
     converted in this process is done before the yield. Leaving the block ends a conversion
-    still running and removes its folder."""
+    still running and removes its folder: call the function inside the block."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *encoder.input_shape[1:]], tf.float32, name="image")
