@@ -90,8 +90,8 @@ def ray_head(tmp_path, monkeypatch):
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(30)
+        try:  # `ray start --block` outlived 30 s of SIGTERM in each run seen: then kill the group
+            head.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
