@@ -39,15 +39,15 @@ _API = {
     "plan": "capfleet.jobs.api",
     "PlanResult": "capfleet.jobs.api",
     "Goal": "capfleet.compression.goal",
-    "CaptionConfig": "capfleet.cluster.caption_config",
-    "CompressConfig": "capfleet.compression.config",
-    "TrialSettings": "capfleet.compression.config",
+    "CaptionConfig": "capfleet.jobs.caption.caption_config",
+    "CompressConfig": "capfleet.compression.settings",
+    "TrialSettings": "capfleet.compression.settings",
     "TrainConfig": "capfleet.model.train_config",
     "TrainGrid": "capfleet.model.train_config",
     "PipelineConfig": "capfleet.jobs.pipeline",
-    "CaptionTransform": "capfleet.model.bulk.transform",
-    "CapfleetError": "capfleet.model.errors",
-    "DataError": "capfleet.model.errors",
+    "CaptionTransform": "capfleet.jobs.caption.transform",
+    "CapfleetError": "capfleet.core.errors",
+    "DataError": "capfleet.core.errors",
 }
 __all__ = sorted(_API)
 

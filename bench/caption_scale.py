@@ -93,7 +93,7 @@ def write_manifest(path: Path, photos: list[Path], rows: int) -> Path:
 
 def _limit_worker(bundle: str, paths: list[str], queue) -> None:
     """One core: fetch, decode and caption full batches, one after another."""
-    from capfleet.model.bulk.fetch import read_uri
+    from capfleet.jobs.caption.fetch import read_uri
     from capfleet.model.bundle import BundleRunner
     from capfleet.model.images import decode_image
 

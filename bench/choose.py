@@ -17,11 +17,11 @@ MAX_DELTA = 0.01
 
 
 def run() -> None:
-    from capfleet.cluster.search import run_goal_search
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.compression.config import CompressConfig
     from capfleet.compression.goal import Goal, misses
-    from capfleet.compression.report import read_trials
+    from capfleet.compression.records import read_trials
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.jobs.compress.search import run_goal_search
+    from capfleet.jobs.compress.trials import run_compress_job
 
     goal = Goal(max_delta_bleu4=MAX_DELTA, minimize="latency")
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from capfleet.model.artifacts import cpu_info
+from capfleet.core.artifacts import cpu_info
 from capfleet.model.bundle import package_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,9 +33,10 @@ SEEDS = (1, 2)
 
 
 def run() -> None:
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.compression.config import CompressConfig, TrialSettings
-    from capfleet.compression.report import read_trials
+    from capfleet.compression.records import read_trials
+    from capfleet.compression.settings import TrialSettings
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.jobs.compress.trials import run_compress_job
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

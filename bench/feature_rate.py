@@ -7,7 +7,7 @@ runs): (a) one process alone, the other cores idle, times the cores; (b) one pro
 at once, summed: what the cores deliver together when all of them encode (they share the
 memory bus and the last-level cache; on a VM two vCPUs may share a physical core). Each is
 measured twice, alternating, and averaged; the faster engine alone sets the target. Then the
-feature job (`capfleet.cluster.features.compute_features`: a Ray Data job over every CPU) on
+feature job (`capfleet.jobs.train.feature_job.compute_features`: a Ray Data job over every CPU) on
 the train, dev and test splits of a rehearsal set of CAPFLEET_BENCH_FEATURE_IMAGES photos
 (default 3,000), from nothing: the backbone's conversion (once per backbone; a rerun or
 another variant finds it cached) and start-up included. Its rate, with and without the
@@ -46,7 +46,8 @@ class KerasEncoder:
 
     def features(self, uris: list[str]):
         """As FeatureWorker.features: (features, positions that decoded, the others' reasons)."""
-        from capfleet.model.features import FEATURE_BATCH, decode_files, predict_batches
+        from capfleet.jobs.train.feature_job import FEATURE_BATCH
+        from capfleet.model.features import decode_files, predict_batches
 
         images, kept, bad = decode_files(uris, self.info.input_size)
         x = np.stack(images)
@@ -55,7 +56,7 @@ class KerasEncoder:
 
 def engine(name: str, encoder: str, seed: int, model_file: str):
     """The standalone encoder: "keras", or "litert" (the feature job's FeatureWorker)."""
-    from capfleet.model.features import FeatureWorker
+    from capfleet.jobs.train.feature_job import FeatureWorker
 
     if name == "keras":
         return KerasEncoder(encoder, seed)
@@ -106,9 +107,9 @@ def encoder_rates(how: tuple, uris: list[str], repeats: int = 2) -> dict:
 
 def run() -> None:
     from capfleet.cluster.connect import ray_session
-    from capfleet.cluster.features import compute_features
     from capfleet.compression.export import export_backbone
     from capfleet.jobs.specs import build_pipeline, read_spec
+    from capfleet.jobs.train.feature_job import compute_features
     from capfleet.model import rehearsal
     from capfleet.model.data import SPLITS, read_split
 

@@ -154,15 +154,15 @@ def _du(path: Path) -> int:
 
 
 def run() -> None:
-    from capfleet.cluster.caption_config import CaptionConfig
-    from capfleet.cluster.caption_pipeline import run_caption_job
     from capfleet.cluster.connect import ray_session
-    from capfleet.cluster.features import compute_features
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.cluster.variants import run_train_job
-    from capfleet.compression.config import slug
     from capfleet.compression.recipes import parse_trial
+    from capfleet.compression.settings import slug
+    from capfleet.jobs.caption.caption_config import CaptionConfig
+    from capfleet.jobs.caption.job import run_caption_job
+    from capfleet.jobs.compress.trials import run_compress_job
     from capfleet.jobs.specs import build_pipeline, read_spec
+    from capfleet.jobs.train.feature_job import compute_features
+    from capfleet.jobs.train.variants import run_train_job
     from capfleet.model import rehearsal
     from capfleet.model.data import SPLITS, read_split
     from capfleet.model.train_config import TrainGrid

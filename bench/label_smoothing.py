@@ -31,9 +31,10 @@ def logits_range(model_dir: Path, calibration_images: int) -> dict:
 
 
 def run() -> None:
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.compression.config import CompressConfig, TrialSettings
-    from capfleet.compression.report import read_trials
+    from capfleet.compression.records import read_trials
+    from capfleet.compression.settings import TrialSettings
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.jobs.compress.trials import run_compress_job
     from capfleet.jobs.specs import load_spec
     from capfleet.model.training import train
 

@@ -17,9 +17,10 @@ TUNINGS = ((3, 5e-4), (8, 5e-4), (8, 2e-3))  # (shrink_epochs, shrink_learning_r
 
 
 def run() -> None:
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.compression.config import CompressConfig, TrialSettings
-    from capfleet.compression.report import read_trials
+    from capfleet.compression.records import read_trials
+    from capfleet.compression.settings import TrialSettings
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.jobs.compress.trials import run_compress_job
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import capfleet
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 # Ray maps loopback to the machine's interface address unless this is set; an embedded,
 # single-machine instance has no reason to listen beyond loopback (docs/stack.md).

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import capfleet
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 PACKAGE_ROOT = Path(capfleet.__file__).resolve().parent  # the repository root when editable
 PACKAGE_FILES = ("__init__.py", "__main__.py")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 MODES = ("fp32", "dynamic", "float16", "int8", "qat-int8")
 QUANTIZER = "tflite-converter"

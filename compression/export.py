@@ -9,7 +9,7 @@ from pathlib import Path
 
 from capfleet.compression.convert import QUANTIZER, encoder_to_tflite, step_to_tflite
 from capfleet.compression.recipes import TrialRecipe, parse_trial
-from capfleet.model.artifacts import write_bytes_atomic
+from capfleet.core.artifacts import write_bytes_atomic
 from capfleet.model.bundle import write_bundle
 from capfleet.model.captioner import CaptionerConfig
 from capfleet.model.encoders import build_encoder, encoder_section

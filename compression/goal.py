@@ -15,7 +15,7 @@ waves and looks at each wave's records before choosing the next:
 
 It stops when no next wave can improve the objective (or `max_trials` is reached). The choice
 is the candidate meeting every bound with the lowest objective. This module decides; it runs
-nothing (cluster/search.py runs each wave as a compress job on Ray).
+nothing (jobs/compress/search.py runs each wave as a compress job on Ray).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from capfleet.compression.recipes import PartRecipe, TrialRecipe, parse_trial
-from capfleet.compression.report import BASELINE, pareto
-from capfleet.model.errors import CapfleetError, check_numbers, check_range
+from capfleet.compression.records import BASELINE, pareto
+from capfleet.core.errors import CapfleetError, check_numbers, check_range
 
 OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
 QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}

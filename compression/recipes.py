@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 QUANT = {
     "encoder": ("fp32", "dynamic", "float16", "int8"),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from capfleet.core.errors import CapfleetError
 from capfleet.model.captioner import Captioner, CaptionerConfig
-from capfleet.model.errors import CapfleetError
 
 
 def keep_count(n: int, share: float) -> int:

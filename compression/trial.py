@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.compression.config import TrialSettings
 from capfleet.compression.convert import encoder_conversion, step_to_tflite
 from capfleet.compression.export import bundle_info
-from capfleet.compression.gallery import write_trial_captions
 from capfleet.compression.recipes import TrialRecipe, check_for_model, parse_trial
+from capfleet.compression.records import write_trial_captions
+from capfleet.compression.settings import TrialSettings
 from capfleet.compression.shrink import shrink_captioner
 from capfleet.compression.tune import prune_finetune, prune_one_shot, qat_finetune, sparsity_of
 from capfleet.model.bundle import DECODER_FILE, ENCODER_FILE, MB, BundleRunner, write_bundle

@@ -19,10 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfleet.cluster.caption_config import PLAN_CPUS, CaptionConfig
-from capfleet.compression.config import CompressConfig
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
+from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.pipeline import PipelineConfig
-from capfleet.model.errors import CapfleetError
 from capfleet.model.train_config import TrainConfig, TrainGrid
 
 Log = Callable[[str], None]
@@ -39,7 +39,7 @@ class CaptionResult:
 
     def rows(self, model: str | None = None) -> pa.Table:
         """Every caption row written (all models, or one)."""
-        from capfleet.model.bulk.writer import read_captions
+        from capfleet.jobs.caption.parts import read_captions
 
         return read_captions(self.out, model)
 
@@ -106,7 +106,7 @@ def caption(
     Ray's own messages go to OUT/capfleet.log (and the console too with `verbose`). With
     `retry_errors` a rerun captions its error rows again. Shards whose workers kept failing
     are counted in `job["shards"]["failed"]` (their rows are error rows; rerun to retry)."""
-    from capfleet.cluster.caption_pipeline import run_caption_job
+    from capfleet.jobs.caption.job import run_caption_job
 
     cfg = _config(CaptionConfig, config, fields)
     if address:
@@ -121,9 +121,9 @@ def compress(
 ) -> CompressResult:
     """Run every compression trial of `config` on Ray, or with a goal, search for the bundle
     that meets it (CompressResult.best)."""
-    from capfleet.cluster.search import run_goal_search
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.compression.report import TRIALS_FILE
+    from capfleet.compression.records import TRIALS_FILE
+    from capfleet.jobs.compress.search import run_goal_search
+    from capfleet.jobs.compress.trials import run_compress_job
 
     cfg = _config(CompressConfig, config, fields)
     job = (run_goal_search if cfg.goal else run_compress_job)(cfg, address, log=log)
@@ -153,7 +153,7 @@ def train(
 ) -> TrainResult:
     """Train one captioner (in this process, or as one Ray task with an address), or every
     variant of a TrainGrid as Ray tasks."""
-    from capfleet.cluster.variants import VARIANT_SCHEMA, run_train_job, variant_row
+    from capfleet.jobs.train.variants import VARIANT_SCHEMA, run_train_job, variant_row
 
     cfg = config if isinstance(config, TrainGrid) else _config(TrainConfig, config, fields)
     if isinstance(cfg, TrainConfig) and not address:
@@ -218,7 +218,7 @@ def plan(
 ) -> PlanResult:
     """Calibrate a caption spec on a sample of its input, here, and estimate the job of
     `images` images on clusters of `cpus` CPUs (and this machine)."""
-    from capfleet.cluster.planner import calibrate, plan_json, plan_table, render_plan
+    from capfleet.jobs.caption.planner import calibrate, plan_json, plan_table, render_plan
     from capfleet.jobs.specs import load_spec
 
     cfg = load_spec(spec, "caption") if isinstance(spec, (str, Path)) else spec

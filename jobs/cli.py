@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from capfleet.cluster.caption_config import CAPTION_DEFAULTS, PLAN_CPUS, CaptionConfig
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.caption.caption_config import CAPTION_DEFAULTS, PLAN_CPUS, CaptionConfig
 from capfleet.model.train_config import TrainConfig
 
 
@@ -100,7 +100,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from capfleet.compression.report import write_report
+    from capfleet.jobs.compress.trial_report import write_report
 
     path = write_report(args.dir)
     print(path.read_text(encoding="utf-8"))

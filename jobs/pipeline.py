@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from capfleet.cluster.caption_config import CAPTION_DEFAULTS, CAPTION_LIMITS
-from capfleet.compression.config import CompressConfig
 from capfleet.compression.recipes import parse_trial
-from capfleet.model.artifacts import write_json_atomic
-from capfleet.model.errors import SEED_RANGE, CapfleetError, check_numbers, check_range
+from capfleet.core.artifacts import write_json_atomic
+from capfleet.core.errors import SEED_RANGE, CapfleetError, check_numbers, check_range
+from capfleet.jobs.caption.caption_config import CAPTION_DEFAULTS, CAPTION_LIMITS
+from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.model.modeldir import read_model_manifest
 from capfleet.model.train_config import TrainGrid
 
@@ -108,8 +108,8 @@ def _data(cfg: PipelineConfig, log) -> str:
 
 def bundle_name(trial: dict) -> str:
     """The caption job's model name for a trial's bundle, e.g. "base-int8"."""
-    from capfleet.compression.config import slug
-    from capfleet.compression.report import label
+    from capfleet.compression.records import label
+    from capfleet.compression.settings import slug
 
     return slug(f"{trial['model']}-{label(trial)}")
 
@@ -117,7 +117,7 @@ def bundle_name(trial: dict) -> str:
 def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
     """The study's table shape, one row per bundle: model | BLEU | CIDEr-D | ROUGE-L | size MB |
     time for 2000 (every score on the same test images)."""
-    from capfleet.compression.report import label, minutes_per_2000
+    from capfleet.compression.records import label, minutes_per_2000
 
     thr = {r["model"]: r["throughput_img_s"] for r in caption_rows}
     head = (
@@ -142,13 +142,13 @@ def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable = print) -> dict:
     """Run every step; returns where the outputs are and the best bundle's scores."""
-    from capfleet.cluster.caption_config import CaptionConfig
-    from capfleet.cluster.caption_pipeline import run_caption_job
     from capfleet.cluster.connect import ray_session
-    from capfleet.cluster.trials import run_compress_job
-    from capfleet.cluster.variants import run_train_job
-    from capfleet.compression.report import label, read_trials
-    from capfleet.model.bulk.writer import PlanMismatch
+    from capfleet.compression.records import label, read_trials
+    from capfleet.jobs.caption.caption_config import CaptionConfig
+    from capfleet.jobs.caption.job import run_caption_job
+    from capfleet.jobs.caption.parts import PlanMismatch
+    from capfleet.jobs.compress.trials import run_compress_job
+    from capfleet.jobs.train.variants import run_train_job
 
     t0 = time.perf_counter()
     out = Path(cfg.out)

@@ -20,10 +20,10 @@ import sys
 import typing
 from pathlib import Path
 
-from capfleet.cluster.caption_config import CaptionConfig
-from capfleet.compression.config import CompressConfig
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.caption.caption_config import CaptionConfig
+from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.pipeline import CaptionStep, DataStep, PipelineConfig
-from capfleet.model.errors import CapfleetError
 from capfleet.model.train_config import TrainConfig, TrainGrid
 
 if sys.version_info >= (3, 11):

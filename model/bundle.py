@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.model.artifacts import (
+from capfleet.core.artifacts import (
     package_versions,
     read_manifest_json,
     write_bytes_atomic,
     write_json_atomic,
 )
+from capfleet.core.errors import CapfleetError
 from capfleet.model.decoding import decode
-from capfleet.model.errors import CapfleetError
 from capfleet.model.images import preprocess
 from capfleet.model.text import Vocabulary
 

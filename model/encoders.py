@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.model.artifacts import write_bytes_atomic, write_json_atomic
+from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
+from capfleet.core.errors import CapfleetError
 from capfleet.model.data import ImageRecord, read_split
 from capfleet.model.encoders import encoder_info
-from capfleet.model.errors import CapfleetError
 from capfleet.model.images import ImageError, decode_image, preprocess
 
 
@@ -114,7 +113,7 @@ def backbone_file(cache_dir: str | Path, encoder: str, weights_id: str) -> Path:
     return Path(cache_dir) / f"{encoder}-{key}.tflite"
 
 
-def _write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray) -> Path:
+def write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray) -> Path:
     """The .npy and its .json of ids, each written atomically (a crash leaves no half file)."""
     path = cache_file(cache_dir, encoder, weights_id, records)
     buf = io.BytesIO()
@@ -188,14 +187,11 @@ def cached_features(
         return np.load(path)
     log(f"features: computing {encoder} for {len(images)} images")
     out = predict_batches(backbone, images, batch_size, style).astype(np.float32)
-    _write_cache(cache_dir, encoder, weights_id, records, out)
+    write_cache(cache_dir, encoder, weights_id, records, out)
     return out
 
 
-# -- features in parts, computed across a cluster (cluster/features.py runs this) ----------
-
-FEATURE_SHARD = 256  # images per part: a unit of work and of resume
-FEATURE_BATCH = 32  # images per backbone call (VGG16's activations are 13 MB an image and layer)
+# -- the backbone flatbuffer the feature job runs (jobs/train/feature_job.py) ---------------
 
 
 def backbone_problem(model_file: str | Path, encoder: str) -> str | None:
@@ -222,113 +218,3 @@ def backbone_problem(model_file: str | Path, encoder: str) -> str | None:
     if feats is None or int(feats["shape"][-1]) != info.feature_dim:
         return f"its signature gives no {info.feature_dim} features"
     return None
-
-
-class FeatureWorker:
-    """One process's frozen backbone: a shard of image paths in, its features written as one
-    .npy part (the images that decoded) with a .json of their ids and the ones that did not.
-
-    The backbone runs as its fp32 LiteRT flatbuffer (`backbone_file`), on one thread, with no
-    TensorFlow in the process. Its features equal Keras's within 1e-4 of their scale (tested).
-    On one core alone Keras is about as fast, but a feature job runs one worker per core, and
-    there LiteRT was the faster engine: the VGG16 feature job on two cores, run both ways
-    minutes apart, encoded 9.82 images/s on LiteRT once converted, 8.0 on Keras; its actors
-    peak at 2.3 GB against Keras's 2.8 GB."""
-
-    def __init__(
-        self, model_file: str | Path, encoder: str, threads: int = 1, batch: int = FEATURE_BATCH
-    ):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.info = encoder_info(encoder)
-        self.batch = batch
-        if not Path(model_file).is_file():
-            raise CapfleetError(
-                f"{model_file}: not on this node (the feature cache must be a folder every "
-                "node shares)"
-            )
-        try:  # mapped from the file (XNNPACK keeps a packed copy of the weights)
-            it = Interpreter(model_path=str(model_file), num_threads=threads)
-            self._runner = it.get_signature_runner()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CapfleetError(f"{model_file}: not a backbone LiteRT can load ({e})") from e
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        """Features of up to `batch` preprocessed images (named as Keras's, for predict_batches).
-        One interpreter at one batch size, a short batch padded: each size would hold its own
-        packed copy of the weights (VGG16: 537 MB)."""
-        n = len(x)
-        if n < self.batch:
-            x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-        return self._runner(image=x)["features"][:n]
-
-    def features(self, uris: Sequence[str]) -> tuple[np.ndarray, list[int], list[str]]:
-        """(features of the images that decoded, their positions, the others' reasons)."""
-        images, kept, bad = decode_files(uris, self.info.input_size)
-        if not images:
-            return np.zeros((0, 0), np.float32), kept, bad
-        feats = predict_batches(self, np.stack(images), self.batch, self.info.preprocess)
-        return feats.astype(np.float32, copy=False), kept, bad
-
-    def write_part(
-        self,
-        folder: str | Path,
-        shard: int,
-        ids: Sequence[str],
-        uris: Sequence[str],
-        note: dict | None = None,
-    ) -> dict:
-        """Compute and write one part; `note` is kept in its .json (who computed it)."""
-        feats, kept, bad = self.features(uris)
-        folder = Path(folder)
-        buf = io.BytesIO()
-        np.save(buf, feats)
-        # the ids first: a part counts as done once its .npy exists, so that goes last
-        meta = {"ids": [ids[i] for i in kept], "skipped": bad, **(note or {})}
-        write_json_atomic(folder / f"part-{shard:06d}.json", meta)
-        write_bytes_atomic(folder / f"part-{shard:06d}.npy", buf.getvalue())
-        return {"shard": shard, "images": len(kept), "skipped": len(bad)}
-
-
-def done_parts(folder: str | Path, shards: int) -> set[int]:
-    """Shards whose part is whole: its .npy loads and matches its .json's ids."""
-    done = set()
-    for n in range(shards):
-        npy, meta = Path(folder) / f"part-{n:06d}.npy", Path(folder) / f"part-{n:06d}.json"
-        try:
-            ids = json.loads(meta.read_text())["ids"]
-            arr = np.load(npy, mmap_mode="r")
-        except (OSError, ValueError, KeyError):
-            continue
-        if arr.shape[0] == len(ids):
-            done.add(n)
-    return done
-
-
-def assemble_parts(
-    folder: str | Path,
-    records: Sequence[ImageRecord],
-    encoder: str,
-    weights_id: str,
-    cache_dir: str | Path,
-    shard_size: int = FEATURE_SHARD,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Join a split's parts, in order, into the cache file that cached_features() reads for the
-    records that decoded (the same key load_images' kept records give)."""
-    shards = math.ceil(len(records) / shard_size)
-    feats, kept, skipped = [], [], []
-    for n in range(shards):
-        meta = json.loads((Path(folder) / f"part-{n:06d}.json").read_text())
-        arr = np.load(Path(folder) / f"part-{n:06d}.npy")
-        chunk = records[n * shard_size : (n + 1) * shard_size]
-        by_id = {r.image_id: r for r in chunk}
-        kept += [by_id[i] for i in meta["ids"]]
-        skipped += meta["skipped"]
-        if len(arr):
-            feats.append(arr)
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
-    if not feats:
-        raise CapfleetError(f"none of {len(records)} images could be read")
-    return _write_cache(cache_dir, encoder, weights_id, kept, np.concatenate(feats))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 # Cumulative n-gram weights, BLEU-1 to BLEU-4 (uniform over 1..n, as nltk documents).
 BLEU_WEIGHTS = {

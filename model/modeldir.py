@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from capfleet.model.artifacts import read_manifest_json
+from capfleet.core.artifacts import read_manifest_json
+from capfleet.core.errors import CapfleetError
 from capfleet.model.captioner import Captioner, CaptionerConfig
 from capfleet.model.encoders import build_encoder, encoder_info
-from capfleet.model.errors import CapfleetError
 from capfleet.model.text import Vocabulary
 from capfleet.model.train_config import TrainConfig
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 from capfleet.model.train_config import TrainConfig
 
 PRETRAIN_LEARNING_RATE = 0.002

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from capfleet.core.errors import CapfleetError
 from capfleet.model.data import FLICKR_IMAGES_DIRS, FLICKR_SPLIT_FILES, FLICKR_TEXT_DIR
-from capfleet.model.errors import CapfleetError
 
 PHOTOS = (
     "astronaut.png",

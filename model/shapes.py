@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from capfleet.core.errors import CapfleetError
 from capfleet.model.data import FLICKR_IMAGES_DIRS, FLICKR_SPLIT_FILES, FLICKR_TOKEN_FILE
-from capfleet.model.errors import CapfleetError
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {  # name -> RGB; saturated so that they stand out on every background

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.model.errors import DataError
+from capfleet.core.errors import DataError
 
 PAD = "<pad>"  # id 0: right padding, ignored by the loss
 UNK = "<unk>"  # id 1: words below the vocabulary's minimum count

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from capfleet.model.encoders import ENCODERS, check_weights, encoder_info
-from capfleet.model.errors import (
+from capfleet.core.errors import (
     SEED_RANGE,
     THREADS_RANGE,
     CapfleetError,
@@ -18,6 +17,7 @@ from capfleet.model.errors import (
     check_numbers,
     check_range,
 )
+from capfleet.model.encoders import ENCODERS, check_weights, encoder_info
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from capfleet.model.artifacts import package_versions, write_json_atomic
+from capfleet.core.artifacts import package_versions, write_json_atomic
 from capfleet.model.captioner import Captioner, CaptionerConfig
 from capfleet.model.data import SPLITS, data_identity, read_split
 from capfleet.model.encoders import build_encoder, encoder_info, encoder_section

@@ -20,9 +20,9 @@ def main(bundle: str, images: str, out: str) -> None:
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from capfleet.cluster.caption_config import CaptionConfig
-    from capfleet.cluster.caption_pipeline import run_caption_job
-    from capfleet.model.bulk.writer import read_captions
+    from capfleet.jobs.caption.caption_config import CaptionConfig
+    from capfleet.jobs.caption.job import run_caption_job
+    from capfleet.jobs.caption.parts import read_captions
 
     env = {"env_vars": {**capfleet.TF_ENV, **LOOPBACK_ENV}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -21,7 +21,7 @@ def main(data: str, out: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from capfleet.cluster.features import compute_features
+    from capfleet.jobs.train.feature_job import compute_features
     from capfleet.model.data import read_split
     from capfleet.model.features import cache_file
     from capfleet.model.train_config import TrainConfig

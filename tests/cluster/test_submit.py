@@ -14,8 +14,8 @@ import pytest
 
 import capfleet
 from capfleet.cluster.connect import LOOPBACK_ENV
+from capfleet.jobs.caption.parts import read_captions
 from capfleet.jobs.cli import main
-from capfleet.model.bulk.writer import read_captions
 
 BIN = Path(sys.executable).parent
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from capfleet.compression import convert
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 
 @pytest.fixture(scope="module")

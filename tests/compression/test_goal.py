@@ -5,7 +5,7 @@ import pytest
 
 from capfleet.compression.goal import Goal, Search, choice_document, misses, render_choice
 from capfleet.compression.recipes import parse_trial
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 
 def measured(trial: str, int8_loss: float = 0.004, qat_loss: float = 0.002) -> dict:

@@ -3,7 +3,7 @@
 import pytest
 
 from capfleet.compression.recipes import PartRecipe, check_for_model, parse_part, parse_trial
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 
 
 def test_single_name_applies_to_both_parts():

@@ -6,10 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from capfleet.compression.config import CompressConfig, TrialSettings, tuning_epochs
-from capfleet.compression.gallery import TRIAL_CAPTIONS_SCHEMA
+from capfleet.compression.records import TRIAL_CAPTIONS_SCHEMA
+from capfleet.compression.settings import TrialSettings, tuning_epochs
 from capfleet.compression.trial import measure_bundle, run_trial
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.compress.compress_config import CompressConfig
 
 QUICK = TrialSettings(finetune_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1, threads=2)
 

@@ -1,7 +1,7 @@
 import pytest
 
+from capfleet.core.errors import CapfleetError
 from capfleet.jobs.specs import load_spec
-from capfleet.model.errors import CapfleetError
 from capfleet.model.train_config import TrainConfig
 
 
@@ -199,7 +199,7 @@ def test_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_unreadable_markers_and_records_mean_do_it_again(tmp_path):
-    from capfleet.cluster.trials import _read_record
+    from capfleet.jobs.compress.trials import _read_record
     from capfleet.jobs.pipeline import _read_marker
 
     lines: list = []

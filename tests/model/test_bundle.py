@@ -111,7 +111,7 @@ def test_tampered_or_missing_bundle_files_are_refused(tiny_bundle, tmp_path):
 def test_incomplete_manifest_and_wrong_image_shape_are_refused(tiny_bundle, tmp_path):
     import shutil
 
-    from capfleet.model.errors import CapfleetError
+    from capfleet.core.errors import CapfleetError
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)

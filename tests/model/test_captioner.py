@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from capfleet.core.errors import CapfleetError
 from capfleet.model.captioner import Captioner, CaptionerConfig
 from capfleet.model.decoding import beam_decode, greedy_decode, prefix_greedy
 from capfleet.model.encoders import build_encoder, check_weights
-from capfleet.model.errors import CapfleetError
 from capfleet.model.evaluation import KerasStep
 from capfleet.model.text import END_ID, PAD_ID, START_ID
 

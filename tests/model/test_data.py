@@ -4,6 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfleet.core.errors import DataError
 from capfleet.model.data import (
     CocoReader,
     Flickr8kReader,
@@ -12,7 +13,6 @@ from capfleet.model.data import (
     ManifestReader,
     open_reader,
 )
-from capfleet.model.errors import DataError
 
 
 def make_flickr(root, crlf=False, text_dir=False):

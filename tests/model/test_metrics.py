@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from capfleet.model.errors import CapfleetError
+from capfleet.core.errors import CapfleetError
 from capfleet.model.metrics import (
     cider_d,
     corpus_bleu_scores,

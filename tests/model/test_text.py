@@ -1,6 +1,6 @@
 import pytest
 
-from capfleet.model.errors import DataError
+from capfleet.core.errors import DataError
 from capfleet.model.text import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, clean_caption
 
 

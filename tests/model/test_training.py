@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
+from capfleet.core.errors import CapfleetError
 from capfleet.model.data import Flickr8kReader
-from capfleet.model.errors import CapfleetError
 from capfleet.model.evaluation import keras_caption_ids, score_captions
 from capfleet.model.features import load_images
 from capfleet.model.fitting import caption_loss
@@ -66,8 +66,8 @@ def test_training_data_without_splits_is_refused_before_work(tmp_path):
 
     import pytest
 
+    from capfleet.core.errors import CapfleetError
     from capfleet.model.data import read_split
-    from capfleet.model.errors import CapfleetError
 
     (tmp_path / "imgs").mkdir()
     with pytest.raises(CapfleetError, match="training needs train/dev/test splits"):
@@ -172,8 +172,9 @@ def test_feature_worker_runs_the_backbones_litert_flatbuffer_as_keras_computes_i
     import tf_keras as keras
 
     from capfleet.compression.export import export_backbone
+    from capfleet.jobs.train.feature_job import FeatureWorker
     from capfleet.model.encoders import build_encoder
-    from capfleet.model.features import FeatureWorker, backbone_file, decode_files
+    from capfleet.model.features import backbone_file, decode_files
     from capfleet.model.images import preprocess
 
     path = backbone_file(tmp_path, "resnet50", "none-seed3")
@@ -199,7 +200,7 @@ def test_feature_worker_runs_the_backbones_litert_flatbuffer_as_keras_computes_i
 
 
 def test_a_feature_worker_refuses_a_file_that_is_no_backbone(tmp_path):
-    from capfleet.model.features import FeatureWorker
+    from capfleet.jobs.train.feature_job import FeatureWorker
 
     (tmp_path / "x.tflite").write_bytes(b"")
     with pytest.raises(CapfleetError, match="x.tflite: not a backbone LiteRT can load"):

@@ -1,0 +1,138 @@
+"""Decoding a shard: every image fetched once and decoded once per input size the bundles need,
+with each row's read and decode time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from capfleet.cluster.watchdog import WORKER_ERROR, deadline, note_failure
+from capfleet.jobs.caption.fetch import (
+    MAX_IMAGE_BYTES,
+    image_bytes,
+    read_parquet_slice,
+    read_uri,
+    sample_parts,
+    stream_tar,
+)
+from capfleet.model.data import MISSING
+from capfleet.model.images import UNREADABLE, ImageError, decode_image
+
+
+def _column(batch: dict, key: str) -> list:
+    """One shard's column of a batch of one shard (Ray Data's numpy format or plain lists)."""
+    return [list(v) if isinstance(v, np.ndarray) else v for v in batch[key][0]]
+
+
+def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
+    """The shard's images as (bytes or ImageError per row, references per row, read ms per
+    row). Rows that came with an error are not fetched."""
+    source = str(batch["source"][0])
+    where = json.loads(str(batch["where"][0]))
+    ids, errors = _column(batch, "image_id"), _column(batch, "error")
+    refs = [list(r) for r in _column(batch, "references")]
+    n = len(ids)
+    data: list = [None] * n
+    read_ms = [0.0] * n
+    if source == "files":
+        for i, uri in enumerate(_column(batch, "uri")):
+            if errors[i]:
+                continue
+            t0 = time.perf_counter()
+            data[i] = read_uri(uri, max_bytes)
+            read_ms[i] = 1000 * (time.perf_counter() - t0)
+        return data, refs, read_ms
+    t0 = time.perf_counter()
+    try:
+        if source == "tar":
+            index = {k: i for i, k in enumerate(ids)}
+            for key, members in stream_tar(where["path"], max_bytes):
+                if key in index:
+                    i = index[key]
+                    data[i], caps = sample_parts(members)
+                    refs[i] = refs[i] or caps
+        elif source == "parquet":
+            columns = [where["column"]] + ([where["captions"]] if where["captions"] else [])
+            cols = read_parquet_slice(
+                where["path"], where["row_group"], where["offset"], where["length"], columns
+            )
+            positions = [int(r) for r in _column(batch, "rows")] if "rows" in batch else range(n)
+            values, texts = cols[where["column"]], cols.get(where["captions"])
+            for i, row in enumerate(positions):
+                data[i] = image_bytes(values[row])
+                if texts is not None:
+                    caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
+                    refs[i] = refs[i] or [str(c).strip() for c in caps if c]
+        else:
+            raise ValueError(f"unknown source {source!r}")
+    except Exception as e:  # noqa: BLE001  a shard that cannot be read: every row says why
+        failed = ImageError(UNREADABLE, f"{where.get('path', source)}: {type(e).__name__}: {e}")
+        data = [d if isinstance(d, bytes | ImageError) else failed for d in data]
+    share = 1000 * (time.perf_counter() - t0) / max(n, 1)  # a stream's time, split evenly
+    for i in range(n):
+        if data[i] is None and not errors[i]:
+            data[i] = ImageError(MISSING, "the sample was listed but is not in the shard")
+        read_ms[i] = share
+    return data, refs, read_ms
+
+
+def decode_batch(
+    batch: dict,
+    sizes: Sequence[int],
+    max_bytes: int = MAX_IMAGE_BYTES,
+    out: str = "",
+    timeout_s: float = 0.0,
+) -> dict:
+    """Fetch and decode every image of a shard for each input size the bundles need; with
+    `timeout_s`, a shard that takes longer ends this worker (watchdog.deadline, notes in `out`).
+
+    batch: one shard's item (reader.Shard.item) -> adds per size S "image_S": (1, N, S, S, 3)
+    uint8, and per row "error" (the reason, "" when fine), "references", "read_ms",
+    "decode_ms".
+    """
+    if timeout_s:
+        shard = int(batch["shard"][0])
+        try:
+            with deadline(out, shard, "fetch and decode", timeout_s):
+                return decode_batch(batch, sizes, max_bytes)
+        except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
+            note_failure(out, shard, WORKER_ERROR, f"decode: {type(e).__name__}: {e}")
+            raise
+    errors = [str(e) for e in _column(batch, "error")]
+    data, refs, read_ms = fetch_shard(batch, max_bytes)
+    n = len(errors)
+    images = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
+    decode_ms = [0.0] * n
+    for i in range(n):
+        if errors[i]:
+            continue
+        if isinstance(data[i], ImageError):
+            errors[i] = str(data[i])
+            continue
+        t0 = time.perf_counter()
+        for s in sizes:
+            out = decode_image(data[i], (s, s))
+            if isinstance(out, ImageError):
+                errors[i] = str(out)
+                break
+            images[s][i] = out
+        decode_ms[i] = 1000 * (time.perf_counter() - t0)
+    result = {k: v for k, v in batch.items() if k not in ("error", "references")}
+    result["error"] = _objects(errors)
+    result["references"] = _objects([list(r) for r in refs])
+    result["read_ms"] = np.array([read_ms], np.float64)
+    result["decode_ms"] = np.array([decode_ms], np.float64)
+    for s, arr in images.items():
+        result[f"image_{s}"] = arr[None]
+    return result
+
+
+def _objects(values: list) -> np.ndarray:
+    """A (1, N) object array: one shard's column of N strings or lists (ragged)."""
+    out = np.empty((1, len(values)), dtype=object)
+    for i, v in enumerate(values):
+        out[0, i] = v
+    return out

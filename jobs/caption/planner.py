@@ -1,0 +1,216 @@
+"""`capfleet plan`: how long a caption job of N images takes, and what it costs, on clusters of
+several sizes, from a short calibration run of the spec on the machine it runs on.
+
+The calibration runs the spec's own caption job twice, as a user would (each starting or
+joining Ray, reading, decoding and captioning with every bundle, writing parts and the
+summary), on the first `sample` and the first 4 x `sample` listed images (into a folder
+beside the spec's output, removed after). Each run starts its own embedded Ray, as a job
+does; in a session already connected to Ray a short warm-up job runs first, so that the
+first timed run does not pay for starting what the others reuse. Two sizes separate what
+every job pays once (Ray's start, the actors' model loading, the summary and gallery) from
+what each image costs:
+
+    rate  = (n2 - n1) / (wall2 - wall1)       images/s on the CPUs calibrated on
+    (both runs in shards of n1 / CPUs at most, so that every CPU has work from the start)
+    fixed = wall1 - n1 / rate                 seconds
+    wall(N, C CPUs) = fixed + N / (rate x C / cpus)
+
+Assumptions, written out with every plan: the cluster's CPUs are like these (the same model,
+the same int8 instructions), the job scales with CPUs at the efficiency measured here (no
+object-store, network or storage limit is reached), the images are like the sample (size and
+format), and the fixed start-up is the same on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from capfleet.core.artifacts import cpu_info
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
+from capfleet.jobs.caption.job import run_caption_job
+from capfleet.jobs.caption.listing import list_inputs
+
+DEFAULT_SAMPLE = 1024  # images in the first calibration run; the second has 4 times as many
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the two calibration jobs measured."""
+
+    images: tuple[int, int]  # n1, n2
+    shard_size: int  # the calibration's shards (sample / CPUs, at most the spec's)
+    wall_s: tuple[float, float]
+    cpus: float  # the CPUs the calibration jobs ran on
+    rate: float  # images/s on those CPUs, start-up excluded
+    fixed_s: float  # what a job pays once
+    stages_ms: dict  # per model: mean read, decode, encoder and decoder ms per image
+    machine: dict
+
+    def wall(self, images: int, cpus: float) -> float:
+        return self.fixed_s + images / (self.rate * cpus / self.cpus)
+
+
+def calibrate(
+    cfg: CaptionConfig, sample: int = DEFAULT_SAMPLE, log: Callable[[str], None] = print
+) -> Calibration:
+    """Run the spec's caption job on the first `sample` and 4 x `sample` images and measure.
+    Both runs cut their images into shards of at most sample / CPUs, so that the first run
+    already gives every CPU a shard (a job of fewer shards than CPUs leaves CPUs idle)."""
+    if sample < 16:
+        raise CapfleetError(f"sample: at least 16 images, got {sample}")
+    cpus = _cluster_cpus(cfg)
+    listed = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column).images
+    n2 = min(4 * sample, listed)
+    n1 = n2 // 4
+    if n1 < 16:
+        raise CapfleetError(
+            f"{cfg.input}: {listed} images; calibrating needs at least 64 (two runs of the "
+            "job on the first quarter and on all of them)"
+        )
+    shard = min(cfg.shard_size, max(16, math.ceil(n1 / cpus)))
+    cfg = replace(cfg, shard_size=shard)
+    walls = []
+    # beside the spec's output (on a cluster, storage every node writes to), removed after
+    parent = Path(cfg.out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    import ray
+    import ray.data  # noqa: F401  the driver's imports, before anything is timed
+
+    with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
+        if ray.is_initialized():  # a shared session: its first job starts what later ones reuse
+            run_caption_job(replace(cfg, out=str(Path(tmp) / "warm-up"), limit=16), log=str)
+        for n in (n1, n2):
+            run = replace(cfg, out=str(Path(tmp) / f"run-{n}"), limit=n)
+            log(f"plan: calibrating on {n} images")
+            t0 = time.perf_counter()
+            run_caption_job(run, log=lambda _: None)
+            walls.append(time.perf_counter() - t0)
+        summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
+    if walls[1] <= walls[0]:
+        raise CapfleetError(
+            f"calibration too short to measure ({n1} images took {walls[0]:.1f} s, {n2} took "
+            f"{walls[1]:.1f} s): give a larger --sample"
+        )
+    rate = (n2 - n1) / (walls[1] - walls[0])
+    stages = {
+        s["model"]: {k: s.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
+        for s in summary
+    }
+    return Calibration(
+        (n1, n2),
+        shard,
+        (round(walls[0], 2), round(walls[1], 2)),
+        cpus,
+        rate,
+        max(0.0, walls[0] - n1 / rate),
+        stages,
+        cpu_info(),
+    )
+
+
+def _cluster_cpus(cfg: CaptionConfig) -> float:
+    """The CPUs a job of this spec runs on: this machine's for the embedded Ray, the
+    cluster's when the spec names an address."""
+    if not cfg.address:
+        return float(os.cpu_count() or 1)
+    from capfleet.cluster.connect import ray_session
+
+    with ray_session(cfg.address) as ray:
+        return float(ray.cluster_resources().get("CPU", 1))
+
+
+def plan_table(
+    cal: Calibration, images: int, cpus: Sequence[float] = PLAN_CPUS, price: float | None = None
+) -> list[dict]:
+    """One row per cluster size: estimated wall time, images/s and cost."""
+    rows = []
+    for c in sorted({cal.cpus, *cpus}):
+        wall = cal.wall(images, c)
+        row = {
+            "cpus": c,
+            "wall_s": round(wall, 1),
+            "images_per_s": round(images / wall, 1),
+            "cpu_hours": round(wall * c / 3600, 3),
+        }
+        if price is not None:
+            row["cost"] = round(wall * c / 3600 * price, 2)
+        rows.append(row)
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | None) -> str:
+    m = cal.machine
+    lines = [
+        f"Plan for {images:,} images "
+        f"(calibrated on {m['cpu']}, {cal.cpus:g} CPUs, int8: {m['int8_kind']}):",
+        "",
+        "| CPUs | wall | images/s | CPU-hours |" + (" cost |" if price is not None else ""),
+        "|---|---|---|---|" + ("---|" if price is not None else ""),
+    ]
+    for r in rows:
+        cost = f" {r['cost']:,.2f} |" if price is not None else ""
+        lines.append(
+            f"| {r['cpus']:g} | {_duration(r['wall_s'])} | {r['images_per_s']:,.0f} "
+            f"| {r['cpu_hours']:,.2f} |{cost}"
+        )
+    n1, n2 = cal.images
+    lines += [
+        "",
+        f"Measured: {n1} images in {cal.wall_s[0]:.1f} s, {n2} in {cal.wall_s[1]:.1f} s "
+        f"(shards of {cal.shard_size}): "
+        f"{cal.rate:.1f} images/s on {cal.cpus:g} CPUs after a fixed {cal.fixed_s:.1f} s "
+        "(Ray's start, loading the models, the summary and gallery).",
+        "Per image, ms (mean): "
+        + "; ".join(
+            f"{model}: read {_ms(s['read_ms'])}, decode {_ms(s['decode_ms'])}, encoder "
+            f"{_ms(s['encoder_ms'])}, decoder {_ms(s['decoder_ms'])}"
+            for model, s in cal.stages_ms.items()
+        )
+        + ".",
+        "Assumes: CPUs like these (model and int8 instructions), throughput growing with "
+        "CPUs at the efficiency measured here (no object-store, network or storage limit), "
+        "images like the sample, the same fixed start-up on a cluster, shards no slower than "
+        "the calibration's" + (f", {price:g} per CPU-hour" if price is not None else "") + ".",
+    ]
+    return "\n".join(lines)
+
+
+def _ms(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def plan_json(cal: Calibration, images: int, rows: list[dict], price: float | None) -> str:
+    doc = {
+        "images": images,
+        "price_per_cpu_hour": price,
+        "calibration": {
+            "images": cal.images,
+            "shard_size": cal.shard_size,
+            "wall_s": cal.wall_s,
+            "cpus": cal.cpus,
+            "images_per_s": round(cal.rate, 2),
+            "fixed_s": round(cal.fixed_s, 2),
+            "stages_ms": cal.stages_ms,
+            "machine": cal.machine,
+        },
+        "plan": rows,
+    }
+    return json.dumps(doc, indent=1) + "\n"

@@ -1,0 +1,182 @@
+"""The caption worker: hosts every bundle of a job and turns a shard into each model's Parquet
+part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfleet.cluster.watchdog import (
+    WORKER_ERROR,
+    deadline,
+    end_try,
+    note_failure,
+    start_try,
+)
+from capfleet.jobs.caption.load import decode_batch
+from capfleet.jobs.caption.parts import (
+    CAPTION_SCHEMA,
+    ERROR,
+    OK,
+    part_path,
+    part_stats,
+    stats_of,
+    write_part,
+)
+from capfleet.model.bundle import BundleRunner
+from capfleet.model.metrics import rouge_l, sentence_bleu4
+from capfleet.model.text import clean_caption
+
+# the name a shard's starts are counted under (OUT/_failed/shard-NNNNNN.caption.tries)
+TRIES_STAGE = "caption"
+
+
+class CaptionWorker:
+    """Hosts every bundle of a job ({name: bundle directory}); `__call__` captions one shard
+    with each model in turn and writes each model's Parquet part.
+
+    One pool of these, each actor holding every model, keeps every CPU busy whatever the
+    models' relative speeds (a pool per model would leave the fast model's actors waiting on
+    the slow one's) and decodes each shard once. Follows Ray's batch-inference shape (load
+    once in __init__, map a batch in __call__) and holds no Ray code. A model whose part of
+    the shard is already whole is passed over (resume); with `repair`, its error rows among
+    the batch's rows are captioned again and replaced in the part, its ok rows untouched.
+    """
+
+    def __init__(
+        self,
+        bundles: dict[str, str],
+        out: str,
+        batch_size: int = 64,
+        num_threads: int = 1,
+        beam_width: int = 1,
+        shard_timeout_s: float = 0.0,
+        repair: bool = False,
+        decode: dict | None = None,
+        tries: int = 3,
+    ):
+        if not bundles:
+            raise ValueError("CaptionWorker needs at least one bundle")
+        self.runners = {
+            name: BundleRunner(d, num_threads=num_threads, beam_width=beam_width)
+            for name, d in bundles.items()
+        }
+        self.out = out
+        self.batch_size = batch_size
+        self.shard_timeout_s = shard_timeout_s  # 0 = none; for each model's work on a shard
+        self.repair = repair
+        # decode_batch's arguments when this worker fetches and decodes its shards itself (the
+        # default: one process per core reads, decodes and captions)
+        self.decode = decode
+        self.tries = tries  # starts of one shard before it is passed by (1 + retries)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        """One shard: every model's part written; returns only the shard id and its row count
+        (for the driver's progress), not the images."""
+        shard = int(batch["shard"][0])
+        start_try(self.out, shard, TRIES_STAGE, self.tries)
+        if self.decode is not None:
+            batch = decode_batch(batch, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
+        rows = len(batch["image_id"][0])
+        for name in self.runners:
+            timer = (
+                deadline(self.out, shard, name, self.shard_timeout_s)
+                if self.shard_timeout_s
+                else contextlib.nullcontext()
+            )
+            try:
+                with timer:
+                    self._write(shard, batch, name)
+            except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
+                note_failure(self.out, shard, WORKER_ERROR, f"{name}: {type(e).__name__}: {e}")
+                raise
+        end_try(self.out, shard, TRIES_STAGE)
+        return {"shard": batch["shard"], "rows": np.array([rows])}
+
+    def _write(self, shard: int, batch: dict, name: str) -> None:
+        path = part_path(self.out, name, shard)
+        stats = part_stats(path)
+        started = time.time()
+        if stats is None or stats.retry:  # not done: the batch holds the whole shard
+            table = self.caption_rows(shard, batch, list(range(len(batch["image_id"][0]))), name)
+        elif self.repair:
+            old = pq.read_table(path).replace_schema_metadata(None).to_pylist()
+            positions = [int(r) for r in batch["rows"][0]]
+            redo = [j for j, pos in enumerate(positions) if old[pos]["status"] != OK]
+            if not redo:
+                return
+            new = self.caption_rows(shard, batch, redo, name).to_pylist()
+            for j, row in zip(redo, new, strict=True):
+                old[positions[j]] = row
+            table = pa.Table.from_pylist(old, schema=CAPTION_SCHEMA)
+        else:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_part(path, table, stats_of(table, started, time.time()))
+
+    def caption_rows(self, shard: int, batch: dict, idx: list[int], name: str) -> pa.Table:
+        """Rows `idx` of a decoded batch captioned by model `name`, in batches; bad images
+        become error rows."""
+        runner = self.runners[name]
+        pick = lambda key: [batch[key][0][j] for j in idx]  # noqa: E731
+        errors = [str(e) for e in pick("error")]
+        images = batch[f"image_{runner.input_size}"][0]
+        n = len(idx)
+        captions: list[str | None] = [None] * n
+        enc_ms, dec_ms, bsizes = [None] * n, [None] * n, [None] * n
+        good = [k for k in range(n) if not errors[k]]
+        for start in range(0, len(good), self.batch_size):
+            chunk = good[start : start + self.batch_size]
+            caps, enc_s, dec_s = runner.caption_timed(images[[idx[k] for k in chunk]])
+            for k, c in zip(chunk, caps, strict=True):
+                captions[k] = c
+                enc_ms[k], dec_ms[k] = 1000 * enc_s / len(chunk), 1000 * dec_s / len(chunk)
+                bsizes[k] = len(chunk)
+        read_ms = [float(v) for v in pick("read_ms")]
+        decode_ms = [float(v) for v in pick("decode_ms")]
+        latency = [None if e is None else e + d for e, d in zip(enc_ms, dec_ms, strict=True)]
+        refs = [[str(c) for c in r] for r in pick("references")]
+        rouge, bleu = per_image_scores(refs, captions)
+        return pa.table(
+            {
+                "image_id": [str(i) for i in pick("image_id")],
+                "uri": [str(u) for u in pick("uri")],
+                "model": [name] * n,
+                "caption": captions,
+                "status": [ERROR if e else OK for e in errors],
+                "error": [e or None for e in errors],
+                "references": refs,
+                "rouge_l": rouge,
+                "sentence_bleu4": bleu,
+                "latency_ms": latency,
+                "read_ms": [None if e else v for e, v in zip(errors, read_ms, strict=True)],
+                "decode_ms": [None if e else v for e, v in zip(errors, decode_ms, strict=True)],
+                "encoder_ms": enc_ms,
+                "decoder_ms": dec_ms,
+                "batch_size": bsizes,
+                "worker": [self.worker] * n,
+                "shard": [shard] * n,
+            },
+            schema=CAPTION_SCHEMA,
+        )
+
+
+def per_image_scores(refs: list[list[str]], captions: list) -> tuple[list, list]:
+    """ROUGE-L and smoothed sentence BLEU-4 of each captioned row that has references (None
+    elsewhere): scores that need no other image, so a worker computes them shard by shard."""
+    rouge, bleu = [None] * len(captions), [None] * len(captions)
+    idx = [i for i, (r, c) in enumerate(zip(refs, captions, strict=True)) if r and c is not None]
+    if idx:
+        cleaned = [[clean_caption(x) for x in refs[i]] for i in idx]
+        _, each = rouge_l(cleaned, [captions[i] for i in idx])
+        for i, score, r in zip(idx, each, cleaned, strict=True):
+            rouge[i] = score
+            bleu[i] = sentence_bleu4(r, captions[i])
+    return rouge, bleu

@@ -1,0 +1,119 @@
+"""The goal-driven compression search on Ray: each wave that compression/goal.py chooses runs
+as a compress job into the same output (finished trials are kept, so a wave only runs its new
+trials, and an interrupted search resumes); then OUT/best/, OUT/choice.md and choice.json."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from capfleet.cluster.connect import ray_session
+from capfleet.compression.goal import (
+    Search,
+    choice_document,
+    choice_json,
+    render_choice,
+)
+from capfleet.compression.records import read_trials
+from capfleet.compression.settings import slug
+from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic
+from capfleet.core.errors import CapfleetError
+from capfleet.jobs.compress.compress_config import CompressConfig
+from capfleet.jobs.compress.trials import run_compress_job
+from capfleet.model.encoders import encoder_info
+from capfleet.model.modeldir import read_model_manifest
+
+BEST_DIR = "best"
+CHOICE_FILE = "choice.md"
+
+
+def run_goal_search(
+    cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Search for the bundle that meets cfg.goal; returns the compress job's counts and paths
+    with `met`, `winner`, `best` and `choice` added."""
+    if cfg.goal is None:
+        raise CapfleetError("a goal search needs [compress.goal]")
+    t0 = time.perf_counter()
+    goal, model = cfg.goal, cfg.models[0]
+    manifest = read_model_manifest(model)
+    frozen = not encoder_info(manifest["config"]["encoder"]).trainable
+    out = Path(cfg.out)
+    search = Search(goal, frozen, {}, {})
+    # trials an earlier run (a search, or a list) recorded here are candidates too; the compress
+    # job keeps them if their model, data and settings are unchanged, redoes them if not
+    earlier = _recorded(out, Path(model).name)
+    search.records = {r["trial"]: r for r in earlier}
+    search.waves.update({r["trial"]: "an earlier run" for r in earlier})
+    tried = list(search.records)
+    log(f"search: {goal.describe()}")
+    job = {}
+    with ray_session(address):  # one Ray for every wave
+        while True:
+            what, trials = search.next_wave()
+            if not trials:
+                log(f"search: done ({what}) after {len(search.records)} trials")
+                break
+            log(f"search: wave {what}: {', '.join(trials)}")
+            for t in trials:
+                search.waves.setdefault(t, what)
+            tried += trials
+            wave = replace(cfg, trials=tuple(tried), goal=None, gallery=0)
+            job = run_compress_job(wave, address, log=log)
+            search.records = {r["trial"]: r for r in read_trials(out)}
+        # the last pass has nothing left to run: it writes the gallery of every candidate
+        job = run_compress_job(replace(cfg, trials=tuple(tried), goal=None), address, log=log)
+    search.records = {r["trial"]: r for r in read_trials(out)}
+    search.waves.setdefault("fp32:fp32", "post-training quantization")
+    doc = choice_document(search, Path(model).name)
+    cpu = cpu_info()
+    text = render_choice(doc, f"{cpu['cpu']}, {cpu['cores']} cores, int8: {cpu['int8_kind']}")
+    write_bytes_atomic(out / CHOICE_FILE, text.encode())
+    write_bytes_atomic(out / "choice.json", choice_json(doc).encode())
+    best = None
+    if doc["met"]:
+        best = _publish(out, out / "bundles" / Path(model).name / slug(doc["winner"]))
+        log(f"search: winner {doc['winner']}, copied to {best}")
+    else:
+        if (out / BEST_DIR).exists():  # an earlier goal's choice: not this goal's
+            shutil.rmtree(out / BEST_DIR)
+        log(f"search: no candidate meets the goal; closest: {', '.join(doc['closest'])}")
+    log(
+        f"search: {len(search.records)} trials in {time.perf_counter() - t0:.0f} s; "
+        f"{out / CHOICE_FILE}"
+    )
+    return {
+        **job,
+        "met": doc["met"],
+        "winner": doc["winner"],
+        "best": str(best) if best else None,
+        "choice": str(out / CHOICE_FILE),
+    }
+
+
+def _recorded(out: Path, model: str) -> list[dict]:
+    """The records of `model` in an earlier run's OUT/trials.parquet."""
+    try:
+        return [r for r in read_trials(out) if r["model"] == model]
+    except CapfleetError:  # none yet
+        return []
+
+
+def _publish(out: Path, bundle: Path) -> Path:
+    """Copy the winning bundle to OUT/best/, replacing an earlier choice only once the copy is
+    whole (copied beside it, then renamed)."""
+    target = out / BEST_DIR
+    staging = out / f"{TMP_PREFIX}{BEST_DIR}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(bundle, staging)
+    old = out / f"{TMP_PREFIX}{BEST_DIR}-old"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target

@@ -1,0 +1,196 @@
+"""Compression trials as Ray tasks: every (model, trial) of a compress job at once, each task
+with the CPUs it declares, TensorFlow limited to them, a fresh worker process per trial. Then
+each bundle's latency is measured alone, one task at a time, so that no trial's timing is
+disturbed by another's work.
+
+A trial that raises is recorded as a failed row at once (the error is deterministic); a task
+whose worker dies is retried `max_retries` times by Ray, then recorded as failed. Each finished
+trial's record is written to OUT/records/ as it arrives, so a rerun does only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.compression.records import failed_record, write_trials
+from capfleet.compression.settings import TrialSettings, slug, tuning_epochs
+from capfleet.compression.trial import measure_bundle, run_trial
+from capfleet.core.artifacts import write_json_atomic
+from capfleet.jobs.compress.compress_config import CompressConfig, checked_plan
+from capfleet.jobs.compress.trial_gallery import write_compress_gallery
+from capfleet.jobs.compress.trial_report import write_report
+from capfleet.jobs.gallery import GALLERY_FILE
+from capfleet.model.data import data_identity
+from capfleet.model.modeldir import manifest_sha256, read_model_manifest
+
+
+def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str) -> dict:
+    """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record."""
+    try:
+        return run_trial(
+            model_dir, trial, bundle_dir, TrialSettings(**settings), print, captions_out=captions
+        )
+    except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
+        return failed_record(Path(model_dir).name, trial, failure_text(e))
+
+
+def _measure_task(record: dict, settings: dict) -> dict:
+    return {**record, **measure_bundle(record["bundle"], record["data"], TrialSettings(**settings))}
+
+
+def _built_for(model_dir: str, settings: TrialSettings) -> dict:
+    """What a finished trial's record depends on: the trained model (its manifest, rewritten by
+    every training), the data set it is tuned, calibrated and scored on, and the settings (less
+    the thread count)."""
+    return {
+        "model_manifest_sha256": manifest_sha256(model_dir),
+        "data_identity": data_identity(read_model_manifest(model_dir)["train"]["data"]),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
+    }
+
+
+def _read_record(path: Path, log) -> dict | None:
+    """A finished trial's record, or None (not run yet, or unreadable: it is run again)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(done, dict) and isinstance(done.get("record"), dict):
+            return done
+    except (OSError, ValueError):
+        pass
+    log(f"compress: {path} is unreadable (a crash mid-write?); that trial is run again")
+    return None
+
+
+def _record_path(out: Path, model_dir: str, trial: str) -> Path:
+    return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
+
+
+def _captions_path(out: Path, model_dir: str, trial: str) -> Path:
+    """A trial's scored test captions (compression.gallery), kept beside its record."""
+    return out / "records" / Path(model_dir).name / f"{slug(trial)}.captions.parquet"
+
+
+def _progress(done: int, total: int, r: dict) -> str:
+    head = f"[{done}/{total}] {r['model']} {r['trial']}"
+    if r["status"] != "ok":
+        return f"{head}: FAILED {r['error'].splitlines()[0]}"
+    return (
+        f"{head}: BLEU-4 {r['bleu4']:.3f}, {r['size_mb']:.2f} MB ({r['gzip_mb']:.2f} gzip), "
+        f"built in {r['wall_s']:.0f} s"
+    )
+
+
+def run_compress_job(
+    cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png and gallery.html.
+    Returns counts and paths."""
+    t0 = time.perf_counter()
+    plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, int(cfg.cpus_per_trial))
+    settings = asdict(replace(cfg.settings, threads=threads))
+    records: dict[tuple[str, str], dict] = {}
+    todo, stale = [], 0
+    built_for = {m: _built_for(m, cfg.settings) for m in cfg.models}
+    for model_dir, trial in plan:
+        path = _record_path(out, model_dir, trial)
+        done = _read_record(path, log)
+        if done and done.get("built_for") == built_for[model_dir]:  # by an earlier run
+            records[(model_dir, trial)] = done["record"]
+        else:
+            stale += done is not None
+            todo.append((model_dir, trial))
+    if records:
+        log(f"compress: {len(records)} of {len(plan)} trials already done in {out}")
+    if stale:
+        log(
+            f"compress: {stale} earlier trials redone: "
+            "their model or settings changed, or their data"
+        )
+    if todo:
+        with ray_session(address) as ray:
+            task = ray.remote(
+                num_cpus=cfg.cpus_per_trial, max_retries=cfg.max_retries, max_calls=1
+            )(_trial_task)
+            pending, built = {}, {}
+            # longest first (Ray starts queued tasks of one kind roughly in submission order),
+            # so that no long trial starts last and runs on alone
+            todo.sort(key=lambda mt: -tuning_epochs(mt[1], cfg.settings))
+            for model_dir, trial in todo:
+                bundle = out / "bundles" / Path(model_dir).name / slug(trial)
+                ref = task.remote(
+                    str(Path(model_dir).resolve()),
+                    trial,
+                    str(bundle.resolve()),
+                    settings,
+                    str(_captions_path(out, model_dir, trial).resolve()),
+                )
+                pending[ref] = (model_dir, trial)
+            log(
+                f"compress: {len(todo)} trials on Ray, {cfg.cpus_per_trial:g} CPU each; "
+                "then each bundle is timed alone"
+            )
+            for (model_dir, trial), rec, crash in completed(ray, pending):
+                if crash is not None:  # the worker died, retries spent
+                    rec = failed_record(
+                        Path(model_dir).name,
+                        trial,
+                        f"{type(crash).__name__} after {cfg.max_retries + 1} attempts: "
+                        f"{first_line(crash)}",
+                    )
+                if rec["status"] == "ok":  # timed alone, below, with nothing else running
+                    built[(model_dir, trial)] = rec
+                else:
+                    records[(model_dir, trial)] = rec
+                log(_progress(len(built) + len(records), len(plan), rec))
+            measure = ray.remote(num_cpus=cfg.cpus_per_trial)(_measure_task)
+            for n, (key, rec) in enumerate(built.items(), 1):
+                try:
+                    rec = ray.get(measure.remote(rec, settings))
+                    done = {"built_for": built_for[key[0]], "record": rec}
+                    write_json_atomic(_record_path(out, *key), done)  # failures: tried next run
+                except ray.exceptions.RayError as e:
+                    rec = failed_record(rec["model"], rec["trial"], f"timing failed: {e}")
+                records[key] = rec
+                timed = f"{rec['e2e_ms']:.2f} ms/image" if rec["status"] == "ok" else rec["error"]
+                log(f"timed [{n}/{len(built)}] {rec['model']} {rec['trial']}: {timed}")
+    ordered = [records[k] for k in plan]
+    write_trials(out, ordered)
+    gallery = _gallery(cfg, out, plan, ordered, log)
+    report = write_report(out)
+    failed = sum(r["status"] != "ok" for r in ordered)
+    wall = time.perf_counter() - t0
+    log(f"compress: {len(ordered) - failed} ok, {failed} failed in {wall:.0f} s; {report}")
+    return {
+        "trials": len(ordered),
+        "ok": len(ordered) - failed,
+        "failed": failed,
+        "report": str(report),
+        "gallery": str(gallery) if gallery else None,
+    }
+
+
+def _gallery(cfg: CompressConfig, out: Path, plan, records, log) -> Path | None:
+    """OUT/gallery.html: a sample of the test images with every trial's caption (cfg.gallery
+    images; 0 removes an earlier run's page, which would describe other trials)."""
+    if not cfg.gallery:
+        (out / GALLERY_FILE).unlink(missing_ok=True)
+        return None
+    many = len({Path(m).name for m, _ in plan}) > 1
+    trials = [
+        (f"{r['model']} {r['trial']}" if many else r["trial"], r, _captions_path(out, m, t))
+        for (m, t), r in zip(plan, records, strict=True)
+    ]
+    path = write_compress_gallery(out, trials, cfg.gallery)
+    if path is None:
+        log("compress: no trial kept its captions, no gallery written")
+    return path
