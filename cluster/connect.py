@@ -109,15 +109,19 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def completed(ray, pending: dict):
-    """Yield (key, result, error) for each task of `pending` ({ref: key}) as it finishes, in
-    that order: `error` is None, or the RayError of a task whose worker died and whose retries
-    are spent (then `result` is None). Empties `pending`."""
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        key = pending.pop(ref)
-        try:
-            result, error = ray.get(ref), None
-        except ray.exceptions.RayError as e:
-            result, error = None, e
-        yield key, result, error
+def ray_imported() -> bool:
+    """Import Ray and Ray Data now (so that nothing timed after pays for it); returns whether
+    this process is already connected to a Ray (a shared session that later jobs reuse)."""
+    import ray
+    import ray.data  # noqa: F401
+
+    return ray.is_initialized()
+
+
+def cluster_cpus(address: str | None) -> float:
+    """The CPUs jobs run on: this machine's for the embedded Ray (no address), the cluster's
+    when one is named."""
+    if not address:
+        return float(os.cpu_count() or 1)
+    with ray_session(address) as ray:
+        return float(ray.cluster_resources().get("CPU", 1))

@@ -39,6 +39,10 @@ def read_note(out: str | Path, shard: int) -> dict | None:
         return None
 
 
+class WorkerFailure(RuntimeError):
+    """A worker's own account of an exception (its message is the note's detail as it is)."""
+
+
 def note_failure(out: str | Path, shard: int, reason: str, detail: str) -> None:
     """Why a shard's attempt failed, for the driver to put in its rows."""
     note = {"reason": reason, "detail": detail, "worker": f"{socket.gethostname()}:{os.getpid()}"}

@@ -15,9 +15,8 @@ A graph with more than APART_BYTES of weights (VGG16's encoder: 538 MB) is conve
 process of its own, from a SavedModel of the graph and its representative samples saved to a
 temporary folder: the converter's peak memory then ends with that process instead of staying
 with the caller (a Ray worker that runs trial after trial), and that process holds no Keras
-model. Measured for VGG16's encoder to int8 (64 calibration images): 7.9 GB in the caller,
-6.7 GB apart, with the caller staying at the 2.2 GB of its built model. On Linux the child
-is killed when its caller ends, so a worker killed mid-conversion leaves no converter behind.
+model (bench/README.md has the measured peaks). On Linux the child is killed when its caller
+ends, so a worker killed mid-conversion leaves no converter behind.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def export_backbone(encoder: str, weights: str | None, seed: int, path: str | Pa
     already there: `path` is named by the backbone (model/features.py backbone_file).
 
     Converted in this process, whatever its size: the feature job runs this in a Ray worker of
-    its own, whose memory ends with it (VGG16: 5.4 GB at the peak, 33 s; apart it took 39 s)."""
+    its own, whose memory ends with it."""
     path = Path(path)
     if not path.is_file():
         import tf_keras as keras

@@ -24,7 +24,7 @@ class TrialSettings:
     finetune_epochs: int = 3  # pruning and QAT fine-tuning
     shrink_epochs: int = 8  # a shrunk model, rebuilt from the kept weights, needs more
     finetune_learning_rate: float = 5e-4  # pruning and QAT: small steps from the trained model
-    shrink_learning_rate: float = 2e-3  # a shrunk model is half retrained (README: compress)
+    shrink_learning_rate: float = 2e-3  # a shrunk model is half retrained (docs/compress.md)
     finetune_batch_size: int = 16
     calibration_images: int = 64  # int8: real preprocessed training images
     bench_batch: int = 32  # latency is measured at this batch size...

@@ -80,7 +80,7 @@ def shrink_cnn(cnn, share: float):
 
     The head, the convs after the chain's last pooling layer, keeps its width too: it maps
     each position to the features the decoder reads (the small CNN's per-cell scores), so
-    thinning it removes information rather than spare capacity (README: compress, shrink)."""
+    thinning it removes information rather than spare capacity (docs/compress.md)."""
     import tf_keras as keras
 
     config = cnn.get_config()

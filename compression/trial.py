@@ -75,8 +75,8 @@ def decoder_samples(cap, backbone, x: np.ndarray):
     """The decoder's int8 representative samples: the (token, h, c, img_proj) each step really
     sees while greedily captioning these preprocessed images (2,000 of them at most)."""
     enc = cap.encoder_model(backbone)
-    # a few images at a time: VGG16's first activations are 13 MB an image, and memory freed
-    # after one big batch stays with the process (64 at once took a VGG16 trial to 9.3 GB)
+    # a few images at a time: a large CNN's first activations are large, and memory freed
+    # after one big batch stays with the process
     proj = predict_batches(enc, x, 8)
     seen = []
     step = KerasStep(cap.step_model())

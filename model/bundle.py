@@ -5,7 +5,7 @@
     vocab.json           the Vocabulary
     manifest.json        recipe, config, sizes raw and gzip, sha256 of every file, source, versions
 
-Nothing here imports TensorFlow: a captioning process loads 60 MB of LiteRT, not 2 GB of TF.
+Nothing here imports TensorFlow: a captioning process loads LiteRT alone, not all of TF.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def deflate_piece(data: bytes, start: int) -> bytes:
 
 def gzip_bytes(data: bytes, threads: int = 1) -> int:
     """The size of `data` as a gzip file at level 6, its pieces deflated on `threads` threads
-    (zlib frees the GIL; a VGG16 bundle's 560 MB took 18 s on one core): a gzip header, the
+    (zlib frees the GIL, so a large bundle need not hold one core): a gzip header, the
     pieces of `deflate_piece`, a CRC-32 and size trailer. A few bytes a piece larger than
     deflating it as one piece."""
     starts = range(0, max(len(data), 1), GZIP_PIECE)
@@ -181,7 +181,7 @@ def check_bundle(bundle_dir: str | Path) -> dict:
 
 
 # images per encoder call: a CNN's activations grow with the batch (a VGG16 fp32 bundle at the
-# caption job's batch of 256 took its actor to 15 GB; at 32, LiteRT's arena is about 1 GB)
+# caption job's largest batches would take an actor to many GB; at 32 its arena stays small)
 ENCODE_BATCH = 32
 
 

@@ -37,7 +37,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     # Share of each target word's probability spread evenly over the vocabulary. It keeps the
     # logits' range to a few units instead of a hundred, which a post-training int8 decoder
-    # can resolve (README: compression); 0 = plain cross-entropy.
+    # can resolve (docs/train.md); 0 = plain cross-entropy.
     label_smoothing: float = 0.1
     patience: int = 4  # epochs without a better dev loss before stopping
     min_count: int = 1

@@ -1,6 +1,8 @@
-"""The import rule (ARCHITECTURE.md): only cluster/ imports ray; model/ and compression/ stay
-pure; imports point down (jobs -> cluster -> compression -> model), never up; bench/ follows
-the same rule; and everything is imported through the one namespace, `capfleet`."""
+"""The import rule (ARCHITECTURE.md): only cluster/ imports ray; imports point down (jobs ->
+cluster, compression -> model -> core; cluster -> core only), never up, so cluster/ knows no
+job and model/ no job, cluster or compression code; bench/ follows the same rule; every module
+name is used once in the tree; and everything is imported through the one namespace,
+`capfleet`."""
 
 import ast
 from pathlib import Path
@@ -8,12 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "compression", "cluster", "jobs")
+PACKAGES = ("core", "model", "compression", "cluster", "jobs")
 # folder -> what its modules must never import (capfleet subpackages by their full name)
 FORBIDDEN = {
+    "core": {"ray", "capfleet.model", "capfleet.compression", "capfleet.cluster", "capfleet.jobs"},
     "model": {"ray", "capfleet.jobs", "capfleet.compression", "capfleet.cluster"},
     "compression": {"ray", "capfleet.jobs", "capfleet.cluster"},
-    "cluster": {"capfleet.jobs"},
+    "cluster": {"capfleet.jobs", "capfleet.model", "capfleet.compression"},
     "jobs": {"ray"},
     "bench": {"ray"},  # Ray only through capfleet.cluster
 }
@@ -70,3 +73,14 @@ def test_rule_checker_sees_nested_imports(tmp_path):
         "capfleet.jobs",
         "capfleet.jobs.api",
     }
+
+
+def test_every_module_name_is_used_once():
+    """A name says one role: no `report.py` in two packages, no `decode` beside `decoding`."""
+    seen: dict[str, list[str]] = {}
+    for folder in PACKAGES:
+        for f in modules_of(folder):
+            if f.name != "__init__.py":
+                seen.setdefault(f.stem, []).append(str(f.relative_to(ROOT)))
+    assert not {n: fs for n, fs in seen.items() if len(fs) > 1}
+    assert not {"decode", "decoding"} <= set(seen)

@@ -1,14 +1,14 @@
-"""The caption job on Ray Data: shards -> fetch + decode -> one actor pool, each actor hosting
-every bundle (it captions a shard with each model in turn and writes each model's Parquet part)
--> shard ids back to the driver for progress.
+"""The caption job's steps: list the inputs into shards, check the plan (resume), run the shards
+on the executor's pool (cluster/pool.py), each actor hosting every bundle (it loads a shard,
+captions it with each model in turn and writes each model's Parquet part), record the shards
+that failed as error rows, then the summary, the reports and job.json.
 
 Sizing: with no `actors`, the pool autoscales up to what the cluster's CPUs allow. One pool of
 actors holding every model keeps each CPU busy whatever the models' relative speeds (a pool per
-model left a fast int8 model's actors waiting on a slow fp32 one's: 57% of the CPUs busy
-captioning a test split with both) and decodes each shard once; an actor's memory is the sum of
-its models'. With `decode_cpus` equal to `actor_cpus` (the default) the actors fetch and decode
+model leaves a fast int8 model's actors waiting on a slow fp32 one's) and decodes each shard
+once; an actor's memory is the sum of its models'. With `decode_cpus` equal to `actor_cpus` (the default) the actors fetch and decode
 their shards themselves, so each actor is one process per CPU that reads, decodes and captions
-its own shards; nothing else in the pipeline needs a CPU (the driver lists the shards, the
+its own shards; nothing else in the job needs a CPU (the driver lists the shards, the
 actors write the parts), which keeps a pool that takes every CPU from starving other stages
 (docs/stack.md).
 With an address, OUT must be a filesystem that the driver and every worker see.
@@ -26,13 +26,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from capfleet.cluster.connect import ray_messages_to, ray_session
-from capfleet.cluster.watchdog import (
-    TIMEOUT,
-    WORKER_DIED,
-    WORKER_ERROR,
-    clear_note,
-    read_note,
-)
+from capfleet.cluster.pool import Pool, pool_size, run_units
+from capfleet.cluster.watchdog import WORKER_ERROR, clear_note
 from capfleet.core.artifacts import (
     OutputLock,
     package_versions,
@@ -50,7 +45,7 @@ from capfleet.jobs.caption.listing import (
     recut,
     with_references,
 )
-from capfleet.jobs.caption.load import decode_batch
+from capfleet.jobs.caption.load import load_shard
 from capfleet.jobs.caption.parts import (
     OK,
     bundle_identity,
@@ -69,7 +64,6 @@ from capfleet.model.data import open_reader
 
 LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 PROGRESS_EVERY_S = 5.0
-WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
 SMALL_INPUT_SHARDS, MIN_SHARD = 16, 64  # how a small input is cut (see _listing)
 
 
@@ -126,9 +120,9 @@ def run_caption_job(
         if todo:
             with ray_messages_to(out / LOG_FILE, verbose):
                 t_ray = time.perf_counter()
-                with ray_session(cfg.address or None) as ray:
+                with ray_session(cfg.address or None):
                     ray_start = time.perf_counter() - t_ray
-                    failed = _run_pipeline(ray, cfg, todo, sizes, out, log, verbose, retry_errors)
+                    failed = _run_shards(cfg, todo, sizes, out, log, verbose, retry_errors)
         for shard in todo:
             if shard.shard in failed:
                 _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
@@ -221,55 +215,16 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
     return listing
 
 
-def pool_size(ray, cfg: CaptionConfig) -> tuple[int, int]:
-    """(min, max) actors of the pool (each hosts every bundle): `actors` pins it; otherwise it
-    grows to the cluster's CPUs, at least one actor. An actor larger than every node could
-    never be placed: refused here rather than waited for."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    largest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
-    for key in ("actor_cpus", "decode_cpus"):
-        if getattr(cfg, key) > largest:
-            raise CapfleetError(
-                f"{key}: {getattr(cfg, key):g} CPUs, but the largest node has {largest:g}: "
-                "no actor could ever start"
-            )
-    if cfg.actors:
-        return cfg.actors, cfg.actors
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    most = max(1, int(cpus // cfg.actor_cpus))
-    return 1, most
-
-
-def _run_pipeline(
-    ray, cfg: CaptionConfig, todo, sizes, out: Path, log, verbose: bool, repair: bool
+def _run_shards(
+    cfg: CaptionConfig, todo, sizes, out: Path, log, verbose: bool, repair: bool
 ) -> dict[int, str]:
-    """Run the shards; returns {shard: why} for those whose worker failed after its retries."""
-    low, high = pool_size(ray, cfg)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose  # the driver prints one progress line instead
-    ctx.print_on_execution_start = verbose
-    # a shard that fails after its retries is dropped by Ray Data, not the whole job; the
-    # driver then writes its rows as errors (below)
-    ctx.max_errored_blocks = -1
-    ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
-    for s in todo:
-        clear_note(out, s.shard)
-    items = [s.item() for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    """Run the shards on the pool; returns {shard: why} for those whose worker failed after
+    its tries."""
     decode = {"sizes": sizes, "max_bytes": int(cfg.max_image_mb * 2**20)}
-    fused = cfg.decode_cpus == cfg.actor_cpus
-    if not fused:  # decoding as tasks of their own, retried the same number of times
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={**decode, "out": str(out.resolve()), "timeout_s": cfg.shard_timeout_s},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=cfg.decode_cpus,
-            max_retries=cfg.max_retries,
-        )
-    ds = ds.map_batches(
-        CaptionWorker,
-        fn_constructor_kwargs={
+    fused = cfg.decode_cpus == cfg.actor_cpus  # the actors fetch and decode (the default)
+    pool = Pool(
+        worker=CaptionWorker,
+        kwargs={
             # every actor hosts every bundle and captions each shard with each in turn
             "bundles": {
                 name: str(Path(bundle).resolve())
@@ -281,47 +236,30 @@ def _run_pipeline(
             "beam_width": cfg.beam_width,
             "shard_timeout_s": cfg.shard_timeout_s,
             "repair": repair,
-            "decode": decode if fused else None,  # the actors fetch and decode (the default)
-            "tries": 1 + cfg.max_retries,
+            "decode": decode if fused else None,
         },
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cfg.actor_cpus,
-        # starts as large as the cluster allows; may shrink when idle (the job's tail).
-        # Two shards in flight per actor: the next one is queued while it runs the first,
-        # so it never waits on the driver between shards (one in flight cost 10%)
-        compute=ray.data.ActorPoolStrategy(
-            min_size=low, max_size=high, initial_size=high, max_tasks_in_flight_per_actor=2
-        ),
-        # a dead actor is always restarted (a pool with none would wait forever) and Ray
-        # retries the shards queued on it; the worker counts each shard's starts and passes
-        # it by after 1 + max_retries, so one that kills every worker it lands on (out of
-        # memory, a native crash) cannot loop, and a shard queued behind it loses no try
-        max_restarts=-1,
-        max_task_retries=-1,
+        notes=str(out.resolve()),
+        cpus=cfg.actor_cpus,
+        actors=cfg.actors,
+        tries=1 + cfg.max_retries,
+        # otherwise decoding runs as tasks of their own, tried as often
+        prepare=None if fused else load_shard,
+        prepare_kwargs={**decode, "out": str(out.resolve()), "timeout_s": cfg.shard_timeout_s},
+        prepare_cpus=cfg.decode_cpus,
     )
+    units = [{"unit": s.shard, **s.item()} for s in todo]
+    low, high = pool_size(pool, len(units))
     total = sum(len(s) for s in todo)
     progress = Progress(total, log)
-    pool = f"{low}" if low == high else f"1 to {high}"
+    size = f"{low}" if low == high else f"1 to {high}"
     models = "the model" if len(cfg.bundles) == 1 else f"all {len(cfg.bundles)} models"
-    log(f"caption: {len(todo)} shards; {pool} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
-    done: set[int] = set()
-    for row in ds.iter_rows():
-        done.add(int(row["shard"]))
-        progress.add(int(row["rows"]))
+    log(f"caption: {len(todo)} shards; {size} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
+    failed = run_units(units, pool, lambda r: progress.add(int(r["rows"])), verbose)
     progress.done()
-    failed = {}
-    for s in todo:
-        if s.shard not in done:
-            note = read_note(out, s.shard) or {}
-            if note.get("reason") == TIMEOUT:
-                why = f"{TIMEOUT}: {note.get('stage')} ran over {note.get('seconds')} s"
-            elif note.get("reason") == WORKER_ERROR:  # a bug: the log file has the traceback
-                why = f"{WORKER_ERROR}: {note.get('detail')} (a bug: see {LOG_FILE})"
-            else:
-                why = f"{WORKER_DIED}: its worker died on each of {1 + cfg.max_retries} attempts"
-            failed[s.shard] = why
-    return failed
+    return {
+        shard: why + (f" (a bug: see {LOG_FILE})" if why.startswith(WORKER_ERROR) else "")
+        for shard, why in failed.items()
+    }
 
 
 class Progress:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from capfleet.cluster.watchdog import WORKER_ERROR, deadline, note_failure
+from capfleet.cluster.watchdog import WorkerFailure, deadline
 from capfleet.jobs.caption.fetch import (
     MAX_IMAGE_BYTES,
     image_bytes,
@@ -22,23 +22,23 @@ from capfleet.model.data import MISSING
 from capfleet.model.images import UNREADABLE, ImageError, decode_image
 
 
-def _column(batch: dict, key: str) -> list:
-    """One shard's column of a batch of one shard (Ray Data's numpy format or plain lists)."""
-    return [list(v) if isinstance(v, np.ndarray) else v for v in batch[key][0]]
+def _column(shard: dict, key: str) -> list:
+    """One column of a shard's item (arrays as Ray Data hands them over, or plain lists)."""
+    return [list(v) if isinstance(v, np.ndarray) else v for v in shard[key]]
 
 
-def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
+def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES):
     """The shard's images as (bytes or ImageError per row, references per row, read ms per
     row). Rows that came with an error are not fetched."""
-    source = str(batch["source"][0])
-    where = json.loads(str(batch["where"][0]))
-    ids, errors = _column(batch, "image_id"), _column(batch, "error")
-    refs = [list(r) for r in _column(batch, "references")]
+    source = str(shard["source"])
+    where = json.loads(str(shard["where"]))
+    ids, errors = _column(shard, "image_id"), _column(shard, "error")
+    refs = [list(r) for r in _column(shard, "references")]
     n = len(ids)
     data: list = [None] * n
     read_ms = [0.0] * n
     if source == "files":
-        for i, uri in enumerate(_column(batch, "uri")):
+        for i, uri in enumerate(_column(shard, "uri")):
             if errors[i]:
                 continue
             t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
             cols = read_parquet_slice(
                 where["path"], where["row_group"], where["offset"], where["length"], columns
             )
-            positions = [int(r) for r in _column(batch, "rows")] if "rows" in batch else range(n)
+            positions = [int(r) for r in _column(shard, "rows")] if "rows" in shard else range(n)
             values, texts = cols[where["column"]], cols.get(where["captions"])
             for i, row in enumerate(positions):
                 data[i] = image_bytes(values[row])
@@ -79,8 +79,8 @@ def fetch_shard(batch: dict, max_bytes: int = MAX_IMAGE_BYTES):
     return data, refs, read_ms
 
 
-def decode_batch(
-    batch: dict,
+def load_shard(
+    shard: dict,
     sizes: Sequence[int],
     max_bytes: int = MAX_IMAGE_BYTES,
     out: str = "",
@@ -89,20 +89,19 @@ def decode_batch(
     """Fetch and decode every image of a shard for each input size the bundles need; with
     `timeout_s`, a shard that takes longer ends this worker (watchdog.deadline, notes in `out`).
 
-    batch: one shard's item (reader.Shard.item) -> adds per size S "image_S": (1, N, S, S, 3)
+    shard: one shard's item (listing.Shard.item) -> adds per size S "image_S": (N, S, S, 3)
     uint8, and per row "error" (the reason, "" when fine), "references", "read_ms",
     "decode_ms".
     """
     if timeout_s:
-        shard = int(batch["shard"][0])
+        number = int(shard["shard"])
         try:
-            with deadline(out, shard, "fetch and decode", timeout_s):
-                return decode_batch(batch, sizes, max_bytes)
+            with deadline(out, number, "fetch and decode", timeout_s):
+                return load_shard(shard, sizes, max_bytes)
         except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
-            note_failure(out, shard, WORKER_ERROR, f"decode: {type(e).__name__}: {e}")
-            raise
-    errors = [str(e) for e in _column(batch, "error")]
-    data, refs, read_ms = fetch_shard(batch, max_bytes)
+            raise WorkerFailure(f"decode: {type(e).__name__}: {e}") from e
+    errors = [str(e) for e in _column(shard, "error")]
+    data, refs, read_ms = fetch_shard(shard, max_bytes)
     n = len(errors)
     images = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
     decode_ms = [0.0] * n
@@ -120,19 +119,11 @@ def decode_batch(
                 break
             images[s][i] = out
         decode_ms[i] = 1000 * (time.perf_counter() - t0)
-    result = {k: v for k, v in batch.items() if k not in ("error", "references")}
-    result["error"] = _objects(errors)
-    result["references"] = _objects([list(r) for r in refs])
-    result["read_ms"] = np.array([read_ms], np.float64)
-    result["decode_ms"] = np.array([decode_ms], np.float64)
+    result = {k: v for k, v in shard.items() if k not in ("error", "references")}
+    result["error"] = errors
+    result["references"] = [list(r) for r in refs]
+    result["read_ms"] = np.array(read_ms, np.float64)
+    result["decode_ms"] = np.array(decode_ms, np.float64)
     for s, arr in images.items():
-        result[f"image_{s}"] = arr[None]
+        result[f"image_{s}"] = arr
     return result
-
-
-def _objects(values: list) -> np.ndarray:
-    """A (1, N) object array: one shard's column of N strings or lists (ragged)."""
-    out = np.empty((1, len(values)), dtype=object)
-    for i, v in enumerate(values):
-        out[0, i] = v
-    return out

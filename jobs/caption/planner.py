@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from capfleet.cluster.connect import cluster_cpus, ray_imported
 from capfleet.core.artifacts import cpu_info
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
@@ -68,7 +68,7 @@ def calibrate(
     already gives every CPU a shard (a job of fewer shards than CPUs leaves CPUs idle)."""
     if sample < 16:
         raise CapfleetError(f"sample: at least 16 images, got {sample}")
-    cpus = _cluster_cpus(cfg)
+    cpus = cluster_cpus(cfg.address)
     listed = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column).images
     n2 = min(4 * sample, listed)
     n1 = n2 // 4
@@ -83,11 +83,9 @@ def calibrate(
     # beside the spec's output (on a cluster, storage every node writes to), removed after
     parent = Path(cfg.out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    import ray
-    import ray.data  # noqa: F401  the driver's imports, before anything is timed
-
+    shared = ray_imported()  # the driver's imports, before anything is timed
     with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
-        if ray.is_initialized():  # a shared session: its first job starts what later ones reuse
+        if shared:  # a shared session: its first job starts what later ones reuse
             run_caption_job(replace(cfg, out=str(Path(tmp) / "warm-up"), limit=16), log=str)
         for n in (n1, n2):
             run = replace(cfg, out=str(Path(tmp) / f"run-{n}"), limit=n)
@@ -116,17 +114,6 @@ def calibrate(
         stages,
         cpu_info(),
     )
-
-
-def _cluster_cpus(cfg: CaptionConfig) -> float:
-    """The CPUs a job of this spec runs on: this machine's for the embedded Ray, the
-    cluster's when the spec names an address."""
-    if not cfg.address:
-        return float(os.cpu_count() or 1)
-    from capfleet.cluster.connect import ray_session
-
-    with ray_session(cfg.address) as ray:
-        return float(ray.cluster_resources().get("CPU", 1))
 
 
 def plan_table(

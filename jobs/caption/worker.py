@@ -8,18 +8,11 @@ import os
 import socket
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfleet.cluster.watchdog import (
-    WORKER_ERROR,
-    deadline,
-    end_try,
-    note_failure,
-    start_try,
-)
-from capfleet.jobs.caption.load import decode_batch
+from capfleet.cluster.watchdog import WorkerFailure, deadline
+from capfleet.jobs.caption.load import load_shard
 from capfleet.jobs.caption.parts import (
     CAPTION_SCHEMA,
     ERROR,
@@ -33,9 +26,6 @@ from capfleet.model.bundle import BundleRunner
 from capfleet.model.metrics import rouge_l, sentence_bleu4
 from capfleet.model.text import clean_caption
 
-# the name a shard's starts are counted under (OUT/_failed/shard-NNNNNN.caption.tries)
-TRIES_STAGE = "caption"
-
 
 class CaptionWorker:
     """Hosts every bundle of a job ({name: bundle directory}); `__call__` captions one shard
@@ -44,9 +34,10 @@ class CaptionWorker:
     One pool of these, each actor holding every model, keeps every CPU busy whatever the
     models' relative speeds (a pool per model would leave the fast model's actors waiting on
     the slow one's) and decodes each shard once. Follows Ray's batch-inference shape (load
-    once in __init__, map a batch in __call__) and holds no Ray code. A model whose part of
-    the shard is already whole is passed over (resume); with `repair`, its error rows among
-    the batch's rows are captioned again and replaced in the part, its ok rows untouched.
+    once in __init__, map a shard in __call__) and holds no Ray code: cluster/pool.py runs it
+    and counts each shard's tries. A model whose part of the shard is already whole is passed
+    over (resume); with `repair`, its error rows among the shard's rows are captioned again
+    and replaced in the part, its ok rows untouched.
     """
 
     def __init__(
@@ -59,7 +50,6 @@ class CaptionWorker:
         shard_timeout_s: float = 0.0,
         repair: bool = False,
         decode: dict | None = None,
-        tries: int = 3,
     ):
         if not bundles:
             raise ValueError("CaptionWorker needs at least one bundle")
@@ -71,20 +61,18 @@ class CaptionWorker:
         self.batch_size = batch_size
         self.shard_timeout_s = shard_timeout_s  # 0 = none; for each model's work on a shard
         self.repair = repair
-        # decode_batch's arguments when this worker fetches and decodes its shards itself (the
+        # load_shard's arguments when this worker fetches and decodes its shards itself (the
         # default: one process per core reads, decodes and captions)
         self.decode = decode
-        self.tries = tries  # starts of one shard before it is passed by (1 + retries)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def __call__(self, batch: dict) -> dict:
-        """One shard: every model's part written; returns only the shard id and its row count
-        (for the driver's progress), not the images."""
-        shard = int(batch["shard"][0])
-        start_try(self.out, shard, TRIES_STAGE, self.tries)
+    def __call__(self, item: dict) -> dict:
+        """One shard's item (listing.Shard.item, or load_shard's result): every model's part
+        written; returns only the shard id and its row count (for the driver's progress)."""
+        shard = int(item["shard"])
         if self.decode is not None:
-            batch = decode_batch(batch, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
-        rows = len(batch["image_id"][0])
+            item = load_shard(item, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
+        rows = len(item["image_id"])
         for name in self.runners:
             timer = (
                 deadline(self.out, shard, name, self.shard_timeout_s)
@@ -93,26 +81,24 @@ class CaptionWorker:
             )
             try:
                 with timer:
-                    self._write(shard, batch, name)
+                    self._write(shard, item, name)
             except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
-                note_failure(self.out, shard, WORKER_ERROR, f"{name}: {type(e).__name__}: {e}")
-                raise
-        end_try(self.out, shard, TRIES_STAGE)
-        return {"shard": batch["shard"], "rows": np.array([rows])}
+                raise WorkerFailure(f"{name}: {type(e).__name__}: {e}") from e
+        return {"shard": shard, "rows": rows}
 
-    def _write(self, shard: int, batch: dict, name: str) -> None:
+    def _write(self, shard: int, item: dict, name: str) -> None:
         path = part_path(self.out, name, shard)
         stats = part_stats(path)
         started = time.time()
         if stats is None or stats.retry:  # not done: the batch holds the whole shard
-            table = self.caption_rows(shard, batch, list(range(len(batch["image_id"][0]))), name)
+            table = self.caption_rows(shard, item, list(range(len(item["image_id"]))), name)
         elif self.repair:
             old = pq.read_table(path).replace_schema_metadata(None).to_pylist()
-            positions = [int(r) for r in batch["rows"][0]]
+            positions = [int(r) for r in item["rows"]]
             redo = [j for j, pos in enumerate(positions) if old[pos]["status"] != OK]
             if not redo:
                 return
-            new = self.caption_rows(shard, batch, redo, name).to_pylist()
+            new = self.caption_rows(shard, item, redo, name).to_pylist()
             for j, row in zip(redo, new, strict=True):
                 old[positions[j]] = row
             table = pa.Table.from_pylist(old, schema=CAPTION_SCHEMA)
@@ -121,13 +107,13 @@ class CaptionWorker:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_part(path, table, stats_of(table, started, time.time()))
 
-    def caption_rows(self, shard: int, batch: dict, idx: list[int], name: str) -> pa.Table:
-        """Rows `idx` of a decoded batch captioned by model `name`, in batches; bad images
+    def caption_rows(self, shard: int, item: dict, idx: list[int], name: str) -> pa.Table:
+        """Rows `idx` of a loaded shard captioned by model `name`, in batches; bad images
         become error rows."""
         runner = self.runners[name]
-        pick = lambda key: [batch[key][0][j] for j in idx]  # noqa: E731
+        pick = lambda key: [item[key][j] for j in idx]  # noqa: E731
         errors = [str(e) for e in pick("error")]
-        images = batch[f"image_{runner.input_size}"][0]
+        images = item[f"image_{runner.input_size}"]
         n = len(idx)
         captions: list[str | None] = [None] * n
         enc_ms, dec_ms, bsizes = [None] * n, [None] * n, [None] * n

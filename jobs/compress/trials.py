@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.cluster.connect import failure_text, ray_session
+from capfleet.cluster.tasks import TaskFailed, run_task, run_tasks
 from capfleet.compression.records import failed_record, write_trials
 from capfleet.compression.settings import TrialSettings, slug, tuning_epochs
 from capfleet.compression.trial import measure_bundle, run_trial
@@ -117,48 +118,47 @@ def run_compress_job(
             "their model or settings changed, or their data"
         )
     if todo:
-        with ray_session(address) as ray:
-            task = ray.remote(
-                num_cpus=cfg.cpus_per_trial, max_retries=cfg.max_retries, max_calls=1
-            )(_trial_task)
-            pending, built = {}, {}
+        with ray_session(address):
+            built = {}
             # longest first (Ray starts queued tasks of one kind roughly in submission order),
             # so that no long trial starts last and runs on alone
             todo.sort(key=lambda mt: -tuning_epochs(mt[1], cfg.settings))
-            for model_dir, trial in todo:
-                bundle = out / "bundles" / Path(model_dir).name / slug(trial)
-                ref = task.remote(
-                    str(Path(model_dir).resolve()),
-                    trial,
-                    str(bundle.resolve()),
-                    settings,
-                    str(_captions_path(out, model_dir, trial).resolve()),
+            calls = [
+                (
+                    (model_dir, trial),
+                    (
+                        str(Path(model_dir).resolve()),
+                        trial,
+                        str((out / "bundles" / Path(model_dir).name / slug(trial)).resolve()),
+                        settings,
+                        str(_captions_path(out, model_dir, trial).resolve()),
+                    ),
+                    cfg.cpus_per_trial,
                 )
-                pending[ref] = (model_dir, trial)
+                for model_dir, trial in todo
+            ]
             log(
                 f"compress: {len(todo)} trials on Ray, {cfg.cpus_per_trial:g} CPU each; "
                 "then each bundle is timed alone"
             )
-            for (model_dir, trial), rec, crash in completed(ray, pending):
+            for (model_dir, trial), rec, crash in run_tasks(_trial_task, calls, cfg.max_retries):
                 if crash is not None:  # the worker died, retries spent
                     rec = failed_record(
                         Path(model_dir).name,
                         trial,
-                        f"{type(crash).__name__} after {cfg.max_retries + 1} attempts: "
-                        f"{first_line(crash)}",
+                        f"{crash.kind} after {cfg.max_retries + 1} attempts: {crash.detail}",
                     )
                 if rec["status"] == "ok":  # timed alone, below, with nothing else running
                     built[(model_dir, trial)] = rec
                 else:
                     records[(model_dir, trial)] = rec
                 log(_progress(len(built) + len(records), len(plan), rec))
-            measure = ray.remote(num_cpus=cfg.cpus_per_trial)(_measure_task)
             for n, (key, rec) in enumerate(built.items(), 1):
                 try:
-                    rec = ray.get(measure.remote(rec, settings))
+                    rec = run_task(_measure_task, rec, settings, cpus=cfg.cpus_per_trial)
                     done = {"built_for": built_for[key[0]], "record": rec}
                     write_json_atomic(_record_path(out, *key), done)  # failures: tried next run
-                except ray.exceptions.RayError as e:
+                except TaskFailed as e:
                     rec = failed_record(rec["model"], rec["trial"], f"timing failed: {e}")
                 records[key] = rec
                 timed = f"{rec['e2e_ms']:.2f} ms/image" if rec["status"] == "ok" else rec["error"]

@@ -1,7 +1,8 @@
 """A frozen backbone's features across the cluster: one Ray task converts the backbone to its
 fp32 LiteRT flatbuffer (kept in the feature cache, so once per backbone), then a Ray Data job
-over shards of a split's images, one autoscaling pool of 1-CPU actors (each running that
-flatbuffer, without TensorFlow), writes every shard's features as its own .npy part. Parts
+over shards of a split's images on the executor's pool (cluster/pool.py: 1-CPU actors, each
+running that flatbuffer without TensorFlow, the same tries and notes as the caption job's)
+writes every shard's features as its own .npy part. Parts
 already whole are skipped, so a job that died (or lost a node) resumes where it stopped; then
 the parts are joined into the cache file training reads (model/features.py: keyed as
 cached_features keys it). The cache folder must be one every node sees (a shared file system)."""
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.cluster.connect import first_line, ray_session
+from capfleet.cluster.connect import ray_session
+from capfleet.cluster.pool import Pool, run_units
+from capfleet.cluster.tasks import TaskFailed, run_task
 from capfleet.compression.export import export_backbone
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
@@ -34,7 +37,8 @@ from capfleet.model.features import (
 from capfleet.model.train_config import TrainConfig
 
 FEATURE_SHARD = 256  # images per part: a unit of work and of resume
-FEATURE_BATCH = 32  # images per backbone call (VGG16's activations are 13 MB an image and layer)
+FEATURE_TRIES = 4  # starts of a part before it fails the job (a lost node's parts start again)
+FEATURE_BATCH = 32  # images per backbone call: a CNN's activations grow with it
 
 
 class FeatureWorker:
@@ -43,10 +47,8 @@ class FeatureWorker:
 
     The backbone runs as its fp32 LiteRT flatbuffer (`backbone_file`), on one thread, with no
     TensorFlow in the process. Its features equal Keras's within 1e-4 of their scale (tested).
-    On one core alone Keras is about as fast, but a feature job runs one worker per core, and
-    there LiteRT was the faster engine: the VGG16 feature job on two cores, run both ways
-    minutes apart, encoded 9.82 images/s on LiteRT once converted, 8.0 on Keras; its actors
-    peak at 2.3 GB against Keras's 2.8 GB."""
+    With one worker per core LiteRT is the faster engine and the smaller process
+    (bench/README.md, feature_rate)."""
 
     def __init__(
         self, model_file: str | Path, encoder: str, threads: int = 1, batch: int = FEATURE_BATCH
@@ -69,7 +71,7 @@ class FeatureWorker:
     def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
         """Features of up to `batch` preprocessed images (named as Keras's, for predict_batches).
         One interpreter at one batch size, a short batch padded: each size would hold its own
-        packed copy of the weights (VGG16: 537 MB)."""
+        packed copy of the weights."""
         n = len(x)
         if n < self.batch:
             x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
@@ -101,6 +103,14 @@ class FeatureWorker:
         write_json_atomic(folder / f"part-{shard:06d}.json", meta)
         write_bytes_atomic(folder / f"part-{shard:06d}.npy", buf.getvalue())
         return {"shard": shard, "images": len(kept), "skipped": len(bad)}
+
+    def __call__(self, unit: dict) -> dict:
+        """One unit of the feature job (the pool's shape): a shard of a split into its folder;
+        the part's .json says which node computed it."""
+        ids, uris = [str(i) for i in unit["ids"]], [str(u) for u in unit["uris"]]
+        note = {"node": str(unit["node"])}
+        row = self.write_part(str(unit["folder"]), int(unit["shard"]), ids, uris, note)
+        return {**row, "folder": str(unit["folder"])}
 
 
 def done_parts(folder: str | Path, shards: int) -> set[int]:
@@ -147,23 +157,6 @@ def assemble_parts(
     return write_cache(cache_dir, encoder, weights_id, kept, np.concatenate(feats))
 
 
-class _Worker(FeatureWorker):
-    """The Ray Data callable: one shard per call, into its split's parts folder; says which
-    node computed it."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        import ray
-
-        self.node = ray.get_runtime_context().get_node_id()
-
-    def __call__(self, batch: dict) -> dict:
-        shard, folder = int(batch["shard"][0]), str(batch["folder"][0])
-        ids, uris = [str(i) for i in batch["ids"][0]], [str(u) for u in batch["uris"][0]]
-        row = self.write_part(folder, shard, ids, uris, {"node": self.node})
-        return {k: [v] for k, v in {**row, "folder": folder, "node": self.node}.items()}
-
-
 def compute_features(
     cfg: TrainConfig,
     address: str | None = None,
@@ -200,18 +193,19 @@ def compute_features(
         splits[split] = (records, folder)
         items += [
             {
+                "unit": len(items) + k,
                 "shard": n,
                 "folder": str(folder),
                 "ids": [r.image_id for r in records[n * shard_size : (n + 1) * shard_size]],
                 "uris": [r.uri for r in records[n * shard_size : (n + 1) * shard_size]],
             }
-            for n in todo
+            for k, n in enumerate(todo)
         ]
     rows, convert_s = [], 0.0
     if items:  # every split's parts in one job: one pool of actors, each loads the backbone once
-        with ray_session(address) as ray:
-            model, convert_s = _backbone(ray, cfg, cache, log)
-            rows = _run(ray, cfg, model, items, max_actors)
+        with ray_session(address):
+            model, convert_s = _backbone(cfg, cache, log)
+            rows = _run(cfg, model, cache, items, max_actors)
     report = {s: {"parts_run": 0, "nodes": []} for s in SPLITS}
     for split, (records, folder) in splits.items():
         assemble_parts(folder, records, info.name, cfg.weights_id, cache, shard_size, log)
@@ -224,10 +218,10 @@ def compute_features(
     return {**report, "seconds": round(seconds, 1), "convert_seconds": round(convert_s, 1)}
 
 
-def _backbone(ray, cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
+def _backbone(cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
     """(the backbone's flatbuffer in the cache, seconds taken to make it): converted by a Ray
-    task when not there yet, in a worker of its own (max_calls=1: VGG16's conversion peaks at
-    5.4 GB, which ends with that process)."""
+    task when not there yet, in a process of its own (the converter's peak memory ends with
+    it)."""
     path = backbone_file(cache, cfg.encoder, cfg.weights_id).resolve()
     if path.is_file():
         problem = backbone_problem(path, cfg.encoder)
@@ -239,39 +233,42 @@ def _backbone(ray, cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
     weights = cfg.weights_arg
     if weights and Path(weights).is_file():  # the task may run on another node: no relative path
         weights = str(Path(weights).resolve())
-    task = ray.remote(num_cpus=1, max_calls=1, max_retries=1)(export_backbone)
-    try:
-        ray.get(task.remote(cfg.encoder, weights, cfg.seed, str(path)))
-    except ray.exceptions.RayError as e:  # raised in the task, or its worker died (memory)
-        cause = getattr(e, "cause", None) or e
+    try:  # in a process of its own: the converter's peak memory ends with it
+        run_task(
+            export_backbone,
+            *(cfg.encoder, weights, cfg.seed, str(path)),
+            max_retries=1,
+            fresh_process=True,
+        )
+    except TaskFailed as e:  # raised in the task, or its worker died (memory)
         raise CapfleetError(
-            f"features: converting {cfg.encoder} to LiteRT failed: {first_line(cause)}"
+            f"features: converting {cfg.encoder} to LiteRT failed: {e.detail}"
         ) from e
     seconds = time.perf_counter() - t0
     log(f"features: {cfg.encoder} converted to LiteRT in {seconds:.0f} s ({path.name})")
     return str(path), seconds
 
 
-def _run(ray, cfg: TrainConfig, model: str, items: list[dict], max_actors: int):
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    high = max(1, min(max_actors or cpus, cpus, len(items)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        _Worker,
-        fn_constructor_kwargs={
+def _run(cfg: TrainConfig, model: str, cache: Path, items: list[dict], max_actors: int):
+    pool = Pool(
+        worker=FeatureWorker,
+        kwargs={
             "model_file": model,
             "encoder": cfg.encoder,
             "threads": 1,
             # small shards: no padding
             "batch": min(FEATURE_BATCH, max(len(i["ids"]) for i in items)),
         },
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high, initial_size=high),
-        max_restarts=-1,  # a lost node's actors start again elsewhere; their shards are retried
-        max_task_retries=3,
+        notes=str(cache.resolve()),
+        actors=max_actors,
+        tries=FEATURE_TRIES,
     )
-    return ds.take_all()
+    rows = []
+    failed = run_units(items, pool, rows.append)
+    if failed:
+        unit, why = next(iter(failed.items()))
+        raise CapfleetError(
+            f"features: {len(failed)} parts failed after {FEATURE_TRIES} tries, e.g. "
+            f"{items[unit]['folder']} part {items[unit]['shard']}: {why}; rerun to retry them"
+        )
+    return rows

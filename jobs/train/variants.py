@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from capfleet.cluster.connect import completed, failure_text, first_line, ray_session
+from capfleet.cluster.connect import failure_text, ray_session
+from capfleet.cluster.tasks import run_tasks
 from capfleet.core.artifacts import write_parquet_atomic
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.train.feature_job import compute_features
@@ -135,21 +136,17 @@ def run_train_job(
         else:
             todo.append((name, cfg))
     frozen = {k: c for k, c in frozen.items() if any(_cache_key(t) == k for _, t in todo)}
-    with ray_session(address) as ray:
+    with ray_session(address):
         if frozen:
             log(f"train: computing features of {len(frozen)} frozen backbone(s) once")
             for c in frozen.values():  # each across every CPU of the cluster
                 compute_features(c, address, log=log)
-        task = ray.remote(max_retries=max_retries, max_calls=1)(_train_task)
-        pending = {
-            task.options(num_cpus=max(1, cfg.threads)).remote(name, cfg): (name, cfg)
-            for name, cfg in todo
-        }
-        if pending:
-            log(f"train: {len(pending)} variants on Ray into {out}")
-        for (name, cfg), row, crash in completed(ray, pending):
+        if todo:
+            log(f"train: {len(todo)} variants on Ray into {out}")
+        calls = [((name, cfg), (name, cfg), max(1, cfg.threads)) for name, cfg in todo]
+        for (name, cfg), row, crash in run_tasks(_train_task, calls, max_retries):
             if crash is not None:  # the worker died, retries spent
-                row = variant_row(name, cfg, None, f"{type(crash).__name__}: {first_line(crash)}")
+                row = variant_row(name, cfg, None, str(crash))
             rows[name] = row
             if row["status"] == "ok":
                 what = (

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from capfleet.cluster.pool import batch_of, unit_of
 from capfleet.cluster.watchdog import OutOfTries, clear_note, end_try, start_try
 from capfleet.jobs.caption.fetch import read_http, read_uri, sample_key
 from capfleet.jobs.caption.listing import expand_braces, first_images, list_inputs, recut
-from capfleet.jobs.caption.load import decode_batch
+from capfleet.jobs.caption.load import load_shard
 from capfleet.jobs.caption.parts import BleuStats
 from capfleet.model.data import Flickr8kReader, ManifestReader
 from capfleet.model.metrics import corpus_bleu_scores
@@ -38,13 +39,9 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def decoded(shard, size=16):
-    """decode_batch on one shard's item, as Ray Data hands it over (a batch of one)."""
-    item = shard.item()
-    batch = {
-        k: np.array([v], dtype=object) if isinstance(v, list) else np.array([v])
-        for k, v in item.items()
-    }
-    return decode_batch(batch, [size])
+    """load_shard on one shard's item as the pool hands it over (through a batch of one), its
+    result as the pool hands it on."""
+    return batch_of(load_shard(unit_of(batch_of(shard.item())), [size]))
 
 
 @pytest.fixture()
