@@ -15,9 +15,24 @@ TMP_PREFIX = ".tmp-"  # a writer's file before its rename; one left behind is a 
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it (os.umask can only set it, and setting
+    it even for a moment lets another thread create a world-writable file)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _umask_at_import() -> int:
+    mask = os.umask(0o022)  # at import, before any thread of ours writes a file
     os.umask(mask)
     return mask
+
+
+_IMPORT_UMASK = _umask_at_import()  # where /proc cannot tell (not Linux)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -99,48 +114,117 @@ LOCK_STALE_S = 120.0  # ...so one untouched for this long was left by a killed j
 
 
 class OutputLock:
-    """One writer per output folder: OUT/.capfleet.lock names its holder (host:pid, start). A
-    second job into the same folder is refused; a lock whose holder is gone (a dead pid on this
-    host, or no heartbeat for LOCK_STALE_S from any host) is taken over."""
+    """One writer per output folder: OUT/.capfleet.lock names its holder (host, pid, a random
+    token, start) and its mtime is the holder's heartbeat, touched every LOCK_HEARTBEAT_S.
+
+    - A second job into the folder is refused while the lock lives. A lock is stale when its
+      heartbeat is older than LOCK_STALE_S, whoever holds it (a live pid with an old heartbeat
+      is no holder: a container restarted as PID 1 again), or at once when its holder ran on
+      this host, in this PID namespace and boot, and that pid is gone.
+    - A stale lock is taken over under a take-over mutex (an O_EXCL file beside it): the new
+      lock replaces the old by rename, then is read back; two jobs that both find the same
+      stale lock cannot both enter.
+    - The holder's token, not its pid, says whose lock it is: release removes only one's own.
+    - A heartbeat that fails (the lock taken over, or its folder unwritable for half of
+      LOCK_STALE_S) interrupts the process's main thread (as Ctrl-C would), and the job ends
+      with a CapfleetError naming the cause rather than writing on unlocked.
+    - Re-entrant within a process: a job that runs other jobs into the folder it holds (the
+      goal search) holds it once.
+
+    On an object store or a file system without atomic O_EXCL and rename (some NFS setups),
+    the lock is best effort."""
+
+    _held: dict[str, int] = {}  # resolved lock path -> depth, this process
 
     def __init__(self, folder: str | Path, what: str = "job", log=print):
         self.path = Path(folder) / LOCK_FILE
         self.what, self.log = what, log
         self._stop = None
+        self.lost: str | None = None
 
     def __enter__(self) -> OutputLock:
+        import secrets
         import socket
         import threading
         import time
 
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        key = str(self.path.resolve())
+        if key in OutputLock._held:
+            OutputLock._held[key] += 1
+            self._key = key
+            return self
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": secrets.token_hex(16),
+            "started": time.time(),
+            "namespace": _namespace(),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
-            except FileExistsError:
-                holder = self._holder()
-                if not self._stale(holder):
-                    since = time.strftime(
-                        "%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0))
-                    )
-                    raise CapfleetError(
-                        f"{self.path.parent}: another {self.what} is writing here "
-                        f"({holder.get('host')}:{holder.get('pid')}, since {since}); wait for "
-                        f"it, or use another output folder"
-                    ) from None
+        for _ in range(3):
+            if self._create(me):
+                break
+            holder = self._holder()
+            if not self._stale(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise CapfleetError(
+                    f"{self.path.parent}: another {self.what} is writing here "
+                    f"({holder.get('host')}:{holder.get('pid')}, since {since}); wait for "
+                    f"it, or use another output folder"
+                )
+            if self._take_over(holder, me):
                 self.log(f"{self.what}: taking over the lock of a job that is gone ({holder})")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
+                break
         else:
             raise CapfleetError(f"{self.path}: could not take the output lock")
-        self._me = me
+        self._me, self._key = me, key
+        OutputLock._held[key] = 1
         self._stop = threading.Event()
+        self._main = threading.main_thread()
         threading.Thread(target=self._heartbeat, daemon=True).start()
         return self
+
+    def _write_tmp(self, me: dict) -> Path:
+        tmp = self.path.with_name(f"{TMP_PREFIX}{LOCK_FILE}.{me['token']}")
+        tmp.write_text(json.dumps(me))
+        os.chmod(tmp, 0o666 & ~_umask())
+        return tmp
+
+    def _create(self, me: dict) -> bool:
+        """Create the lock if there is none (link is atomic create-if-absent)."""
+        tmp = self._write_tmp(me)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over(self, stale: dict, me: dict) -> bool:
+        """Replace the stale lock with ours under the take-over mutex; True when ours is the
+        lock now (read back), False when another job's is (it got there first: look again)."""
+        import time
+
+        mutex = self.path.with_name(f"{LOCK_FILE}.takeover")
+        try:
+            if time.time() - mutex.stat().st_mtime > LOCK_STALE_S:
+                mutex.unlink(missing_ok=True)  # a taker killed inside the few lines below
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            time.sleep(0.2)  # another job is taking it over: look again
+            return False
+        os.close(fd)
+        try:
+            if self._holder().get("token") != stale.get("token"):
+                return False  # not the lock we found stale any more
+            os.replace(self._write_tmp(me), self.path)
+            return self._holder().get("token") == me["token"]
+        finally:
+            mutex.unlink(missing_ok=True)
 
     def _holder(self) -> dict:
         try:
@@ -150,34 +234,76 @@ class OutputLock:
             return {}
 
     def _stale(self, holder: dict) -> bool:
-        import socket
         import time
 
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return True
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        if age > LOCK_STALE_S:
+            return True
+        here = holder.get("namespace") == _namespace() and holder.get("host") == _host()
+        if here and isinstance(holder.get("pid"), int):
             try:
                 os.kill(holder["pid"], 0)
             except ProcessLookupError:
                 return True  # that process is gone
             except PermissionError:
                 pass  # alive, another user's
-            return False
-        return age > LOCK_STALE_S
+        return False
 
     def _heartbeat(self) -> None:
+        import _thread
+        import signal
+        import time
+
+        last_ok = time.time()
         while not self._stop.wait(LOCK_HEARTBEAT_S):
             try:
-                os.utime(self.path)
-            except OSError:
-                return
+                if self._holder().get("token") != self._me["token"]:
+                    self.lost = "its lock was taken by another job"
+                else:
+                    os.utime(self.path)
+                    last_ok = time.time()
+                    continue
+            except OSError as e:
+                if time.time() - last_ok < LOCK_STALE_S / 2:
+                    continue  # a passing hiccup: the lock is not stale yet
+                self.lost = f"its lock could not be kept ({e.strerror or e})"
+            self.log(f"{self.what}: stopping: {self.lost} ({self.path})")
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.pthread_kill(self._main.ident, signal.SIGINT)  # wakes a blocking call
+            else:
+                _thread.interrupt_main()
+            return
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        depth = OutputLock._held.get(self._key, 0)
+        if depth > 1:
+            OutputLock._held[self._key] = depth - 1
+            return
+        OutputLock._held.pop(self._key, None)
         self._stop.set()
-        if self._holder().get("pid") == self._me["pid"]:
+        if self._holder().get("token") == self._me["token"]:
             self.path.unlink(missing_ok=True)
+        if self.lost and exc_type is KeyboardInterrupt:
+            raise CapfleetError(f"{self.path.parent}: the {self.what} stopped: {self.lost}")
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _namespace() -> str:
+    """This process's PID namespace and boot: where a pid names the same process."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{ns} {boot}"
+    except OSError:
+        return ""
 
 
 def package_versions(*names: str) -> dict[str, str]:

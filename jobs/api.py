@@ -157,9 +157,11 @@ def train(
 
     cfg = config if isinstance(config, TrainGrid) else _config(TrainConfig, config, fields)
     if isinstance(cfg, TrainConfig) and not address:
+        from capfleet.core.artifacts import OutputLock
         from capfleet.model.training import train as train_model
 
-        row = variant_row(Path(cfg.out).name, cfg, train_model(cfg, log=log), None)
+        with OutputLock(cfg.out, "train job", log):  # one writer per model directory
+            row = variant_row(Path(cfg.out).name, cfg, train_model(cfg, log=log), None)
         table = pa.Table.from_pylist([row], schema=VARIANT_SCHEMA)
         out = Path(cfg.out)
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfleet.compression.recipes import parse_trial
@@ -22,6 +22,7 @@ from capfleet.core.artifacts import write_json_atomic
 from capfleet.core.errors import SEED_RANGE, CapfleetError, check_numbers, check_range
 from capfleet.jobs.caption.caption_config import CAPTION_DEFAULTS, CAPTION_LIMITS
 from capfleet.jobs.compress.compress_config import CompressConfig
+from capfleet.jobs.skeleton import JobRun
 from capfleet.model.modeldir import read_model_manifest
 from capfleet.model.train_config import TrainGrid
 
@@ -141,7 +142,16 @@ def _study_table(trials: list[dict], caption_rows: list[dict]) -> list[str]:
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable = print) -> dict:
-    """Run every step; returns where the outputs are and the best bundle's scores."""
+    """Run every step; returns where the outputs are and the best bundle's scores (job.json
+    has them too)."""
+    run = JobRun("pipeline", cfg.out, asdict(cfg), log)
+    with run:
+        result = _steps(cfg, Path(cfg.out), address, log)
+        run.finish(**{k: v for k, v in result.items() if k != "wall_seconds"})
+    return result
+
+
+def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -> dict:
     from capfleet.cluster.connect import ray_session
     from capfleet.compression.records import label, read_trials
     from capfleet.jobs.caption.caption_config import CaptionConfig
@@ -151,7 +161,6 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     from capfleet.jobs.train.variants import run_train_job
 
     t0 = time.perf_counter()
-    out = Path(cfg.out)
     data = _data(cfg, log)
     with ray_session(address):
         grid = _with_data(cfg.train, data)

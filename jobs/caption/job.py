@@ -6,11 +6,11 @@ that failed as error rows, then the summary, the reports and job.json.
 Sizing: with no `actors`, the pool autoscales up to what the cluster's CPUs allow. One pool of
 actors holding every model keeps each CPU busy whatever the models' relative speeds (a pool per
 model leaves a fast int8 model's actors waiting on a slow fp32 one's) and decodes each shard
-once; an actor's memory is the sum of its models'. With `decode_cpus` equal to `actor_cpus` (the default) the actors fetch and decode
-their shards themselves, so each actor is one process per CPU that reads, decodes and captions
-its own shards; nothing else in the job needs a CPU (the driver lists the shards, the
-actors write the parts), which keeps a pool that takes every CPU from starving other stages
-(docs/stack.md).
+once; an actor's memory is the sum of its models'. With `decode_cpus` equal to `actor_cpus`
+(the default) the actors fetch and decode their shards themselves, so each actor is one process
+per CPU that reads, decodes and captions its own shards; nothing else in the job needs a CPU
+(the driver lists the shards, the actors write the parts), which keeps a pool that takes every
+CPU from starving other stages (docs/stack.md).
 With an address, OUT must be a filesystem that the driver and every worker see.
 """
 
@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,10 +28,6 @@ from capfleet.cluster.connect import ray_messages_to, ray_session
 from capfleet.cluster.pool import Pool, pool_size, run_units
 from capfleet.cluster.watchdog import WORKER_ERROR, clear_note
 from capfleet.core.artifacts import (
-    OutputLock,
-    package_versions,
-    remove_leftovers,
-    write_json_atomic,
     write_parquet_atomic,
 )
 from capfleet.core.errors import CapfleetError
@@ -59,11 +54,13 @@ from capfleet.jobs.caption.parts import (
 from capfleet.jobs.caption.report import gallery_sample, write_reports
 from capfleet.jobs.caption.summary import summarize
 from capfleet.jobs.caption.worker import CaptionWorker
+from capfleet.jobs.skeleton import JobRun
 from capfleet.model.bundle import check_bundle
 from capfleet.model.data import open_reader
 
 LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 PROGRESS_EVERY_S = 5.0
+CAPTION_VERSIONS = ("capfleet", "ray", "ai-edge-litert", "pyarrow")  # recorded in job.json
 SMALL_INPUT_SHARDS, MIN_SHARD = 16, 64  # how a small input is cut (see _listing)
 
 
@@ -76,22 +73,16 @@ def run_caption_job(
     """Caption every input image with every bundle into cfg.out; returns job.json's content.
     With `retry_errors`, rows whose status is error are captioned again and replaced in their
     parts (ok rows untouched) besides the shards still missing."""
-    started = datetime.now(timezone.utc)
-    t0, run_started = time.perf_counter(), time.time()
+    run = JobRun("caption", cfg.out, {}, log, CAPTION_VERSIONS, steps=("ray_start", "summary"))
+    run_started = time.time()
     manifests = [check_bundle(b) for b in cfg.bundles]  # refuse a bad bundle before any work
     if not cfg.names:  # the spec was loaded before its bundles existed
         cfg = replace(cfg, names=())
+    run.spec = asdict(cfg)
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
     listing = _listing(cfg, log)
     out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CapfleetError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
-    with OutputLock(out, "caption job", log):
-        left = remove_leftovers(out)
-        if left:
-            log(f"caption: removed {left} temporary files left by a killed job")
+    with run:
         check_plan(
             out,
             {
@@ -116,41 +107,29 @@ def run_caption_job(
             )
         )
         failed: dict[int, str] = {}
-        ray_start = 0.0
         if todo:
             with ray_messages_to(out / LOG_FILE, verbose):
                 t_ray = time.perf_counter()
-                with ray_session(cfg.address or None):
-                    ray_start = time.perf_counter() - t_ray
+                with ray_session(cfg.address or None):  # starting or joining Ray, within the wall
+                    run.seconds["ray_start"] = time.perf_counter() - t_ray
                     failed = _run_shards(cfg, todo, sizes, out, log, verbose, retry_errors)
         for shard in todo:
             if shard.shard in failed:
                 _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
-        t_summary = time.perf_counter()
-        bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
-        sample = gallery_sample(listing, cfg.gallery)
-        summary, extras = summarize(out, bundles, run_started, set(sample))
-        write_parquet_atomic(out / "summary.parquet", summary)
-        summary_s = time.perf_counter() - t_summary
+        with run.step("summary"):
+            bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
+            sample = gallery_sample(listing, cfg.gallery)
+            summary, extras = summarize(out, bundles, run_started, set(sample))
+            write_parquet_atomic(out / "summary.parquet", summary)
         reports = write_reports(out, listing, list(cfg.names), sample, extras)
-        wall = time.perf_counter() - t0
         counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
-        job = {
-            "kind": "caption",
-            "spec": asdict(cfg),
-            "versions": package_versions("capfleet", "ray", "ai-edge-litert", "pyarrow"),
-            "start": started.isoformat(timespec="seconds"),
-            "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_seconds": round(wall, 2),
-            "ray_start_seconds": round(ray_start, 2),  # starting or joining Ray, within the wall
-            "summary_seconds": round(summary_s, 2),
-            "images": listing.images,
-            "rows": counts,
-            "shards": {"total": len(shards), "run": len(todo), "failed": len(failed)},
-            "retry_errors": retry_errors,
-            "reports": [str(r) for r in reports],
-        }
-        write_json_atomic(out / "job.json", job)
+        job = run.finish(
+            images=listing.images,
+            rows=counts,
+            shards={"total": len(shards), "run": len(todo), "failed": len(failed)},
+            retry_errors=retry_errors,
+            reports=[str(r) for r in reports],
+        )
     _print_summary(summary, log)
     if failed:
         reasons = sorted({why.split(":", 1)[0] for why in failed.values()})
@@ -285,7 +264,7 @@ class Progress:
             f"caption: {self.done_images:,}/{self.total:,} images ({share:.0%}), {rate:,.0f} img/s"
         )
         if self.done_images < self.total:
-            line += f", {_duration(left) if left != float('inf') else '?'} left"
+            line += f", {duration(left) if left != float('inf') else '?'} left"
         self.log(line)
         self.shown = self.done_images
 
@@ -294,12 +273,13 @@ class Progress:
             self._show(time.perf_counter())
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds:.0f} s"
+def duration(seconds: float) -> str:
+    """A time span as a person reads it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _print_summary(summary, log) -> None:

@@ -37,7 +37,7 @@ from capfleet.cluster.connect import cluster_cpus, ray_imported
 from capfleet.core.artifacts import cpu_info
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
-from capfleet.jobs.caption.job import run_caption_job
+from capfleet.jobs.caption.job import duration, run_caption_job
 from capfleet.jobs.caption.listing import list_inputs
 
 DEFAULT_SAMPLE = 1024  # images in the first calibration run; the second has 4 times as many
@@ -135,14 +135,6 @@ def plan_table(
     return rows
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | None) -> str:
     m = cal.machine
     lines = [
@@ -155,7 +147,7 @@ def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | 
     for r in rows:
         cost = f" {r['cost']:,.2f} |" if price is not None else ""
         lines.append(
-            f"| {r['cpus']:g} | {_duration(r['wall_s'])} | {r['images_per_s']:,.0f} "
+            f"| {r['cpus']:g} | {duration(r['wall_s'])} | {r['images_per_s']:,.0f} "
             f"| {r['cpu_hours']:,.2f} |{cost}"
         )
     n1, n2 = cal.images

@@ -24,6 +24,7 @@ import numpy as np
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.caption.fetch import MAX_IMAGE_BYTES, image_bytes
 from capfleet.jobs.caption.parts import ERROR, OK
+from capfleet.jobs.caption.worker import caption_good
 from capfleet.model.bundle import BundleRunner
 from capfleet.model.images import ImageError, decode_image
 
@@ -93,16 +94,11 @@ class CaptionTransform:
         n = len(values)
         decoded = [self._decode(v) for v in values]
         errors = [str(d) if isinstance(d, ImageError) else "" for d, _ in decoded]
-        good = [i for i in range(n) if not errors[i]]
-        captions: list = [None] * n
-        enc = np.full(n, np.nan)
-        dec = np.full(n, np.nan)
-        if good:
-            images = np.stack([decoded[i][0] for i in good])  # (B, S, S, 3)
-            caps, enc_s, dec_s = self.runner.caption_timed(images)
-            for i, c in zip(good, caps, strict=True):
-                captions[i] = c
-            enc[good], dec[good] = 1000 * enc_s / len(good), 1000 * dec_s / len(good)
+        captions, enc_ms, dec_ms, _ = caption_good(  # the whole batch in one call
+            self.runner, lambda rows: np.stack([decoded[i][0] for i in rows]), errors, max(n, 1)
+        )
+        enc = np.array([np.nan if v is None else v for v in enc_ms], np.float64)
+        dec = np.array([np.nan if v is None else v for v in dec_ms], np.float64)
         out = dict(batch)
         out["caption"] = np.array(captions, dtype=object)
         out["status"] = np.array([ERROR if e else OK for e in errors], dtype=object)

@@ -115,16 +115,9 @@ class CaptionWorker:
         errors = [str(e) for e in pick("error")]
         images = item[f"image_{runner.input_size}"]
         n = len(idx)
-        captions: list[str | None] = [None] * n
-        enc_ms, dec_ms, bsizes = [None] * n, [None] * n, [None] * n
-        good = [k for k in range(n) if not errors[k]]
-        for start in range(0, len(good), self.batch_size):
-            chunk = good[start : start + self.batch_size]
-            caps, enc_s, dec_s = runner.caption_timed(images[[idx[k] for k in chunk]])
-            for k, c in zip(chunk, caps, strict=True):
-                captions[k] = c
-                enc_ms[k], dec_ms[k] = 1000 * enc_s / len(chunk), 1000 * dec_s / len(chunk)
-                bsizes[k] = len(chunk)
+        captions, enc_ms, dec_ms, bsizes = caption_good(
+            runner, lambda rows: images[[idx[k] for k in rows]], errors, self.batch_size
+        )
         read_ms = [float(v) for v in pick("read_ms")]
         decode_ms = [float(v) for v in pick("decode_ms")]
         latency = [None if e is None else e + d for e, d in zip(enc_ms, dec_ms, strict=True)]
@@ -152,6 +145,25 @@ class CaptionWorker:
             },
             schema=CAPTION_SCHEMA,
         )
+
+
+def caption_good(
+    runner: BundleRunner, images, errors: list[str], batch_size: int
+) -> tuple[list, list, list, list]:
+    """Captions of the rows without an error, `batch_size` rows per call (`images(rows)`
+    gives their pixels); per row: caption, its share of its call's encoder and decoder
+    milliseconds, and that call's size (None for an error row)."""
+    n = len(errors)
+    captions, enc_ms, dec_ms, sizes = [None] * n, [None] * n, [None] * n, [None] * n
+    good = [k for k in range(n) if not errors[k]]
+    for start in range(0, len(good), batch_size):
+        chunk = good[start : start + batch_size]
+        caps, enc_s, dec_s = runner.caption_timed(images(chunk))
+        for k, c in zip(chunk, caps, strict=True):
+            captions[k] = c
+            enc_ms[k], dec_ms[k] = 1000 * enc_s / len(chunk), 1000 * dec_s / len(chunk)
+            sizes[k] = len(chunk)
+    return captions, enc_ms, dec_ms, sizes
 
 
 def per_image_scores(refs: list[list[str]], captions: list) -> tuple[list, list]:

@@ -5,9 +5,8 @@ trials, and an interrupted search resumes); then OUT/best/, OUT/choice.md and ch
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from capfleet.cluster.connect import ray_session
@@ -23,6 +22,7 @@ from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.compress.trials import run_compress_job
+from capfleet.jobs.skeleton import JobRun
 from capfleet.model.encoders import encoder_info
 from capfleet.model.modeldir import read_model_manifest
 
@@ -37,7 +37,7 @@ def run_goal_search(
     with `met`, `winner`, `best` and `choice` added."""
     if cfg.goal is None:
         raise CapfleetError("a goal search needs [compress.goal]")
-    t0 = time.perf_counter()
+    run = JobRun("compress", cfg.out, asdict(cfg), log)
     goal, model = cfg.goal, cfg.models[0]
     manifest = read_model_manifest(model)
     frozen = not encoder_info(manifest["config"]["encoder"]).trainable
@@ -50,6 +50,15 @@ def run_goal_search(
     search.waves.update({r["trial"]: "an earlier run" for r in earlier})
     tried = list(search.records)
     log(f"search: {goal.describe()}")
+    with run:  # the waves' compress jobs run inside this frame (the lock is held once)
+        result = _search(cfg, search, tried, address, log)
+        log(f"search: {len(search.records)} trials in {run.wall:.0f} s; {result['choice']}")
+        run.finish(**result)
+    return result
+
+
+def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> dict:
+    model, out = cfg.models[0], Path(cfg.out)
     job = {}
     with ray_session(address):  # one Ray for every wave
         while True:
@@ -81,10 +90,6 @@ def run_goal_search(
         if (out / BEST_DIR).exists():  # an earlier goal's choice: not this goal's
             shutil.rmtree(out / BEST_DIR)
         log(f"search: no candidate meets the goal; closest: {', '.join(doc['closest'])}")
-    log(
-        f"search: {len(search.records)} trials in {time.perf_counter() - t0:.0f} s; "
-        f"{out / CHOICE_FILE}"
-    )
     return {
         **job,
         "met": doc["met"],
@@ -104,13 +109,15 @@ def _recorded(out: Path, model: str) -> list[dict]:
 
 def _publish(out: Path, bundle: Path) -> Path:
     """Copy the winning bundle to OUT/best/, replacing an earlier choice only once the copy is
-    whole (copied beside it, then renamed)."""
+    whole (copied beside it, then renamed). Leftovers of a run killed in here (a staging copy,
+    the earlier choice set aside) are removed first."""
     target = out / BEST_DIR
     staging = out / f"{TMP_PREFIX}{BEST_DIR}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(bundle, staging)
     old = out / f"{TMP_PREFIX}{BEST_DIR}-old"
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(bundle, staging)
     if target.exists():
         target.rename(old)
     staging.rename(target)

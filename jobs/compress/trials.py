@@ -11,7 +11,6 @@ trial's record is written to OUT/records/ as it arrives, so a rerun does only wh
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from capfleet.jobs.compress.compress_config import CompressConfig, checked_plan
 from capfleet.jobs.compress.trial_gallery import write_compress_gallery
 from capfleet.jobs.compress.trial_report import write_report
 from capfleet.jobs.gallery import GALLERY_FILE
+from capfleet.jobs.skeleton import JobRun
 from capfleet.model.data import data_identity
 from capfleet.model.modeldir import manifest_sha256, read_model_manifest
 
@@ -91,12 +91,22 @@ def _progress(done: int, total: int, r: dict) -> str:
 def run_compress_job(
     cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
 ) -> dict:
-    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png and gallery.html.
-    Returns counts and paths."""
-    t0 = time.perf_counter()
+    """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png, gallery.html and
+    job.json. Returns counts and paths."""
+    run = JobRun("compress", cfg.out, asdict(cfg), log)
     plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
+    with run:
+        result = _run_trials(cfg, plan, address, log)
+        log(
+            f"compress: {result['ok']} ok, {result['failed']} failed in {run.wall:.0f} s; "
+            f"{result['report']}"
+        )
+        run.finish(**result)
+    return result
+
+
+def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[str], None]):
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     threads = max(1, int(cfg.cpus_per_trial))
     settings = asdict(replace(cfg.settings, threads=threads))
     records: dict[tuple[str, str], dict] = {}
@@ -168,8 +178,6 @@ def run_compress_job(
     gallery = _gallery(cfg, out, plan, ordered, log)
     report = write_report(out)
     failed = sum(r["status"] != "ok" for r in ordered)
-    wall = time.perf_counter() - t0
-    log(f"compress: {len(ordered) - failed} ok, {failed} failed in {wall:.0f} s; {report}")
     return {
         "trials": len(ordered),
         "ok": len(ordered) - failed,

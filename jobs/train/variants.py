@@ -21,6 +21,7 @@ from capfleet.cluster.connect import failure_text, ray_session
 from capfleet.cluster.tasks import run_tasks
 from capfleet.core.artifacts import write_parquet_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.jobs.skeleton import JobRun
 from capfleet.jobs.train.feature_job import compute_features
 from capfleet.model.data import data_identity
 from capfleet.model.encoders import encoder_info
@@ -118,10 +119,18 @@ def run_train_job(
     max_retries: int = 1,
     log: Callable[[str], None] = print,
 ) -> pa.Table:
-    """Train every variant of a TrainGrid on Ray; writes <out>/variants.parquet."""
-    t0 = time.perf_counter()
+    """Train every variant of a TrainGrid on Ray; writes <out>/variants.parquet and job.json."""
+    run = JobRun("train", grid.out, asdict(grid), log)
+    with run:
+        table = _train_variants(grid, address, max_retries, log)
+        ok = sum(s == "ok" for s in table["status"].to_pylist())
+        log(f"train: {len(table)} variants in {run.wall:.0f} s; {Path(grid.out) / VARIANTS_FILE}")
+        run.finish(variants=len(table), ok=ok, failed=len(table) - ok)
+    return table
+
+
+def _train_variants(grid: TrainGrid, address, max_retries: int, log) -> pa.Table:
     out = Path(grid.out)
-    out.mkdir(parents=True, exist_ok=True)
     frozen = {}
     for cfg in grid.variants:
         if not encoder_info(cfg.encoder).trainable:
@@ -158,5 +167,4 @@ def run_train_job(
             log(f"[{len(rows)}/{len(grid.names)}] {name}: {what}")
     table = pa.Table.from_pylist([rows[n] for n in grid.names], schema=VARIANT_SCHEMA)
     write_parquet_atomic(out / VARIANTS_FILE, table)
-    log(f"train: {len(rows)} variants in {time.perf_counter() - t0:.0f} s; {out / VARIANTS_FILE}")
     return table

@@ -97,3 +97,19 @@ out = "{tmp_path / "job"}"
     assert not list(tmp_path.glob(".capfleet-plan-*"))  # calibration runs are cleaned up
     assert main(["plan", str(spec), "--images", "10", "--cpus", "a,b"]) == 2
     assert "--cpus" in capsys.readouterr().err
+
+
+def test_publishing_recovers_from_a_run_killed_while_publishing(tmp_path):
+    from capfleet.core.artifacts import TMP_PREFIX
+    from capfleet.jobs.compress.search import BEST_DIR, _publish
+
+    bundle = tmp_path / "bundles" / "m" / "int8"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    for leftover in (f"{TMP_PREFIX}{BEST_DIR}", f"{TMP_PREFIX}{BEST_DIR}-old"):
+        (tmp_path / leftover).mkdir()  # killed between the renames: both are left
+        (tmp_path / leftover / "encoder.tflite").write_bytes(b"old")
+    (tmp_path / BEST_DIR).mkdir()
+    assert _publish(tmp_path, bundle) == tmp_path / BEST_DIR
+    assert [p.name for p in (tmp_path / BEST_DIR).iterdir()] == ["manifest.json"]
+    assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
