@@ -128,17 +128,18 @@ class OutputLock:
     - A heartbeat that fails (the lock taken over, or its folder unwritable for half of
       LOCK_STALE_S) interrupts the process's main thread (as Ctrl-C would), and the job ends
       with a CapfleetError naming the cause rather than writing on unlocked.
-    - Re-entrant within a process: a job that runs other jobs into the folder it holds (the
-      goal search) holds it once.
+    - A job that runs other jobs into the folder it holds (the goal search) opens their locks
+      with `nested=True`: held once, released by the outermost. Without it, a second lock on
+      a folder this process holds is refused like any other writer.
 
     On an object store or a file system without atomic O_EXCL and rename (some NFS setups),
     the lock is best effort."""
 
     _held: dict[str, int] = {}  # resolved lock path -> depth, this process
 
-    def __init__(self, folder: str | Path, what: str = "job", log=print):
+    def __init__(self, folder: str | Path, what: str = "job", log=print, nested: bool = False):
         self.path = Path(folder) / LOCK_FILE
-        self.what, self.log = what, log
+        self.what, self.log, self.nested = what, log, nested
         self._stop = None
         self.lost: str | None = None
 
@@ -149,7 +150,7 @@ class OutputLock:
         import time
 
         key = str(self.path.resolve())
-        if key in OutputLock._held:
+        if self.nested and key in OutputLock._held:
             OutputLock._held[key] += 1
             self._key = key
             return self

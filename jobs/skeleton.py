@@ -41,13 +41,15 @@ class JobRun:
         log: Callable[[str], None] = print,
         versions: Sequence[str] = VERSIONS,
         steps: Sequence[str] = (),
+        nested: bool = False,
     ):
         self.kind, self.out, self.spec, self.log = kind, Path(out), spec, log
         self.versions = tuple(versions)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(steps, 0.0)  # recorded even when a step does not run
-        self._lock = OutputLock(self.out, f"{kind} job", log)
+        # nested: a job run by another job into the folder that one holds (the lock is held once)
+        self._lock = OutputLock(self.out, f"{kind} job", log, nested)
 
     def __enter__(self) -> JobRun:
         try:

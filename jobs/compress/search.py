@@ -71,10 +71,11 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
                 search.waves.setdefault(t, what)
             tried += trials
             wave = replace(cfg, trials=tuple(tried), goal=None, gallery=0)
-            job = run_compress_job(wave, address, log=log)
+            job = run_compress_job(wave, address, log=log, nested=True)
             search.records = {r["trial"]: r for r in read_trials(out)}
         # the last pass has nothing left to run: it writes the gallery of every candidate
-        job = run_compress_job(replace(cfg, trials=tuple(tried), goal=None), address, log=log)
+        last = replace(cfg, trials=tuple(tried), goal=None)
+        job = run_compress_job(last, address, log=log, nested=True)
     search.records = {r["trial"]: r for r in read_trials(out)}
     search.waves.setdefault("fp32:fp32", "post-training quantization")
     doc = choice_document(search, Path(model).name)

@@ -89,11 +89,14 @@ def _progress(done: int, total: int, r: dict) -> str:
 
 
 def run_compress_job(
-    cfg: CompressConfig, address: str | None = None, log: Callable[[str], None] = print
+    cfg: CompressConfig,
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+    nested: bool = False,
 ) -> dict:
     """Run every trial of `cfg` on Ray; writes trials.parquet, report.md/png, gallery.html and
-    job.json. Returns counts and paths."""
-    run = JobRun("compress", cfg.out, asdict(cfg), log)
+    job.json. Returns counts and paths. `nested`: run by a goal search that holds cfg.out."""
+    run = JobRun("compress", cfg.out, asdict(cfg), log, nested=nested)
     plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
     with run:
         result = _run_trials(cfg, plan, address, log)

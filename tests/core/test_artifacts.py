@@ -89,9 +89,11 @@ def test_release_removes_only_ones_own_lock_and_a_lost_lock_stops_the_job(tmp_pa
 
 def test_the_lock_is_held_once_by_a_job_that_runs_jobs_into_it(tmp_path):
     with OutputLock(tmp_path):
-        with OutputLock(tmp_path):  # the goal search's compress jobs
+        with OutputLock(tmp_path, nested=True):  # the goal search's compress jobs
             pass
         assert (tmp_path / LOCK_FILE).exists()
+        with pytest.raises(CapfleetError, match="another job is writing here"):
+            OutputLock(tmp_path).__enter__()  # not nested: another writer, even in-process
     assert not (tmp_path / LOCK_FILE).exists()
 
 
