@@ -64,6 +64,7 @@ def _caption(args: argparse.Namespace) -> int:
         beam_width=args.beam_width,
         image_column=args.image_column,
         max_image_mb=args.max_image_mb,
+        allow_private_urls=not args.refuse_private_urls,
         max_retries=args.max_retries,
         shard_timeout_s=args.shard_timeout,
         gallery=args.gallery,
@@ -250,6 +251,12 @@ def _add_caption(sub) -> None:
         type=float,
         default=d["max_image_mb"],
         help="read at most this much per image; larger is an error row (default 64)",
+    )
+    cap.add_argument(
+        "--refuse-private-urls",
+        action="store_true",
+        help="refuse URLs that resolve to loopback or private addresses (an untrusted list); "
+        "link-local and cloud-metadata addresses are always refused",
     )
     cap.add_argument(
         "--max-retries",

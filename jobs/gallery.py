@@ -24,7 +24,7 @@ from pathlib import Path
 
 from capfleet.core.artifacts import write_bytes_atomic
 from capfleet.core.errors import CapfleetError
-from capfleet.model.images import MAX_PIXELS
+from capfleet.model.images import MAX_PIXELS, ImageError, open_image
 
 GALLERY_FILE = "gallery.html"
 DEFAULT_GALLERY_IMAGES = 200  # a page that loads at once; a sample, never a whole job
@@ -63,7 +63,6 @@ def thumbnail(
 ) -> tuple[str | None, str]:
     """(a data:image/jpeg;base64 URI, "") for image bytes, a path or a URI (read through
     pyarrow's filesystems), or (None, the reason) where there is no image to show."""
-    from PIL import Image
 
     if source is None:
         return None, "no image"
@@ -75,8 +74,11 @@ def thumbnail(
             return None, str(data)
     else:
         data = bytes(source)
+    opened = open_image(data)  # the formats captioning decodes, and no others
+    if isinstance(opened, ImageError):
+        return None, f"not shown: {opened.reason}"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with opened as img:
             if img.width * img.height > MAX_PIXELS:  # opening reads only the header
                 return None, f"too large: {img.width}x{img.height}"
             img.draft("RGB", (size, size))  # JPEG: decode at a fraction of full size

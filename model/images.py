@@ -23,13 +23,50 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 PREPROCESS_STYLES = ("caffe", "tf", "unit")
 
 # Error reasons, stable strings that land in the output's `error` column.
-EMPTY, TRUNCATED, NOT_AN_IMAGE, TOO_LARGE, UNREADABLE = (
+EMPTY, TRUNCATED, NOT_AN_IMAGE, TOO_LARGE, UNREADABLE, UNSUPPORTED = (
     "empty",
     "truncated",
     "not_an_image",
     "too_large",
     "unreadable",
+    "unsupported_format",
 )
+
+# The formats PIL may decode here: pure decoders of raster images. Anything else PIL knows
+# (EPS and PostScript, which it hands to Ghostscript; PDF; fonts; ...) is an error row, even
+# when the file is named .jpg.
+SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO")
+
+
+def open_image(data: bytes) -> Image.Image | ImageError:
+    """PIL's image for `data`, opened by one of SAFE_FORMATS only; a file of any other format
+    is `unsupported_format` (named from its first bytes, without running anything)."""
+    Image.init()  # every plugin registered, so that each of SAFE_FORMATS is known by name
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from 89.5 MP (its own MAX_IMAGE_PIXELS) and raises from twice that; the
+            # limit is the caller's, checked on the opened image's size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+    except UnidentifiedImageError:
+        other = sniff_format(data)
+        if other:
+            return ImageError(UNSUPPORTED, f"{other} images are not decoded here")
+        return ImageError(NOT_AN_IMAGE, "not a recognised image format")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The PIL format whose signature check accepts `data`'s first bytes, if any (the check
+    reads bytes only: no plugin opens the file)."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001, S112  a plugin's check that fails accepts nothing
+            continue
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,11 +96,9 @@ def decode_image(
         return ImageError(EMPTY, "file has no bytes")
     height, width = size
     try:
-        with warnings.catch_warnings():
-            # PIL warns from 89.5 MP (its own MAX_IMAGE_PIXELS) and raises from twice that; the
-            # limit here is max_pixels, checked just below, so its warning is not the refusal
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = open_image(data)
+        if isinstance(img, ImageError):
+            return img
         if img.width * img.height > max_pixels:
             return ImageError(TOO_LARGE, f"{img.width}x{img.height} exceeds {max_pixels} pixels")
         if img.format == "JPEG":
@@ -79,8 +114,6 @@ def decode_image(
         return np.asarray(rgb, dtype=np.uint8)
     except Image.DecompressionBombError as e:
         return ImageError(TOO_LARGE, str(e))
-    except UnidentifiedImageError:
-        return ImageError(NOT_AN_IMAGE, "not a recognised image format")
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e)
         if "truncated" in message or "broken data stream" in message or isinstance(e, EOFError):

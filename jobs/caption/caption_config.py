@@ -51,6 +51,9 @@ class CaptionConfig:
     decode_cpus: float = 1.0
     beam_width: int = 1
     max_image_mb: float = 64.0  # bytes read per image at most: larger is a too_large row
+    # URLs may point at loopback and private addresses (internal image servers); False for an
+    # untrusted list. Link-local and cloud-metadata addresses are always refused.
+    allow_private_urls: bool = True
     # A shard whose worker dies (out of memory, a native crash) is tried this many more times;
     # a stage of a shard that runs longer than shard_timeout_s ends its worker, which counts
     # as a death. After that its rows are error rows (worker_died, timeout); a rerun retries.

@@ -11,32 +11,29 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
+from capfleet.jobs.caption.web import HTTP_ATTEMPTS, read_http
 from capfleet.model.data import MISSING
 from capfleet.model.images import TOO_LARGE, UNREADABLE, ImageError
 
 MAX_IMAGE_BYTES = 64 * 2**20  # a 100-megapixel JPEG is well under this
-HTTP_TIMEOUT_S = 20.0
-HTTP_ATTEMPTS = 3  # transient failures (timeouts, 5xx, 429, resets) are retried with backoff
-HTTP_BACKOFF_S = 0.5
-NOT_A_FILE, TIMEOUT, UNREACHABLE = "not_a_file", "timeout", "unreachable"
-USER_AGENT = "capfleet (batch image captioning)"
+MAX_CAPTION_BYTES = 64 * 2**10  # a tar sample's txt/json references: text, not an image
+NOT_A_FILE = "not_a_file"
+PARQUET_BATCH = 256  # rows decoded at a time when a shard reads its slice of a row group
 
 
 def read_uri(
     uri: str,
     max_bytes: int = MAX_IMAGE_BYTES,
-    timeout: float = HTTP_TIMEOUT_S,
+    timeout: float | None = None,
     attempts: int = HTTP_ATTEMPTS,
+    allow_private: bool = True,
 ) -> bytes | ImageError:
-    """The bytes behind a local path, an http(s) URL (`timeout` per try, `attempts` tries) or
-    a filesystem URI."""
-    if uri.startswith(("http://", "https://")):
-        return read_http(uri, max_bytes, timeout, attempts)
+    """The bytes behind a local path, an http(s) URL (jobs/caption/web.py: one deadline of
+    `timeout` per try, `attempts` tries, the URL policy) or a filesystem URI."""
+    if "://" in uri and uri.split("://", 1)[0].lower() in ("http", "https"):
+        return read_http(uri, max_bytes, timeout, attempts, allow_private)
     if "://" not in uri or uri.startswith("file://"):
         return _read_local(uri[len("file://") :] if uri.startswith("file://") else uri, max_bytes)
     from pyarrow import fs
@@ -56,59 +53,29 @@ def read_uri(
 
 
 def _read_local(path: str, max_bytes: int) -> bytes | ImageError:
+    """A regular file's bytes, capped. Opened without blocking and checked on the opened
+    descriptor (fstat), so a FIFO swapped in after a listing cannot hold the read."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         return ImageError(MISSING, f"{path}: no such file")
     except OSError as e:
         return ImageError(UNREADABLE, f"{path}: {e.strerror or e}")
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero would never end
-        return ImageError(NOT_A_FILE, f"{path} is not a regular file")
-    if st.st_size > max_bytes:
-        return _too_large(st.st_size, max_bytes)
-    try:
-        with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero would never end
+            return ImageError(NOT_A_FILE, f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            return _too_large(st.st_size, max_bytes)
+        try:
             data = f.read(max_bytes + 1)
-    except OSError as e:
-        return ImageError(UNREADABLE, f"{path}: {e.strerror or e}")
+        except OSError as e:
+            return ImageError(UNREADABLE, f"{path}: {e.strerror or e}")
     return _too_large(len(data), max_bytes) if len(data) > max_bytes else data
 
 
 def _too_large(size: int, max_bytes: int) -> ImageError:
     return ImageError(TOO_LARGE, f"{size} bytes exceeds the {max_bytes}-byte cap per image")
-
-
-def read_http(
-    url: str,
-    max_bytes: int = MAX_IMAGE_BYTES,
-    timeout: float = HTTP_TIMEOUT_S,
-    attempts: int = HTTP_ATTEMPTS,
-):
-    """GET with a timeout, bounded retries with backoff for transient failures, a size cap;
-    an HTTP error status is `http_<code>`."""
-    error = ImageError(UNREACHABLE, url)
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(HTTP_BACKOFF_S * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > max_bytes:
-                    return _too_large(int(length), max_bytes)
-                data = response.read(max_bytes + 1)
-                return _too_large(len(data), max_bytes) if len(data) > max_bytes else data
-        except urllib.error.HTTPError as e:
-            error = ImageError(f"http_{e.code}", f"{url}: {e.reason}")
-            if e.code != 429 and e.code < 500:
-                return error  # the server's answer will not change
-        except (TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            timed_out = isinstance(e, TimeoutError) or isinstance(reason, TimeoutError)
-            error = ImageError(TIMEOUT if timed_out else UNREACHABLE, f"{url}: {reason}")
-        except ValueError as e:  # a malformed URL
-            return ImageError(UNREACHABLE, f"{url}: {e}")
-    return error
 
 
 # -- WebDataset tar shards ------------------------------------------------------------------
@@ -157,8 +124,9 @@ def stream_tar(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes 
                 key, members = k, {}
             if ext not in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS:
                 continue
-            if m.size > max_bytes:
-                members[ext] = _too_large(m.size, max_bytes)
+            cap = max_bytes if ext in IMAGE_EXTENSIONS else MAX_CAPTION_BYTES
+            if m.size > cap:
+                members[ext] = _too_large(m.size, cap)
             else:
                 members[ext] = tar.extractfile(m).read()
     if key is not None:
@@ -197,20 +165,38 @@ def _json_captions(data: bytes) -> list[str]:
 # -- Parquet columns of image bytes ---------------------------------------------------------
 
 
-def image_bytes(value) -> bytes | ImageError:
-    """A cell of an image column: raw bytes, or the Hugging Face {bytes, path} struct."""
+def image_bytes(value, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | ImageError:
+    """A cell of an image column: raw bytes, or the Hugging Face {bytes, path} struct; capped
+    at `max_bytes` like every other read."""
     if isinstance(value, dict):
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) > max_bytes:
+            return _too_large(len(value), max_bytes)
         return bytes(value) if len(value) else ImageError("empty", "the cell holds no bytes")
     return ImageError(MISSING, "the image cell is null")
 
 
 def read_parquet_slice(uri: str, row_group: int, offset: int, length: int, columns: list[str]):
-    """`length` rows from `offset` of one row group of a Parquet file: {column: values}."""
+    """`length` rows from `offset` of one row group of a Parquet file: {column: values}. Read
+    in record batches of PARQUET_BATCH rows, keeping only the slice's: a shard never holds a
+    whole row group's images (a file written with pyarrow's defaults may be one row group of
+    a million rows)."""
     import pyarrow.parquet as pq
 
+    out: dict[str, list] = {c: [] for c in columns}
+    seen = 0
     with open_binary(uri, seekable=True) as f:
-        table = pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-    part = table.slice(offset, length)
-    return {c: part.column(c).to_pylist() for c in columns}
+        batches = pq.ParquetFile(f).iter_batches(
+            batch_size=PARQUET_BATCH, row_groups=[row_group], columns=columns
+        )
+        for batch in batches:
+            start, end = max(offset - seen, 0), min(offset + length - seen, batch.num_rows)
+            if start < end:
+                part = batch.slice(start, end - start)
+                for c in columns:
+                    out[c] += part.column(c).to_pylist()
+            seen += batch.num_rows
+            if seen >= offset + length:
+                break
+    return out

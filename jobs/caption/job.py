@@ -121,7 +121,9 @@ def run_caption_job(
             sample = gallery_sample(listing, cfg.gallery)
             summary, extras = summarize(out, bundles, run_started, set(sample))
             write_parquet_atomic(out / "summary.parquet", summary)
-        reports = write_reports(out, listing, list(cfg.names), sample, extras)
+        reports = write_reports(
+            out, listing, list(cfg.names), sample, extras, cfg.allow_private_urls
+        )
         counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
         job = run.finish(
             images=listing.images,
@@ -199,7 +201,11 @@ def _run_shards(
 ) -> dict[int, str]:
     """Run the shards on the pool; returns {shard: why} for those whose worker failed after
     its tries."""
-    decode = {"sizes": sizes, "max_bytes": int(cfg.max_image_mb * 2**20)}
+    decode = {
+        "sizes": sizes,
+        "max_bytes": int(cfg.max_image_mb * 2**20),
+        "allow_private": cfg.allow_private_urls,
+    }
     fused = cfg.decode_cpus == cfg.actor_cpus  # the actors fetch and decode (the default)
     pool = Pool(
         worker=CaptionWorker,

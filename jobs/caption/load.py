@@ -27,7 +27,7 @@ def _column(shard: dict, key: str) -> list:
     return [list(v) if isinstance(v, np.ndarray) else v for v in shard[key]]
 
 
-def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES):
+def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, allow_private: bool = True):
     """The shard's images as (bytes or ImageError per row, references per row, read ms per
     row). Rows that came with an error are not fetched."""
     source = str(shard["source"])
@@ -42,7 +42,7 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES):
             if errors[i]:
                 continue
             t0 = time.perf_counter()
-            data[i] = read_uri(uri, max_bytes)
+            data[i] = read_uri(uri, max_bytes, allow_private=allow_private)
             read_ms[i] = 1000 * (time.perf_counter() - t0)
         return data, refs, read_ms
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES):
             positions = [int(r) for r in _column(shard, "rows")] if "rows" in shard else range(n)
             values, texts = cols[where["column"]], cols.get(where["captions"])
             for i, row in enumerate(positions):
-                data[i] = image_bytes(values[row])
+                data[i] = image_bytes(values[row], max_bytes)
                 if texts is not None:
                     caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
                     refs[i] = refs[i] or [str(c).strip() for c in caps if c]
@@ -85,6 +85,7 @@ def load_shard(
     max_bytes: int = MAX_IMAGE_BYTES,
     out: str = "",
     timeout_s: float = 0.0,
+    allow_private: bool = True,
 ) -> dict:
     """Fetch and decode every image of a shard for each input size the bundles need; with
     `timeout_s`, a shard that takes longer ends this worker (watchdog.deadline, notes in `out`).
@@ -97,11 +98,11 @@ def load_shard(
         number = int(shard["shard"])
         try:
             with deadline(out, number, "fetch and decode", timeout_s):
-                return load_shard(shard, sizes, max_bytes)
+                return load_shard(shard, sizes, max_bytes, allow_private=allow_private)
         except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
             raise WorkerFailure(f"decode: {type(e).__name__}: {e}") from e
     errors = [str(e) for e in _column(shard, "error")]
-    data, refs, read_ms = fetch_shard(shard, max_bytes)
+    data, refs, read_ms = fetch_shard(shard, max_bytes, allow_private)
     n = len(errors)
     images = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
     decode_ms = [0.0] * n

@@ -30,9 +30,16 @@ def gallery_sample(listing: Listing, images: int) -> list[str]:
     return sample_ids((i for s in listing.shards for i in s.image_id), images) if images else []
 
 
-def write_reports(out: Path, listing: Listing, models: list[str], sample: list[str], extras: dict):
+def write_reports(
+    out: Path,
+    listing: Listing,
+    models: list[str],
+    sample: list[str],
+    extras: dict,
+    allow_private: bool = True,
+):
     """gallery.html for the sampled ids (0 of them: none; an earlier run's page is removed) and
-    latency.png. Returns the paths written."""
+    latency.png; thumbnails are fetched under the job's URL policy. Returns the paths written."""
     written = []
     latencies = {m: extras[m]["latency_ms"] for m in models if len(extras[m]["latency_ms"])}
     if latencies:
@@ -54,14 +61,14 @@ def write_reports(out: Path, listing: Listing, models: list[str], sample: list[s
             for r in t.to_pylist():
                 r["cider_d"] = extras[model]["cider_d"].get(r["image_id"])
                 rows.append(r)
-    items = gallery_items(rows, images=_thumbnail_bytes(rows))
+    items = gallery_items(rows, images=_thumbnail_bytes(rows, allow_private))
     written.append(
         write_gallery(page, items, models, title=f"captions of {len(items)} sampled images")
     )
     return written
 
 
-def _thumbnail_bytes(rows: list[dict]) -> dict[str, bytes | None]:
+def _thumbnail_bytes(rows: list[dict], allow_private: bool) -> dict[str, bytes | None]:
     """{image_id: the image's bytes, or None where none is shown}: read once per image that a
     path or URI names (not tar members or Parquet cells) and that some model captioned."""
     captioned = {r["image_id"] for r in rows if r["status"] == "ok"}
@@ -72,6 +79,8 @@ def _thumbnail_bytes(rows: list[dict]) -> dict[str, bytes | None]:
             continue
         data = None
         if r["image_id"] in captioned and "#" not in r["uri"] and time.monotonic() < deadline:
-            data = read_uri(r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1)
+            data = read_uri(
+                r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1, allow_private=allow_private
+            )
         images[r["image_id"]] = data if isinstance(data, bytes) else None
     return images

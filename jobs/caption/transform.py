@@ -82,11 +82,8 @@ class CaptionTransform:
             img = Image.fromarray(value[..., :3]).convert("RGB").resize(size[::-1], Image.BILINEAR)
             out: np.ndarray | ImageError = np.asarray(img, np.uint8)
         else:
-            data = image_bytes(value)
-            if isinstance(data, bytes) and len(data) > self.max_bytes:
-                out = ImageError("too_large", f"{len(data)} bytes exceeds {self.max_bytes}")
-            else:
-                out = data if isinstance(data, ImageError) else decode_image(data, size)
+            data = image_bytes(value, self.max_bytes)
+            out = data if isinstance(data, ImageError) else decode_image(data, size)
         return out, 1000 * (time.perf_counter() - t0)
 
     def __call__(self, batch: dict) -> dict:

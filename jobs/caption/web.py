@@ -1,0 +1,238 @@
+"""Fetching an image over HTTP(S) from a list of URLs that may come from anywhere.
+
+- One deadline for the whole request, redirects included (connect, headers, body): a server
+  that sends a byte every few seconds is cut off at `timeout`, not held for the shard's timeout.
+  A timer shuts the socket down at the deadline, so no blocking read outlives it.
+- Where a URL may point: http and https only; at most MAX_REDIRECTS redirects, each hop checked
+  like the first; the address a name resolves to is checked before connecting, and the
+  connection goes to that very address (a name cannot resolve to one address for the check
+  and another for the connection). Link-local and cloud-metadata addresses are always refused
+  (`refused_address`); loopback and private addresses are allowed unless `allow_private` is
+  False (internal image servers are common; refuse them for an untrusted list).
+- Polite: at most HOST_IN_FLIGHT requests at once to one host from one process, and a
+  `Retry-After` of a 429 or 503 answer is honoured (up to MAX_RETRY_AFTER_S) before that host
+  is asked again.
+- Transient failures (timeouts, resets, 5xx, 429) are retried `attempts` times in all with
+  backoff; an HTTP error status is `http_<code>`.
+
+`RESOLVE` is the name lookup (socket.getaddrinfo); tests replace it to make a name resolve to
+an address that must be refused, and no packet is ever sent there.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+
+from capfleet.model.images import TOO_LARGE, ImageError
+
+HTTP_TIMEOUT_S = 20.0  # the whole request, redirects included
+HTTP_ATTEMPTS = 3
+HTTP_BACKOFF_S = 0.5
+MAX_REDIRECTS = 5
+HOST_IN_FLIGHT = 8  # requests at once to one host from one process
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is not waited for: the image fails
+USER_AGENT = "capfleet (batch image captioning)"
+TIMEOUT, UNREACHABLE = "timeout", "unreachable"
+REFUSED_ADDRESS, REFUSED_SCHEME, TOO_MANY_REDIRECTS = (
+    "refused_address",
+    "refused_scheme",
+    "too_many_redirects",
+)
+REDIRECTS = (301, 302, 303, 307, 308)
+
+# Cloud metadata services beyond the link-local range: AWS's IPv6 endpoint, Alibaba's.
+METADATA = (ipaddress.ip_network("fd00:ec2::254/128"), ipaddress.ip_network("100.100.100.200/32"))
+
+RESOLVE = socket.getaddrinfo  # replaced by tests: a name -> addresses, without a packet
+
+
+def address_problem(ip: str, allow_private: bool) -> str | None:
+    """Why an address may not be fetched from, or None."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if addr.is_link_local or any(addr in net for net in METADATA):
+        return f"{addr} is a link-local or cloud-metadata address"
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        return f"{addr} is not a host"
+    if not allow_private and (addr.is_loopback or addr.is_private or not addr.is_global):
+        return f"{addr} is a loopback or private address (private addresses are refused)"
+    return None
+
+
+class _Hosts:
+    """Per host, in this process: requests in flight (bounded) and the time before which a
+    Retry-After asked not to be called again."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self.not_before: dict[str, float] = {}
+
+    def slot(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            return self._slots.setdefault(host, threading.BoundedSemaphore(HOST_IN_FLIGHT))
+
+    def wait_turn(self, host: str, deadline: float) -> bool:
+        """Wait out the host's Retry-After; False when it lasts past the deadline."""
+        until = self.not_before.get(host, 0.0)
+        if until > deadline:
+            return False
+        if until > time.monotonic():
+            time.sleep(until - time.monotonic())
+        return True
+
+
+HOSTS = _Hosts()
+
+
+def read_http(
+    url: str,
+    max_bytes: int,
+    timeout: float | None = None,
+    attempts: int = HTTP_ATTEMPTS,
+    allow_private: bool = True,
+) -> bytes | ImageError:
+    """GET `url` under the policy above (`timeout`: the deadline of each try, HTTP_TIMEOUT_S
+    when None); the bytes, or an ImageError whose reason says why."""
+    timeout = HTTP_TIMEOUT_S if timeout is None else timeout
+    error = ImageError(UNREACHABLE, url)
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(HTTP_BACKOFF_S * 2 ** (attempt - 1))
+        result, retry = _get(url, max_bytes, timeout, allow_private)
+        if not retry:
+            return result
+        error = result
+    return error
+
+
+def _get(url: str, max_bytes: int, timeout: float, allow_private: bool):
+    """One try, redirects followed: (bytes or ImageError, whether another try may help)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return ImageError(REFUSED_SCHEME, f"{url}: only http and https URLs are fetched"), False
+        host = parts.hostname
+        if not HOSTS.wait_turn(host, deadline):
+            return ImageError(TIMEOUT, f"{url}: the host asked to wait past the deadline"), False
+        with HOSTS.slot(host):
+            answer = _request(parts, max_bytes, deadline, allow_private)
+        if isinstance(answer, str):  # a redirect
+            url = urllib.parse.urljoin(url, answer)
+            continue
+        return answer
+    return ImageError(TOO_MANY_REDIRECTS, f"{url}: more than {MAX_REDIRECTS} redirects"), False
+
+
+def _request(parts, max_bytes: int, deadline: float, allow_private: bool):
+    """One GET on a connection to a checked address: (bytes or ImageError, retry?) or the
+    Location of a redirect."""
+    url = urllib.parse.urlunsplit(parts)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = RESOLVE(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return ImageError(UNREACHABLE, f"{url}: {e}"), True
+    problems, target = [], None
+    for family, _, _, _, sockaddr in infos:
+        why = address_problem(sockaddr[0], allow_private)
+        if why is None:
+            target = (family, sockaddr)
+            break
+        problems.append(why)
+    if target is None:
+        return ImageError(REFUSED_ADDRESS, f"{url}: {problems[0]}"), False
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return ImageError(TIMEOUT, f"{url}: no time left"), True
+    sock = socket.socket(target[0], socket.SOCK_STREAM)
+    timer = _Cutoff(sock, remaining)
+    try:
+        sock.settimeout(remaining)
+        sock.connect(target[1])
+        if parts.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            timer.sock = sock
+        conn = http.client.HTTPConnection(parts.hostname, port)
+        conn.sock = sock  # this very connection: the checked address
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+        resp = conn.getresponse()
+        if resp.status in REDIRECTS and resp.getheader("Location"):
+            return resp.getheader("Location")
+        if resp.status != 200:
+            return _status_error(url, resp)
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            return _too_large(int(length), max_bytes), False
+        data = resp.read(max_bytes + 1)
+        if timer.fired:
+            raise TimeoutError("the request's deadline passed")
+        if len(data) > max_bytes:
+            return _too_large(len(data), max_bytes), False
+        return data, False
+    except (OSError, http.client.HTTPException) as e:
+        if timer.fired or isinstance(e, TimeoutError):
+            return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
+        return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
+    finally:
+        timer.cancel()
+        sock.close()
+
+
+def _status_error(url: str, resp) -> tuple[ImageError, bool]:
+    error = ImageError(f"http_{resp.status}", f"{url}: {resp.reason}")
+    if resp.status in (429, 503):
+        wait = _retry_after(resp.getheader("Retry-After"))
+        if wait is not None:
+            if wait > MAX_RETRY_AFTER_S:
+                return error, False  # the host asks for longer than an image is worth
+            host = urllib.parse.urlsplit(url).hostname or ""
+            HOSTS.not_before[host] = max(HOSTS.not_before.get(host, 0.0), time.monotonic() + wait)
+    return error, resp.status == 429 or resp.status >= 500
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds, or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _too_large(size: int, max_bytes: int) -> ImageError:
+    return ImageError(TOO_LARGE, f"{size} bytes exceeds the {max_bytes}-byte cap per image")
+
+
+class _Cutoff:
+    """Shuts a socket down at the deadline, so that any blocked read or write returns."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        self.sock, self.fired = sock, False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
