@@ -1,10 +1,11 @@
 """Submitting specs to a running Ray cluster through the Ray Jobs API, and managing the jobs.
 
-`submit` stages the capfleet package (as it is installed here: capfleet/ with its model,
-compression, cluster and jobs packages) and the spec into a temporary folder that Ray uploads as
-the job's working_dir; the entrypoint `python -m capfleet run SPEC --address auto` runs the spec
-on the cluster, so a submitted spec writes the same outputs as `capfleet run`. Paths in a
-submitted spec are the cluster's paths (shared storage or object-store URIs).
+`submit` stages the capfleet package (as it is installed here: capfleet/ with its core, model,
+compression, cluster and jobs packages; never a secret beside them, NEVER_STAGED) and the spec
+into a temporary folder that Ray uploads as the job's working_dir; the entrypoint `python -m
+capfleet run SPEC --address auto` runs the spec on the cluster, so a submitted spec writes the
+same outputs as `capfleet run`. Paths in a submitted spec are the cluster's paths (shared
+storage or object-store URIs).
 
 Dependencies: a cluster whose image already holds capfleet's dependencies needs nothing more
 (the KubeRay manifest in cluster/deploy does this); otherwise `install_deps` adds them as the
@@ -29,7 +30,37 @@ from capfleet.core.errors import CapfleetError
 
 PACKAGE_ROOT = Path(capfleet.__file__).resolve().parent  # the repository root when editable
 PACKAGE_FILES = ("__init__.py", "__main__.py")
-SUBPACKAGES = ("model", "compression", "cluster", "jobs")
+SUBPACKAGES = ("core", "model", "compression", "cluster", "jobs")  # as pyproject ships them
+# What never leaves this machine in a staged package, the launcher's rsync (deploy/aws.yaml's
+# rsync_exclude) or a Docker build (.dockerignore): version control, environments, keys,
+# tokens and credentials that may sit beside the code. Tests hold both files to this list.
+NEVER_STAGED = (
+    ".git",
+    ".hg",
+    ".svn",
+    ".env",
+    "*.env",
+    ".env.*",
+    ".envrc",
+    ".netrc",
+    ".aws",
+    ".ssh",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_ed25519*",
+    "id_ecdsa*",
+    "*credentials*",
+    "*secret*",
+    "auth_token",
+    "*.token",
+    ".venv",
+    "runs",
+    "__pycache__",
+    "*.pyc",
+)
 SPEC_NAME = "capfleet-spec.toml"
 ENTRYPOINT = f"python -m capfleet run {SPEC_NAME} --address auto"
 AGENT_WAIT_S = 60
@@ -54,7 +85,7 @@ def dependencies() -> list[str]:
 
 def stage(spec: str | Path, into: Path) -> Path:
     """The folder Ray uploads: capfleet/ (the package, no caches) and the spec."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns(*NEVER_STAGED)
     pkg = into / "capfleet"
     pkg.mkdir(parents=True)
     for name in PACKAGE_FILES:

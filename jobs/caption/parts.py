@@ -158,6 +158,9 @@ class PartStats:
     retry: bool = False  # the driver wrote these rows for a shard whose worker failed: redo it
     bleu: BleuStats = field(default_factory=BleuStats)
     rouge_l: float = 0.0  # summed over the scored rows
+    # rows this part's write captioned ok: all its ok rows when written whole, the repaired
+    # ones when --retry-errors redid some (-1: a part written before this was kept: its rows)
+    captioned: int = -1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -186,16 +189,18 @@ def stats_of(table, started: float, finished: float) -> PartStats:
             stats.bleu.add([clean_caption(c) for c in r["references"]], r["caption"])
             stats.rouge_l += r["rouge_l"] or 0.0
     stats.errors = dict(errors)
+    stats.captioned = stats.ok
     return stats
 
 
 def merge(parts: Iterable[PartStats]) -> PartStats:
     """The sum of parts; started/finished span them."""
-    total = PartStats(started=math.inf, finished=0.0)
+    total = PartStats(started=math.inf, finished=0.0, captioned=0)
     errors: Counter = Counter()
     for p in parts:
         total.rows += p.rows
         total.ok += p.ok
+        total.captioned += p.captioned if p.captioned >= 0 else p.rows
         errors.update(p.errors)
         for key in TIMINGS:
             setattr(total, key, getattr(total, key) + getattr(p, key))

@@ -52,8 +52,13 @@ def summarize(
                 "ok": total.ok,
                 "failed": total.rows - total.ok,
                 "errors": json.dumps(dict(sorted(total.errors.items()))),
-                "throughput_img_s": this_run.rows / span if this_run.rows and span > 0 else None,
-                "actor_img_s": this_run.rows / this_run.busy_s if this_run.busy_s > 0 else None,
+                # images captioned by this run (not repaired parts' untouched rows, not errors)
+                "throughput_img_s": this_run.captioned / span
+                if this_run.captioned and span > 0
+                else None,
+                "actor_img_s": this_run.captioned / this_run.busy_s
+                if this_run.captioned and this_run.busy_s > 0
+                else None,
                 "latency_p50_ms": float(np.percentile(latency, 50)) if len(latency) else None,
                 "latency_p95_ms": float(np.percentile(latency, 95)) if len(latency) else None,
                 **means,

@@ -90,6 +90,7 @@ class CaptionWorker:
         path = part_path(self.out, name, shard)
         stats = part_stats(path)
         started = time.time()
+        repaired = None
         if stats is None or stats.retry:  # not done: the batch holds the whole shard
             table = self.caption_rows(shard, item, list(range(len(item["image_id"]))), name)
         elif self.repair:
@@ -102,10 +103,14 @@ class CaptionWorker:
             for j, row in zip(redo, new, strict=True):
                 old[positions[j]] = row
             table = pa.Table.from_pylist(old, schema=CAPTION_SCHEMA)
+            repaired = sum(row["status"] == OK for row in new)
         else:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_part(path, table, stats_of(table, started, time.time()))
+        stats = stats_of(table, started, time.time())
+        if repaired is not None:  # its throughput counts only what this run captioned
+            stats.captioned = repaired
+        write_part(path, table, stats)
 
     def caption_rows(self, shard: int, item: dict, idx: list[int], name: str) -> pa.Table:
         """Rows `idx` of a loaded shard captioned by model `name`, in batches; bad images

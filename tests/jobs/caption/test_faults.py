@@ -266,3 +266,26 @@ def test_changed_references_are_a_plan_mismatch(local_ray, tiny_bundle, shapes_d
     tokens.write_text(tokens.read_text().replace("small", "tiny"))
     with pytest.raises(PlanMismatch, match="different inputs_sha256"):
         run_caption_job(cfg, log=lambda _: None)
+
+
+def test_retry_errors_counts_only_the_rows_it_captioned(
+    local_ray, tiny_bundle, shapes_dir, tmp_path
+):
+    recs = Flickr8kReader(shapes_dir, "train").records()[:8]
+    later = tmp_path / "later.jpg"
+    lines = [f"{r.image_id},{r.uri}" for r in recs] + [f"late,{later}"]
+    (tmp_path / "m.csv").write_text("image_id,path\n" + "\n".join(lines) + "\n")
+    cfg = CaptionConfig(
+        bundles=(str(tiny_bundle),), input=str(tmp_path / "m.csv"), out=str(tmp_path / "o")
+    )
+    run_caption_job(cfg, log=lambda _: None)
+    later.write_bytes(open(recs[0].uri, "rb").read())
+    run_caption_job(cfg, log=lambda _: None, retry_errors=True)
+    from capfleet.jobs.caption.parts import part_stats as stats_of_part
+    from capfleet.jobs.caption.parts import parts
+
+    repaired = [stats_of_part(p) for p in parts(cfg.out, "tiny-fp32")]
+    assert [(s.rows, s.ok, s.captioned) for s in repaired] == [(9, 9, 1)]
+    summary = pq.read_table(tmp_path / "o" / "summary.parquet").to_pylist()[0]
+    span = repaired[0].finished - repaired[0].started
+    assert summary["throughput_img_s"] == pytest.approx(1 / span)  # not 9 rows in the repair
