@@ -11,6 +11,7 @@ BENCHMARKS = (
     "study",
     "caption",
     "caption_scale",
+    "caption_remote",
     "train_quality",
     "compress",
     "int8_decoder",

@@ -26,6 +26,9 @@ def test_launcher_yaml_passes_rays_schema():
     assert config["head_node_type"] in config["available_node_types"]
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard`'s tunnel
+    # the head drives and schedules; caption actors land on the workers, not beside the GCS
+    assert "--num-cpus=0" in head
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
     assert "TF_USE_LEGACY_KERAS=1" in head
     assert all("TF_USE_LEGACY_KERAS=1" in c for c in config["worker_start_ray_commands"][1:])
     assert config["file_mounts"]["~/capfleet"] == "."  # the project, installed by setup

@@ -1,0 +1,129 @@
+"""The caption job on images behind a slow host: the same real-sized photo JPEGs (bench/photos.py,
+~45 KB, 500x375) read from local disk, then served by a loopback HTTP server that waits 50 ms
+and 200 ms before each answer, with default flags (as `capfleet caption` runs), one after the
+other on this machine. Recorded: each run's images/s (rows over the job's wall time, start-up
+included) and the summary's throughput, and their ratios to local disk.
+
+The bundle is MobileNetV2 int8 with random weights and a Flickr8k-sized decoder (the fastest
+captioner, so the one latency hurts most). CAPFLEET_BENCH_REMOTE_ROWS sets the rows (20,000)."""
+
+from __future__ import annotations
+
+import http.server
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench.caption_scale import make_bundle
+from bench.common import write_result
+from bench.photos import make_jpegs
+
+ROWS = int(os.environ.get("CAPFLEET_BENCH_REMOTE_ROWS", 20_000))
+DISTINCT = 2000
+LATENCIES_MS = (50, 200)
+
+
+def _serve(folder: str, latency_s: float, port_queue) -> None:
+    """A loopback server of `folder`'s files, each answer `latency_s` late (its own process)."""
+    files = {f"/{p.name}": p.read_bytes() for p in Path(folder).glob("*.jpg")}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(latency_s)
+            body = files.get(self.path.split("?", 1)[0])
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port_queue.put(server.server_address[1])
+    server.serve_forever()
+
+
+def _manifest(path: Path, uris: list[str]) -> Path:
+    """ROWS distinct ids over the photos, cycled; a URL gets a query of its own per row, so
+    that no layer can answer a row from a cache of another's."""
+    web = uris[0].startswith("http")
+    with open(path, "w") as f:
+        f.write("image_id,uri\n")
+        for i in range(ROWS):
+            f.write(f"img{i:07d},{uris[i % len(uris)]}{f'?r={i}' if web else ''}\n")
+    return path
+
+
+def _caption(bundle: Path, manifest: Path, out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from capfleet.jobs.caption.caption_config import CaptionConfig
+    from capfleet.jobs.caption.job import run_caption_job
+
+    cfg = CaptionConfig(bundles=(str(bundle),), input=str(manifest), out=str(out), gallery=0)
+    t0 = time.perf_counter()
+    job = run_caption_job(cfg, log=lambda _: None)
+    wall = time.perf_counter() - t0
+    summary = pq.read_table(out / "summary.parquet").to_pylist()[0]
+    assert summary["ok"] == ROWS, summary
+    return {
+        "rows": ROWS,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(ROWS / wall, 1),
+        "summary_throughput_img_s": round(summary["throughput_img_s"], 1),
+        "read_ms_mean": round(summary["read_ms"], 2),
+        "ray_start_s": job["ray_start_seconds"],
+    }
+
+
+def run() -> None:
+    with tempfile.TemporaryDirectory(prefix="capfleet-bench-remote-") as tmp:
+        tmp = Path(tmp)
+        photos = make_jpegs(tmp / "photos", DISTINCT)
+        bundle = make_bundle(
+            tmp / "mobilenet-int8", "mobilenet_v2", "int8", [p.read_bytes() for p in photos[:32]]
+        )
+        runs = {
+            "local": _caption(
+                bundle, _manifest(tmp / "local.csv", [str(p) for p in photos]), tmp / "out-local"
+            )
+        }
+        ctx = multiprocessing.get_context("spawn")
+        for ms in LATENCIES_MS:
+            ports = ctx.Queue()
+            server = ctx.Process(target=_serve, args=(str(tmp / "photos"), ms / 1000, ports))
+            server.start()
+            try:
+                base = f"http://127.0.0.1:{ports.get(timeout=60)}"
+                uris = [f"{base}/{p.name}" for p in photos]
+                runs[f"http_{ms}ms"] = _caption(
+                    bundle, _manifest(tmp / f"http{ms}.csv", uris), tmp / f"out-{ms}"
+                )
+            finally:
+                server.terminate()
+                server.join()
+        local = runs["local"]["images_per_s"]
+        for r in runs.values():
+            r["ratio_to_local"] = round(r["images_per_s"] / local, 3)
+    targets = {"http_50ms": 0.90, "http_200ms": 0.80}
+    write_result(
+        "caption_remote",
+        {
+            "rows": ROWS,
+            "distinct_photos": DISTINCT,
+            "bundle": "mobilenet_v2 int8, random weights, Flickr8k-sized decoder",
+            "flags": "defaults (autoscaling 1-CPU actors, shard 1024, 64 reads in flight)",
+            "runs": runs,
+            "targets": targets,
+            "met": {k: runs[k]["ratio_to_local"] >= v for k, v in targets.items()},
+        },
+    )
