@@ -32,7 +32,7 @@ from capfleet.model.evaluation import KerasStep, score_captions_per_image
 from capfleet.model.features import load_split, predict_batches
 from capfleet.model.fitting import configure_threads, fit_captions
 from capfleet.model.images import preprocess
-from capfleet.model.modeldir import load_trained
+from capfleet.model.modeldir import load_trained, model_data
 from capfleet.model.pretrain import pretrain_cells
 from capfleet.model.training import FinetuneData, finetune_data
 
@@ -140,11 +140,13 @@ def run_trial(
     settings: TrialSettings = DEFAULT_SETTINGS,
     log: Callable[[str], None] = print,
     captions_out: str | Path | None = None,
+    data: str = "",
 ) -> dict:
-    """Build one trial's bundle and score it; returns its record (compression.report's
+    """Build one trial's bundle and score it; returns its record (compression/records.py's
     TRIAL_SCHEMA, less the latency that `measure_bundle` adds). Raises CapfleetError for a trial
     that cannot be built. The steps: tune (shrink, prune, QAT), convert, write, score. With
-    `captions_out`, the scored captions are kept there (compression.gallery's Parquet)."""
+    `captions_out`, the scored captions are kept there (TRIAL_CAPTIONS_SCHEMA). `data`: where
+    the model's data set is now, when not where it was trained (modeldir.model_data)."""
     import tf_keras as keras
 
     t0, started = time.perf_counter(), time.time()
@@ -154,7 +156,8 @@ def run_trial(
     cap, backbone, vocab, manifest = load_trained(model_dir)
     info = encoder_info(cap.config.encoder)
     check_for_model(recipe, info.trainable, info.name)
-    data = manifest["train"]["data"]
+    data = model_data(model_dir, manifest, data)
+    manifest = {**manifest, "train": {**manifest["train"], "data": data}}  # tuned on it too
 
     cap = tune(cap, backbone, manifest, vocab, recipe, settings, log)
     enc_bytes, step_bytes, sparsity = convert(cap, backbone, data, recipe, settings, log)

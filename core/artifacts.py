@@ -94,8 +94,26 @@ def write_parquet_atomic(path: str | Path, table) -> None:
     write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
+# (the format found, the one expected) -> what to say: a folder of the other kind
+OTHER_KIND_HINTS = {
+    ("capfleet-model/1", "capfleet-bundle/1"): (
+        ": this is a trained model directory, not a bundle; make a bundle of it with "
+        "`capfleet export MODEL --out BUNDLE` (or `capfleet compress`)"
+    ),
+    ("capfleet-bundle/1", "capfleet-model/1"): (
+        ": this is a bundle, not a trained model directory; compress and export take the "
+        "model directory `capfleet train` wrote"
+    ),
+}
+
+
 def read_manifest_json(path: Path, fmt: str, error: type[CapfleetError], what: str) -> dict:
-    """A manifest written by capfleet, checked for its format; `error` names the problem."""
+    """A manifest written by capfleet, checked for its format; `error` names the problem and,
+    for a folder of capfleet's other kind (a model directory given as a bundle), what to run."""
+    if not path.parent.exists():
+        raise error(f"{path.parent}: no such folder (expected a capfleet {what})")
+    if not path.parent.is_dir():
+        raise error(f"{path.parent}: a file, not a folder (expected a capfleet {what})")
     if not path.is_file():
         raise error(f"{path.parent}: not a capfleet {what} (no {path.name})")
     try:
@@ -104,7 +122,8 @@ def read_manifest_json(path: Path, fmt: str, error: type[CapfleetError], what: s
         raise error(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise error(f"{path}: format {got!r}, expected {fmt}")
+        hint = OTHER_KIND_HINTS.get((str(got), fmt), "")
+        raise error(f"{path}: format {got!r}, expected {fmt}{hint}")
     return manifest
 
 

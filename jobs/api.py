@@ -4,7 +4,7 @@ layer over these functions. A bad input raises CapfleetError before any work; no
 exits the process.
 
     import capfleet
-    done = capfleet.caption(bundles=["runs/demo/compress/bundles/seed_0/int8_int8"],
+    done = capfleet.caption(bundles=["runs/demo/compress/bundles/*/int8_int8"],
                             input="photos/", out="runs/photos")
     done.summary.to_pandas()
 """
@@ -33,7 +33,7 @@ class CaptionResult:
     """A finished caption job: OUT, its captions/ folder, summary.parquet and job.json."""
 
     out: Path
-    captions: Path  # OUT/captions/model=NAME/part-*.parquet
+    captions: Path  # OUT/captions/NAME/part-*.parquet
     summary: pa.Table  # one row per model
     job: dict  # job.json
 
@@ -90,7 +90,19 @@ def _config(cls, config, fields: dict):
         raise CapfleetError(f"give a {cls.__name__} or its fields, not both")
     if config is not None:
         return config
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CapfleetError(
+            f"{cls.__name__} has no field {', '.join(map(repr, unknown))}; "
+            f"its fields: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except TypeError as e:  # a required field left out
+        raise CapfleetError(f"{cls.__name__}: {e}") from e
 
 
 def caption(

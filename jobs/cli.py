@@ -63,6 +63,7 @@ def _caption(args: argparse.Namespace) -> int:
         decode_cpus=args.decode_cpus,
         beam_width=args.beam_width,
         image_column=args.image_column,
+        caption_column=args.caption_column,
         max_image_mb=args.max_image_mb,
         allow_private_urls=not args.refuse_private_urls,
         max_retries=args.max_retries,
@@ -77,6 +78,9 @@ def _caption(args: argparse.Namespace) -> int:
     )
     if done.job["reports"]:
         print("open in a browser or viewer: " + ", ".join(done.job["reports"]))
+    if not sum(done.summary.column("ok").to_pylist()):  # every row an error: nothing to use
+        print("caption: no image could be captioned (see the error column and summary.parquet)")
+        return 1
     return 1 if done.job["shards"]["failed"] else 0
 
 
@@ -144,9 +148,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from capfleet.cluster import submit
-    from capfleet.jobs.specs import load_spec
+    from capfleet.jobs.specs import load_spec, read_spec, relative_paths
 
     load_spec(args.spec)  # a bad spec is refused here, not on the cluster
+    relative = relative_paths(read_spec(args.spec))
+    if relative:
+        raise CapfleetError(
+            f"{args.spec}: {relative[0]} is a relative path, which means nothing on the "
+            "cluster; give absolute paths the cluster's nodes see, or object-store URIs"
+        )
     job_id = submit.submit(args.spec, args.address, args.install_deps)
     print(f"submitted {args.spec} as {job_id} to {args.address}")
     if not args.follow:
@@ -166,11 +176,14 @@ def _jobs(args: argparse.Namespace) -> int:
         return 0
     if not args.job_id:
         raise CapfleetError(f"`capfleet jobs {args.action}` needs a job id")
-    if args.action == "status":
-        print(submit.status(args.address, args.job_id))
+    if args.action == "status":  # exit 1 for a job that failed or was stopped
+        state = submit.status(args.address, args.job_id)
+        print(state)
+        return 1 if str(state) in ("FAILED", "STOPPED") else 0
     elif args.action == "logs" and args.follow:
         final = submit.follow(args.address, args.job_id, lambda s: print(s, end="", flush=True))
         print(f"job {args.job_id}: {final}")
+        return 0 if str(final) == "SUCCEEDED" else 1
     elif args.action == "logs":
         print(submit.logs(args.address, args.job_id), end="")
     else:
@@ -244,7 +257,15 @@ def _add_caption(sub) -> None:
     )
     cap.add_argument("--beam-width", type=int, default=d["beam_width"], help="1 = greedy")
     cap.add_argument(
-        "--image-column", default=d["image_column"], help="Parquet input: the column of image bytes"
+        "--image-column",
+        default=d["image_column"],
+        help="the column of image bytes (Parquet input) or of paths/URLs (a manifest; default: "
+        "path, uri or url in any case)",
+    )
+    cap.add_argument(
+        "--caption-column",
+        default=d["caption_column"],
+        help="a manifest's column of reference captions (default: caption, text or captions)",
     )
     cap.add_argument(
         "--max-image-mb",

@@ -63,7 +63,6 @@ def thumbnail(
 ) -> tuple[str | None, str]:
     """(a data:image/jpeg;base64 URI, "") for image bytes, a path or a URI (read through
     pyarrow's filesystems), or (None, the reason) where there is no image to show."""
-
     if source is None:
         return None, "no image"
     if isinstance(source, (str, Path)):
@@ -74,21 +73,30 @@ def thumbnail(
             return None, str(data)
     else:
         data = bytes(source)
+    small = thumbnail_jpeg(data, size)
+    if isinstance(small, str):
+        return None, small
+    return "data:image/jpeg;base64," + base64.b64encode(small).decode("ascii"), ""
+
+
+def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX) -> bytes | str:
+    """A small JPEG of image bytes (the longer side `size`), or why there is none."""
+
     opened = open_image(data)  # the formats captioning decodes, and no others
     if isinstance(opened, ImageError):
-        return None, f"not shown: {opened.reason}"
+        return f"not shown: {opened.reason}"
     try:
         with opened as img:
             if img.width * img.height > MAX_PIXELS:  # opening reads only the header
-                return None, f"too large: {img.width}x{img.height}"
+                return f"too large: {img.width}x{img.height}"
             img.draft("RGB", (size, size))  # JPEG: decode at a fraction of full size
             img = img.convert("RGB")
             img.thumbnail((size, size))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
     except Exception as e:  # noqa: BLE001  a bad image becomes a placeholder, not a failed page
-        return None, f"not shown: {type(e).__name__}"
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
+        return f"not shown: {type(e).__name__}"
+    return buf.getvalue()
 
 
 def gallery_items(

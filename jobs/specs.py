@@ -208,3 +208,28 @@ def load_spec(path: str | Path, expect: str | None = None):
             "(or the goal, to run exactly those trials)"
         )
     return build(KINDS[kind], table, f"{p} [{kind}]")
+
+
+# Spec keys whose values name files or folders (a pipeline's [pipeline.data] table holds `path`).
+PATH_KEYS = {"input", "out", "references", "bundles", "models", "data", "path", "cache_dir"}
+
+
+def relative_paths(doc: dict) -> list[str]:
+    """`key = value` of every relative local path in a spec document: on a cluster a path is
+    the cluster's, and a relative one would resolve inside the job's staging folder."""
+    found = []
+
+    def walk(table: dict, where: str) -> None:
+        for key, value in table.items():
+            name = f"{where}.{key}" if where else key
+            if isinstance(value, dict):
+                walk(value, name)
+                continue
+            if key not in PATH_KEYS:
+                continue
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
+                    found.append(f"{name} = {v!r}")
+
+    walk(doc, "")
+    return found

@@ -229,8 +229,12 @@ class FolderReader:
         self.stats = ReadStats()
 
     def records(self, include_missing: bool = False) -> list[ImageRecord]:
+        # not only regular files: a FIFO or device named like an image becomes an error row
+        # (not_a_file) when read, rather than a file silently left out
         paths = [
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
         ]
         rel = sorted(p.relative_to(self.root).as_posix() for p in paths)
         out = [_path_record(r, str(self.root / r)) for r in rel]
@@ -285,21 +289,47 @@ class PrefixReader:
 
 
 class ManifestReader:
-    """A Parquet or CSV table with a `path` or `uri` column; optional `image_id`/`id` and
-    `caption` (one per row, rows of one image grouped) or `captions` (a list per row).
+    """A Parquet or CSV table of images: a `path`, `uri` or `url` column (img2dataset's `url`,
+    LAION's `URL`: names match in any case, or `image_column` names it); optional
+    `image_id`/`id`/`key` (without one, the path or URL is the id: stable across runs), and
+    references: `caption` or `text` (one per row, rows of one image grouped; LAION's `TEXT`) or
+    `captions` (a list per row), or the column `caption_column` names.
 
     Every column of a CSV is read as text: ids such as `007`, `1e3` or `NA` stay as written.
     Relative paths are resolved against the manifest's folder; URIs (scheme://) are kept. A row
     whose path is not UTF-8 becomes a record with an error (one bad row, not a bad file).
     """
 
-    PATH_COLUMNS = ("path", "uri")
-    ID_COLUMNS = ("image_id", "id")
-    CAPTION_COLUMNS = ("caption", "captions")
+    PATH_COLUMNS = ("path", "uri", "url")
+    ID_COLUMNS = ("image_id", "id", "key")
+    CAPTION_COLUMNS = ("caption", "text")  # one reference per row
+    LIST_COLUMNS = ("captions",)  # a list of references per row
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, image_column: str = "", caption_column: str = ""):
         self.path = Path(path)
+        self.image_column, self.caption_column = image_column, caption_column
         self.stats = ReadStats()
+
+    def _columns(self, names: list[str]) -> dict[str, str | None]:
+        """{role: the column that plays it}, names matched in any case; a column given by name
+        must exist."""
+
+        def find(given: str, candidates) -> str | None:
+            if given:
+                if given not in names:
+                    raise DataError(
+                        f"{self.path}: no column {given!r}; columns: {', '.join(names) or 'none'}"
+                    )
+                return given
+            lower = {n.lower(): n for n in reversed(names)}
+            return next((lower[c] for c in candidates if c in lower), None)
+
+        return {
+            "path": find(self.image_column, self.PATH_COLUMNS),
+            "id": find("", self.ID_COLUMNS),
+            "caption": find(self.caption_column, self.CAPTION_COLUMNS),
+            "captions": None if self.caption_column else find("", self.LIST_COLUMNS),
+        }
 
     def _table(self):
         import pyarrow as pa
@@ -308,9 +338,8 @@ class ManifestReader:
         suffix = self.path.suffix.lower()
         try:
             if suffix == ".parquet":
-                names = pq.read_schema(self.path).names
-                wanted = self.PATH_COLUMNS + self.ID_COLUMNS + self.CAPTION_COLUMNS
-                return pq.read_table(self.path, columns=[c for c in names if c in wanted])
+                roles = self._columns(pq.read_schema(self.path).names)
+                return pq.read_table(self.path, columns=[c for c in roles.values() if c])
             if suffix in (".csv", ".tsv"):
                 return self._csv("\t" if suffix == ".tsv" else ",")
         except (OSError, pa.ArrowInvalid) as e:
@@ -347,17 +376,17 @@ class ManifestReader:
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path}: the header is not UTF-8 ({e.reason})") from e
         cols = table.column_names
-        path_col = next((c for c in self.PATH_COLUMNS if c in cols), None)
+        roles = self._columns(cols)
+        path_col, id_col = roles["path"], roles["id"]
         if path_col is None:
             raise DataError(
-                f"{self.path}: no path column; expected one of {', '.join(self.PATH_COLUMNS)}, "
-                f"found {', '.join(cols) or 'none'}"
+                f"{self.path}: no path column; expected one of {', '.join(self.PATH_COLUMNS)} "
+                f"(any case) or --image-column, found {', '.join(cols) or 'none'}"
             )
-        id_col = next((c for c in self.ID_COLUMNS if c in cols), None)
         paths = table.column(path_col).to_pylist()
         ids = table.column(id_col).to_pylist() if id_col else [None] * len(paths)
-        caption = table.column("caption").to_pylist() if "caption" in cols else None
-        lists = table.column("captions").to_pylist() if "captions" in cols else None
+        caption = table.column(roles["caption"]).to_pylist() if roles["caption"] else None
+        lists = table.column(roles["captions"]).to_pylist() if roles["captions"] else None
         grouped: dict[str, tuple[str, list[str], str]] = {}
         for n, raw in enumerate(paths):
             where = f"{self.path}: row {n + 1}"  # data rows, 1-based, header not counted
@@ -377,7 +406,7 @@ class ManifestReader:
                 caps.append((_text(caption[n])[0] or "").strip())
             if lists is not None and lists[n] is not None:
                 if not isinstance(lists[n], list):
-                    raise DataError(f"{where}: 'captions' must be a list of strings")
+                    raise DataError(f"{where}: {roles['captions']!r} must be a list of strings")
                 caps.extend(str(c).strip() for c in lists[n])
         out = [ImageRecord(i, uri, tuple(c), err) for i, (uri, c, err) in grouped.items()]
         self.stats = ReadStats(records=len(out))
@@ -400,9 +429,22 @@ def _text(value) -> tuple[str | None, str]:
     return (None if value is None else str(value)), ""
 
 
-def open_reader(path: str | Path, split: str | None = None):
+def open_reader(
+    path: str | Path, split: str | None = None, image_column: str = "", caption_column: str = ""
+):
     """Pick the reader for a path: Flickr8k directory, folder, COCO JSON or manifest; a URI
-    with a scheme (s3://, gs://, file://) is an object-store prefix of images."""
+    with a scheme (s3://, gs://, file://) is an object-store prefix of images. The column
+    names apply to a manifest only."""
+    reader = _reader(path, split)
+    if isinstance(reader, ManifestReader):
+        reader.image_column, reader.caption_column = image_column, caption_column
+    elif image_column or caption_column:
+        flag = "--image-column" if image_column else "--caption-column"
+        raise DataError(f"{path}: {flag} applies to a manifest (or Parquet of image bytes)")
+    return reader
+
+
+def _reader(path: str | Path, split: str | None):
     if isinstance(path, str) and "://" in path:
         return PrefixReader(path)
     p = Path(path)

@@ -11,6 +11,7 @@ Everything is rebuilt from the saved config; nothing is unpickled.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from capfleet.core.artifacts import read_manifest_json
@@ -40,6 +41,34 @@ def trained_config(manifest: dict) -> TrainConfig:
     """The TrainConfig a model manifest records. A model trained before label smoothing existed
     was trained on plain cross-entropy, and is fine-tuned on it."""
     return TrainConfig(**{"label_smoothing": 0.0, **manifest["train"]})
+
+
+def relative_to_model(data: str, model_dir: str | Path) -> str | None:
+    """A local data set's path relative to the model directory (None for a URI)."""
+    if "://" in data:
+        return None
+    return os.path.relpath(Path(data).resolve(), Path(model_dir).resolve())
+
+
+def model_data(model_dir: str | Path, manifest: dict, override: str = "") -> str:
+    """Where the data set a model was trained on is now: `override` (a compress spec's `data`)
+    when given; else the path the manifest records from the model directory (it survives
+    copying the model with its data), else the path as training was given it. Refused, naming
+    the key to set, when none is there."""
+    candidates = [override] if override else []
+    if not override:
+        rel = manifest.get("data_from_model")
+        if rel:
+            candidates.append(str(Path(model_dir) / rel))
+        candidates.append(str(manifest.get("train", {}).get("data", "")))
+    for c in candidates:
+        if c and ("://" in c or Path(c).exists()):
+            return c
+    tried = ", ".join(repr(c) for c in candidates if c)
+    raise CapfleetError(
+        f"{model_dir}: the data set it was trained on is not there ({tried}); set `data` in "
+        "the compress spec ([compress] data = PATH) to where it is now"
+    )
 
 
 def manifest_sha256(model_dir: str | Path) -> str:

@@ -18,7 +18,13 @@ from capfleet.model.evaluation import evaluate, evaluate_features
 from capfleet.model.features import cached_features, find_cached, load_images
 from capfleet.model.fitting import caption_sets, configure_threads, fit_captions, time_budget
 from capfleet.model.images import preprocess
-from capfleet.model.modeldir import MANIFEST_FILE, MODEL_FORMAT, save_trained, trained_config
+from capfleet.model.modeldir import (
+    MANIFEST_FILE,
+    MODEL_FORMAT,
+    relative_to_model,
+    save_trained,
+    trained_config,
+)
 from capfleet.model.pretrain import pretrain_cells
 from capfleet.model.text import Vocabulary, clean_caption
 from capfleet.model.train_config import TrainConfig
@@ -99,6 +105,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "train_seconds": round(train_s, 1),
         "test_metrics": metrics,
         "data_identity": data_identity(cfg.data),  # a rerun on changed data retrains
+        # the data set's path from the model directory, so that a copied or moved model (with
+        # its data beside it) still finds it wherever it is run from (modeldir.model_data)
+        "data_from_model": relative_to_model(cfg.data, out),
         "versions": package_versions("tensorflow", "tf-keras", "capfleet"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -5,6 +5,7 @@ their defaults from here (CAPTION_DEFAULTS).
 
 from __future__ import annotations
 
+import glob
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -31,7 +32,9 @@ _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._
 class CaptionConfig:
     """One caption job. Validated on construction, before any work."""
 
-    bundles: tuple[str, ...]  # bundle directories; each model's name is its manifest's name
+    # bundle directories, or glob patterns of them ("runs/demo/compress/bundles/*/int8_int8");
+    # each model's name is its manifest's name
+    bundles: tuple[str, ...]
     # a folder, a Flickr8k directory, a COCO JSON, a CSV/Parquet manifest of paths or URIs
     # (local, object store, http), WebDataset tar shards, or Parquet with image bytes
     input: str
@@ -39,7 +42,10 @@ class CaptionConfig:
     split: str = ""  # Flickr8k: "" = test; Karpathy JSON: "" = every image; else ignored
     references: str = ""  # a captioned data set to score against ("" = the input's own)
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:10001"
-    image_column: str = ""  # Parquet input with several columns of bytes: the image's
+    # Parquet input with several columns of bytes: the image's; a manifest (CSV, Parquet) of
+    # paths or URLs: the column that holds them (default: path, uri or url, in any case)
+    image_column: str = ""
+    caption_column: str = ""  # a manifest's references (default: caption, text or captions)
     batch_size: int = 256  # images per model call
     shard_size: int = 1024  # images per output part file at most (the unit of resume)
     # Actors (each hosts every bundle); 0 = an autoscaling pool as large as the CPUs allow
@@ -66,6 +72,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         check_range(self, CAPTION_LIMITS)
+        if isinstance(self.bundles, str):  # one bundle given as a string
+            object.__setattr__(self, "bundles", (self.bundles,))
+        object.__setattr__(self, "bundles", expand_bundles(self.bundles))
         if not self.bundles:
             raise CapfleetError("bundles: give at least one bundle directory")
         check_at_least(self, ("batch_size", "shard_size", "beam_width"), 1)
@@ -95,6 +104,22 @@ class CaptionConfig:
             raise CapfleetError(f"bundle name {bad[0]!r}: use letters, digits, '.', '_', '-'")
         if len(set(self.names)) != len(self.names):
             raise CapfleetError(f"two bundles share a name: {', '.join(self.names)}")
+
+
+def expand_bundles(bundles: tuple[str, ...]) -> tuple[str, ...]:
+    """Glob patterns among local bundle paths expanded (sorted); a pattern that matches no
+    folder is refused naming it. Other paths stay as given (a bundle a pipeline has yet to make
+    is checked when the job starts)."""
+    out: list[str] = []
+    for b in bundles:
+        if "://" in b or not any(c in b for c in "*?["):
+            out.append(b)
+            continue
+        found = sorted(str(p) for p in glob.glob(b) if Path(p).is_dir())
+        if not found:
+            raise CapfleetError(f"bundles: {b!r} matches no folder")
+        out += found
+    return tuple(dict.fromkeys(out))
 
 
 # Every field's default, for the CLI's flags and the pipeline's caption step.

@@ -13,11 +13,10 @@ import stat
 import tarfile
 from collections.abc import Iterator
 
-from capfleet.jobs.caption.web import HTTP_ATTEMPTS, read_http
+from capfleet.jobs.caption.web import HTTP_ATTEMPTS, MAX_IMAGE_BYTES, read_http
 from capfleet.model.data import MISSING
 from capfleet.model.images import TOO_LARGE, UNREADABLE, ImageError
 
-MAX_IMAGE_BYTES = 64 * 2**20  # a 100-megapixel JPEG is well under this
 MAX_CAPTION_BYTES = 64 * 2**10  # a tar sample's txt/json references: text, not an image
 NOT_A_FILE = "not_a_file"
 PARQUET_BATCH = 256  # rows decoded at a time when a shard reads its slice of a row group

@@ -40,7 +40,7 @@ from capfleet.jobs.caption.listing import (
     recut,
     with_references,
 )
-from capfleet.jobs.caption.load import load_shard
+from capfleet.jobs.caption.load import THUMBS_DIR, load_shard
 from capfleet.jobs.caption.parts import (
     OK,
     bundle_identity,
@@ -49,6 +49,7 @@ from capfleet.jobs.caption.parts import (
     part_done,
     part_path,
     part_stats,
+    upgrade_layout,
     write_part,
 )
 from capfleet.jobs.caption.report import gallery_sample, write_reports
@@ -83,6 +84,7 @@ def run_caption_job(
     listing = _listing(cfg, log)
     out = Path(cfg.out)
     with run:
+        upgrade_layout(out)
         check_plan(
             out,
             {
@@ -107,18 +109,18 @@ def run_caption_job(
             )
         )
         failed: dict[int, str] = {}
+        sample = gallery_sample(listing, cfg.gallery)
         if todo:
             with ray_messages_to(out / LOG_FILE, verbose):
                 t_ray = time.perf_counter()
                 with ray_session(cfg.address or None):  # starting or joining Ray, within the wall
                     run.seconds["ray_start"] = time.perf_counter() - t_ray
-                    failed = _run_shards(cfg, todo, sizes, out, log, verbose, retry_errors)
+                    failed = _run_shards(cfg, todo, sizes, out, sample, log, verbose, retry_errors)
         for shard in todo:
             if shard.shard in failed:
                 _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
         with run.step("summary"):
             bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
-            sample = gallery_sample(listing, cfg.gallery)
             summary, extras = summarize(out, bundles, run_started, set(sample))
             write_parquet_atomic(out / "summary.parquet", summary)
         reports = write_reports(
@@ -180,7 +182,10 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
     def limited(listing: Listing) -> Listing:
         return first_images(listing, cfg.limit) if cfg.limit else listing
 
-    whole = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column)
+    # the job's own outputs (latency.png...) are no input, should OUT lie inside a folder input
+    whole = list_inputs(
+        cfg.input, cfg.split, cfg.shard_size, cfg.image_column, cfg.out, cfg.caption_column
+    )
     listing = limited(whole)
     if not listing.images:
         raise CapfleetError(f"{cfg.input}: no images to caption")
@@ -197,7 +202,7 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
 
 
 def _run_shards(
-    cfg: CaptionConfig, todo, sizes, out: Path, log, verbose: bool, repair: bool
+    cfg: CaptionConfig, todo, sizes, out: Path, sample: list[str], log, verbose: bool, repair: bool
 ) -> dict[int, str]:
     """Run the shards on the pool; returns {shard: why} for those whose worker failed after
     its tries."""
@@ -205,6 +210,8 @@ def _run_shards(
         "sizes": sizes,
         "max_bytes": int(cfg.max_image_mb * 2**20),
         "allow_private": cfg.allow_private_urls,
+        # the gallery's sample keeps thumbnails as it is read: the page fetches nothing again
+        "thumbs": {"dir": str((out / THUMBS_DIR).resolve()), "ids": frozenset(sample)},
     }
     fused = cfg.decode_cpus == cfg.actor_cpus  # the actors fetch and decode (the default)
     pool = Pool(
@@ -267,7 +274,8 @@ class Progress:
         left = (self.total - self.done_images) / rate if rate else float("inf")
         share = self.done_images / self.total if self.total else 1.0
         line = (
-            f"caption: {self.done_images:,}/{self.total:,} images ({share:.0%}), {rate:,.0f} img/s"
+            f"caption: {self.done_images:,}/{self.total:,} images ({share:.0%}), "
+            f"{rate:,.0f} img/s with start-up"
         )
         if self.done_images < self.total:
             line += f", {duration(left) if left != float('inf') else '?'} left"
@@ -306,3 +314,7 @@ def _print_summary(summary, log) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
     for r in table:
         log("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    log(
+        "throughput_img_s: images captioned per second from the model's first part begun to its "
+        "last finished (start-up excluded); latency_p50_ms: of its batches' per-image shares"
+    )

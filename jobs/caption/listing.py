@@ -96,19 +96,30 @@ class Listing:
 
 
 def list_inputs(
-    input: str, split: str = "", shard_size: int = 1024, image_column: str = ""
+    input: str,
+    split: str = "",
+    shard_size: int = 1024,
+    image_column: str = "",
+    exclude: str = "",
+    caption_column: str = "",
 ) -> Listing:
-    """Every input image of a caption job, in shards."""
+    """Every input image of a caption job, in shards; files under `exclude` (the job's own
+    output folder, when it lies inside a folder input) are left out. `image_column`: Parquet's
+    column of image bytes, or a manifest's column of paths or URLs; `caption_column`: a
+    manifest's column of references."""
     tars = tar_paths(input)
     if tars:
         return _list_tars(tars)
     parquets = parquet_paths(input)
-    if parquets and (image_column or _image_columns(parquets[0])):
-        return _list_parquet(parquets, shard_size, image_column)
-    if image_column:
-        raise DataError(f"{input}: --image-column {image_column!r} applies to Parquet input")
-    reader = open_reader(input, split or None)
+    if parquets:
+        blobs = _image_columns(parquets[0])
+        if (image_column and image_column in blobs) or (not image_column and blobs):
+            return _list_parquet(parquets, shard_size, image_column)
+    reader = open_reader(input, split or None, image_column, caption_column)
     records = [_absolute(r) for r in reader.records(include_missing=True)]
+    if exclude and "://" not in exclude:
+        inside = os.path.abspath(exclude) + os.sep
+        records = [r for r in records if not r.uri.startswith(inside)]
     return Listing(shard_records(records, shard_size), type(reader).__name__)
 
 

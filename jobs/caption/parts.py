@@ -41,7 +41,8 @@ CAPTION_SCHEMA = pa.schema(
         ("references", pa.list_(pa.string())),  # the image's reference captions (empty: none)
         ("rouge_l", pa.float64()),  # per-image scores against the references; null without
         ("sentence_bleu4", pa.float64()),  # (smoothed: nltk's method1)
-        ("latency_ms", pa.float64()),  # encoder_ms + decoder_ms
+        # encoder_ms + decoder_ms: the batch's model time divided by its size (a batch mean)
+        ("latency_ms", pa.float64()),
         ("read_ms", pa.float64()),  # fetching the bytes (a tar's or row group's share)
         ("decode_ms", pa.float64()),  # decoding and resizing for every input size
         ("encoder_ms", pa.float64()),  # the batch's encoder time divided by its size
@@ -60,14 +61,18 @@ SUMMARY_SCHEMA = pa.schema(
         ("ok", pa.int64()),
         ("failed", pa.int64()),
         ("errors", pa.string()),  # JSON {reason: count} of the failed rows
-        ("throughput_img_s", pa.float64()),  # this model's images this run / its own wall time
+        # images this run captioned / this model's own time, first part begun to last finished
+        ("throughput_img_s", pa.float64()),
         ("actor_img_s", pa.float64()),  # images per second of one busy actor (this run)
+        # of the rows' latency_ms: each row's share of its batch's encoder + decoder time (a
+        # batch mean: images in one batch share it), so percentiles are over batches' shares
         ("latency_p50_ms", pa.float64()),
         ("latency_p95_ms", pa.float64()),
         ("read_ms", pa.float64()),  # means per ok image
         ("decode_ms", pa.float64()),
         ("encoder_ms", pa.float64()),
         ("decoder_ms", pa.float64()),
+        ("e2e_ms", pa.float64()),  # read + decode + encoder + decoder: one image end to end
         ("size_mb", pa.float64()),
         ("gzip_size_mb", pa.float64()),
         ("scored", pa.int64()),  # ok images with references, which the scores are computed on
@@ -279,8 +284,26 @@ def check_plan(out: str | Path, plan: dict) -> None:
     write_json_atomic(path, plan)
 
 
+# OUT/captions/NAME/part-NNNNNN.parquet: plain folders, not hive's `model=NAME`, whose key
+# pandas, pyarrow and Spark read as a dictionary column that clashes with the `model` column
+# every part holds, so the whole folder did not load in one call.
+CAPTIONS_DIR = "captions"
+
+
 def part_path(out: str | Path, model: str, shard: int) -> Path:
-    return Path(out) / "captions" / f"model={model}" / f"part-{shard:06d}.parquet"
+    return Path(out) / CAPTIONS_DIR / model / f"part-{shard:06d}.parquet"
+
+
+def upgrade_layout(out: str | Path) -> int:
+    """Move an earlier version's OUT/captions/model=NAME folders to OUT/captions/NAME, so that
+    a rerun resumes them; returns how many moved."""
+    moved = 0
+    for old in sorted((Path(out) / CAPTIONS_DIR).glob("model=*")):
+        new = old.with_name(old.name.removeprefix("model="))
+        if old.is_dir() and not new.exists():
+            old.rename(new)
+            moved += 1
+    return moved
 
 
 def write_part(path: Path, table: pa.Table, stats: PartStats) -> None:
@@ -339,14 +362,14 @@ def failed_part(shard, model: str, error: str) -> tuple[pa.Table, PartStats]:
 
 
 def parts(out: str | Path, model: str) -> Iterator[Path]:
-    yield from sorted((Path(out) / "captions" / f"model={model}").glob("part-*.parquet"))
+    yield from sorted((Path(out) / CAPTIONS_DIR / model).glob("part-*.parquet"))
 
 
 def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa.Table:
     """Every caption row written so far (all models, or one), of parts that read whole (a
     failed shard's error rows included)."""
-    root = Path(out) / "captions"
-    pattern = f"model={model}/part-*.parquet" if model else "model=*/part-*.parquet"
+    root = Path(out) / CAPTIONS_DIR
+    pattern = f"{model}/part-*.parquet" if model else "*/part-*.parquet"
     found = [p for p in sorted(root.glob(pattern)) if part_stats(p) is not None]
     schema = (
         CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from capfleet.jobs.caption.fetch import read_uri
 from capfleet.jobs.caption.listing import Listing
+from capfleet.jobs.caption.load import THUMBS_DIR, thumbnail_path
 from capfleet.jobs.caption.parts import part_path, part_stats
 from capfleet.jobs.gallery import GALLERY_FILE, gallery_items, sample_ids, write_gallery
 from capfleet.jobs.plots import plot_latency
@@ -61,26 +62,33 @@ def write_reports(
             for r in t.to_pylist():
                 r["cider_d"] = extras[model]["cider_d"].get(r["image_id"])
                 rows.append(r)
-    items = gallery_items(rows, images=_thumbnail_bytes(rows, allow_private))
+    items = gallery_items(rows, images=_thumbnail_bytes(out, rows, allow_private))
     written.append(
         write_gallery(page, items, models, title=f"captions of {len(items)} sampled images")
     )
     return written
 
 
-def _thumbnail_bytes(rows: list[dict], allow_private: bool) -> dict[str, bytes | None]:
-    """{image_id: the image's bytes, or None where none is shown}: read once per image that a
-    path or URI names (not tar members or Parquet cells) and that some model captioned."""
+def _thumbnail_bytes(out: Path, rows: list[dict], allow_private: bool) -> dict[str, bytes | None]:
+    """{image_id: the image's bytes, or None where none is shown}: the thumbnail the job kept
+    as it read the image (load.keep_thumbnail), else read once per image that a path or URI
+    names (not tar members or Parquet cells) and that some model captioned."""
     captioned = {r["image_id"] for r in rows if r["status"] == "ok"}
     images: dict[str, bytes | None] = {}
     deadline = time.monotonic() + THUMBNAILS_BUDGET_S
     for r in rows:
-        if r["image_id"] in images:
+        image_id = r["image_id"]
+        if image_id in images:
             continue
-        data = None
-        if r["image_id"] in captioned and "#" not in r["uri"] and time.monotonic() < deadline:
+        images[image_id] = None
+        if image_id not in captioned:
+            continue
+        kept = thumbnail_path(out / THUMBS_DIR, image_id)
+        if kept.is_file():
+            images[image_id] = kept.read_bytes()
+        elif "#" not in r["uri"] and time.monotonic() < deadline:
             data = read_uri(
                 r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1, allow_private=allow_private
             )
-        images[r["image_id"]] = data if isinstance(data, bytes) else None
+            images[image_id] = data if isinstance(data, bytes) else None
     return images

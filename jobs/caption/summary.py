@@ -45,6 +45,7 @@ def summarize(
             k: getattr(total, k) / total.ok if total.ok else None
             for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")
         }
+        means["e2e_ms"] = sum(means.values()) if total.ok else None
         rows.append(
             {
                 "model": name,

@@ -32,11 +32,12 @@ import urllib.parse
 
 from capfleet.model.images import TOO_LARGE, ImageError
 
+MAX_IMAGE_BYTES = 64 * 2**20  # a 100-megapixel JPEG is well under this
 HTTP_TIMEOUT_S = 20.0  # the whole request, redirects included
 HTTP_ATTEMPTS = 3
 HTTP_BACKOFF_S = 0.5
 MAX_REDIRECTS = 5
-HOST_IN_FLIGHT = 8  # requests at once to one host from one process
+HOST_IN_FLIGHT = 64  # requests at once to one host from one process (its fetch threads)
 MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is not waited for: the image fails
 USER_AGENT = "capfleet (batch image captioning)"
 TIMEOUT, UNREACHABLE = "timeout", "unreachable"
@@ -95,7 +96,7 @@ HOSTS = _Hosts()
 
 def read_http(
     url: str,
-    max_bytes: int,
+    max_bytes: int = MAX_IMAGE_BYTES,
     timeout: float | None = None,
     attempts: int = HTTP_ATTEMPTS,
     allow_private: bool = True,

@@ -12,7 +12,7 @@ from capfleet.compression.settings import TrialSettings
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.encoders import encoder_info
-from capfleet.model.modeldir import read_model_manifest
+from capfleet.model.modeldir import model_data, read_model_manifest
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class CompressConfig:
     gallery: int = DEFAULT_GALLERY_IMAGES  # test images in OUT/gallery.html; 0 = no gallery
     # A goal instead of a fixed list of trials: the search chooses the trials (compression/goal)
     goal: Goal | None = None
+    # where the models' data set is now, when not where their manifests say (a moved model);
+    # "" = the manifest's (found from the model directory first)
+    data: str = ""
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -66,11 +69,13 @@ class CompressConfig:
 
 
 def checked_plan(cfg: CompressConfig) -> list[tuple[str, str]]:
-    """The plan, with every model directory read and every trial checked against its model's
-    encoder, so that an impossible trial is refused before any task starts."""
+    """The plan, with every model directory read, its data set found (model_data) and every
+    trial checked against its model's encoder, so that an impossible trial or a missing data
+    set is refused before any task starts."""
     plan = cfg.plan()
     for model_dir in cfg.models:
         manifest = read_model_manifest(model_dir)
+        model_data(model_dir, manifest, cfg.data)
         try:
             info = encoder_info(manifest["config"]["encoder"])
         except (KeyError, TypeError) as e:

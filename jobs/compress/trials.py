@@ -27,14 +27,16 @@ from capfleet.jobs.compress.trial_report import write_report
 from capfleet.jobs.gallery import GALLERY_FILE
 from capfleet.jobs.skeleton import JobRun
 from capfleet.model.data import data_identity
-from capfleet.model.modeldir import manifest_sha256, read_model_manifest
+from capfleet.model.modeldir import manifest_sha256, model_data, read_model_manifest
 
 
-def _trial_task(model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str) -> dict:
+def _trial_task(
+    model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str, data: str
+) -> dict:
     """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record."""
     try:
         return run_trial(
-            model_dir, trial, bundle_dir, TrialSettings(**settings), print, captions_out=captions
+            model_dir, trial, bundle_dir, TrialSettings(**settings), print, captions, data
         )
     except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
         return failed_record(Path(model_dir).name, trial, failure_text(e))
@@ -44,13 +46,13 @@ def _measure_task(record: dict, settings: dict) -> dict:
     return {**record, **measure_bundle(record["bundle"], record["data"], TrialSettings(**settings))}
 
 
-def _built_for(model_dir: str, settings: TrialSettings) -> dict:
+def _built_for(model_dir: str, data: str, settings: TrialSettings) -> dict:
     """What a finished trial's record depends on: the trained model (its manifest, rewritten by
     every training), the data set it is tuned, calibrated and scored on, and the settings (less
     the thread count)."""
     return {
         "model_manifest_sha256": manifest_sha256(model_dir),
-        "data_identity": data_identity(read_model_manifest(model_dir)["train"]["data"]),
+        "data_identity": data_identity(data),
         "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
     }
 
@@ -114,7 +116,8 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
     settings = asdict(replace(cfg.settings, threads=threads))
     records: dict[tuple[str, str], dict] = {}
     todo, stale = [], 0
-    built_for = {m: _built_for(m, cfg.settings) for m in cfg.models}
+    data = {m: model_data(m, read_model_manifest(m), cfg.data) for m in cfg.models}
+    built_for = {m: _built_for(m, data[m], cfg.settings) for m in cfg.models}
     for model_dir, trial in plan:
         path = _record_path(out, model_dir, trial)
         done = _read_record(path, log)
@@ -145,6 +148,7 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
                         str((out / "bundles" / Path(model_dir).name / slug(trial)).resolve()),
                         settings,
                         str(_captions_path(out, model_dir, trial).resolve()),
+                        data[model_dir],
                     ),
                     cfg.cpus_per_trial,
                 )

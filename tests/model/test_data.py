@@ -1,4 +1,5 @@
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,7 +161,8 @@ def test_manifest_csv_with_ids_and_list_captions(tmp_path):
 
 def test_manifest_errors_name_the_problem(tmp_path):
     (tmp_path / "m.csv").write_text("file,caption\na.jpg,x\n")
-    with pytest.raises(DataError, match="no path column; expected one of path, uri, found file"):
+    expected = "no path column; expected one of path, uri, url (any case) or --image-column"
+    with pytest.raises(DataError, match=re.escape(expected) + ", found file"):
         ManifestReader(tmp_path / "m.csv").records()
     (tmp_path / "n.csv").write_text('path\na.jpg\n""\n')
     with pytest.raises(DataError, match="row 2: empty 'path'"):

@@ -152,7 +152,7 @@ def test_a_dripping_server_meets_one_deadline_for_the_whole_request(hostile, mon
     assert out["image_16"][1].std() > 0
 
 
-def test_where_urls_may_point(hostile, only_loopback):
+def test_where_urls_may_point(hostile, only_loopback, tmp_path):
     cases = {
         f"{hostile.url}/to-file": "refused_scheme",
         f"{hostile.url}/loop": "too_many_redirects",
@@ -173,7 +173,7 @@ def test_where_urls_may_point(hostile, only_loopback):
     from capfleet.jobs.caption.report import _thumbnail_bytes
 
     rows = [{"image_id": "m", "uri": "http://metadata.test/x.jpg", "status": "ok"}]
-    assert _thumbnail_bytes(rows, allow_private=True) == {"m": None}
+    assert _thumbnail_bytes(tmp_path, rows, allow_private=True) == {"m": None}
 
 
 def test_retry_after_is_honoured_and_a_long_one_is_not_waited_for(hostile):
@@ -274,3 +274,20 @@ def test_submit_stages_no_secret_and_every_list_agrees(tmp_path, monkeypatch):
     shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     top = {p.split(".")[1] for p in shipped["packages"] if p.count(".") == 1} - {"jobs.examples"}
     assert set(submit.SUBPACKAGES) == top
+
+
+def test_the_gallery_shows_what_the_job_fetched_without_fetching_it_again(
+    local_ray, tiny_bundle, hostile, tmp_path
+):
+    from capfleet.jobs.caption.caption_config import CaptionConfig
+    from capfleet.jobs.caption.job import run_caption_job
+
+    urls = [f"{hostile.url}/img.jpg?n={n}" for n in range(4)]
+    manifest = tmp_path / "urls.csv"
+    manifest.write_text("image_id,uri\n" + "".join(f"i{n},{u}\n" for n, u in enumerate(urls)))
+    out = tmp_path / "o"
+    cfg = CaptionConfig(bundles=(str(tiny_bundle),), input=str(manifest), out=str(out), gallery=4)
+    job = run_caption_job(cfg, log=lambda _: None)
+    assert job["rows"] == {"tiny-fp32": 4}
+    assert {hostile.hits[u.removeprefix(hostile.url)] for u in urls} == {1}  # once, by the job
+    assert (out / "gallery.html").read_text().count("data:image/jpeg;base64,") == 4

@@ -99,6 +99,14 @@ def test_two_bundles_every_image_once_with_error_reasons_and_bleu(
         assert s["size_mb"] > 0 and s["latency_p95_ms"] >= s["latency_p50_ms"] > 0
     meta = json.loads((tmp_path / "out" / "job.json").read_text())
     assert meta["images"] == total and meta["shards"] == {"total": 3, "run": 3, "failed": 0}
+    # the captions folder reads whole with the usual readers, `model` a plain string column
+    import pandas as pd
+
+    folder = tmp_path / "out" / "captions"
+    frame = pd.read_parquet(folder)
+    assert len(frame) == 2 * total and set(frame["model"]) == {"tiny-fp32", "tiny-b"}
+    table = pq.read_table(folder)
+    assert table.num_rows == 2 * total and table.schema.field("model").type == "string"
 
 
 def test_rerun_finishes_only_missing_shards(local_ray, tiny_bundle, shapes_dir, tmp_path):
@@ -110,7 +118,7 @@ def test_rerun_finishes_only_missing_shards(local_ray, tiny_bundle, shapes_dir, 
     assert again["shards"]["run"] == 0  # nothing left to do
     summary = pq.read_table(out / "summary.parquet").to_pylist()[0]
     assert summary["throughput_img_s"] is None and summary["images"] == 64
-    (out / "captions" / "model=tiny-fp32" / "part-000002.parquet").unlink()
+    (out / "captions" / "tiny-fp32" / "part-000002.parquet").unlink()
     again = run_caption_job(cfg, log=lambda _: None)
     assert again["shards"] == {"total": 4, "run": 1, "failed": 0}
     second = read_captions(out).select(["image_id", "caption", "status", "shard"]).to_pylist()
@@ -166,7 +174,7 @@ def test_resume_after_sigkill_of_the_driver(local_ray, tiny_bundle, many_images,
     proc = subprocess.Popen(
         args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    parts = out / "captions" / "model=tiny-fp32"
+    parts = out / "captions" / "tiny-fp32"
     deadline = time.time() + 180
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
         assert proc.poll() is None, "the job ended before it could be interrupted"
@@ -218,7 +226,7 @@ def test_killed_actor_is_restarted_and_the_job_completes(
 
     job = threading.Thread(target=run)
     job.start()
-    parts = out / "captions" / "model=tiny-fp32"
+    parts = out / "captions" / "tiny-fp32"
     deadline = time.time() + 120
     while time.time() < deadline and not list(parts.glob("part-*.parquet")):
         time.sleep(0.1)

@@ -292,3 +292,61 @@ def test_a_shards_tries_are_counted_per_model_by_its_starts(tmp_path):
         start_try(tmp_path, 7, "int8", tries=1)
     end_try(tmp_path, 7, "int8")  # its part was written: the count goes
     start_try(tmp_path, 7, "int8", tries=1)
+
+
+def test_an_earlier_versions_hive_folders_are_moved_for_resume(tmp_path):
+    from capfleet.jobs.caption.parts import part_path, upgrade_layout
+
+    old = tmp_path / "captions" / "model=tiny" / "part-000000.parquet"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"part")
+    assert upgrade_layout(tmp_path) == 1
+    assert part_path(tmp_path, "tiny", 0).read_bytes() == b"part"
+    assert upgrade_layout(tmp_path) == 0
+
+
+def test_a_folders_fifo_gets_a_row_and_the_jobs_own_output_is_no_input(tmp_path):
+    from capfleet.jobs.caption.listing import list_inputs
+
+    root = tmp_path / "photos"
+    (root / "out").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpeg(1))
+    os.mkfifo(root / "b.jpg")
+    (root / "out" / "latency.png").write_bytes(jpeg(2, "PNG"))  # a job's output inside it
+    ids = lambda listing: {i for s in listing.shards for i in s.image_id}  # noqa: E731
+    assert ids(list_inputs(str(root), exclude=str(root / "out"))) == {"a.jpg", "b.jpg"}
+    assert "out/latency.png" in ids(list_inputs(str(root)))
+
+
+def test_url_lists_as_img2dataset_and_laion_write_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capfleet.core.errors import CapfleetError
+    from capfleet.jobs.caption.listing import list_inputs
+
+    def rows(listing):
+        return [
+            (i, u, tuple(r))
+            for s in listing.shards
+            for i, u, r in zip(s.image_id, s.uri, s.references, strict=True)
+        ]
+
+    # img2dataset's input: url, caption; no id column: the URL is the id (stable)
+    (tmp_path / "i2d.csv").write_text("url,caption\nhttp://h/a.jpg,a cat\nhttp://h/b.jpg,a dog\n")
+    assert rows(list_inputs(str(tmp_path / "i2d.csv"))) == [
+        ("http://h/a.jpg", "http://h/a.jpg", ("a cat",)),
+        ("http://h/b.jpg", "http://h/b.jpg", ("a dog",)),
+    ]
+    # LAION's parquet: URL, TEXT (upper case), more columns beside; strings, not image bytes
+    laion = tmp_path / "laion.parquet"
+    pq.write_table(
+        pa.table({"URL": ["http://h/c.jpg"], "TEXT": ["a car"], "similarity": [0.3]}), laion
+    )
+    assert rows(list_inputs(str(laion))) == [("http://h/c.jpg", "http://h/c.jpg", ("a car",))]
+    # other names, given by the flags
+    (tmp_path / "own.csv").write_text("link,alt,key\nhttp://h/d.jpg,a boat,d1\n")
+    got = list_inputs(str(tmp_path / "own.csv"), image_column="link", caption_column="alt")
+    assert rows(got) == [("d1", "http://h/d.jpg", ("a boat",))]
+    with pytest.raises(CapfleetError, match="no column 'nope'"):
+        list_inputs(str(tmp_path / "own.csv"), image_column="nope")

@@ -5,6 +5,7 @@ of a retrained model."""
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 
 from capfleet.compression.settings import TrialSettings
 from capfleet.jobs.compress.compress_config import CompressConfig
@@ -109,3 +110,44 @@ def test_trials_of_a_model_whose_data_changed_are_redone(
     lines.clear()
     run_compress_job(cfg, log=lines.append)
     assert any("1 earlier trials redone" in x and "their data" in x for x in lines), lines
+
+
+def test_a_model_that_moved_finds_its_data_or_names_the_key_to_set(
+    tiny_model, shapes_dir, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    from capfleet.core.errors import CapfleetError
+    from capfleet.jobs.compress.compress_config import checked_plan
+    from capfleet.model.modeldir import model_data, read_model_manifest
+
+    # the model and its data copied together elsewhere, the originals' paths gone for good
+    home = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, home / "models" / "tiny")
+    shutil.copytree(shapes_dir, home / "data")
+    moved = home / "models" / "tiny"
+    manifest = read_model_manifest(moved)
+    manifest["train"]["data"] = "runs/gone/data"  # as a relative path training was given
+    manifest["data_from_model"] = "../../data"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)  # run from another folder
+    assert model_data(moved, manifest) == str(moved / "../../data")
+    cfg = CompressConfig(models=(str(moved),), out=str(tmp_path / "o"), trials=("fp32",))
+    assert checked_plan(cfg) == [(str(moved), "fp32:fp32")]
+    shutil.rmtree(home / "data")
+    with pytest.raises(CapfleetError, match=r"set `data` in the compress spec"):
+        checked_plan(cfg)  # refused before any Ray starts, naming the key
+    again = CompressConfig(
+        models=(str(moved),), out=str(tmp_path / "o"), trials=("fp32",), data=str(shapes_dir)
+    )
+    assert checked_plan(again) and model_data(moved, manifest, again.data) == str(shapes_dir)
+
+
+def test_a_trained_model_records_its_data_from_the_model_directory(tiny_model, shapes_dir):
+    import os
+
+    from capfleet.model.modeldir import read_model_manifest
+
+    rel = read_model_manifest(tiny_model)["data_from_model"]
+    assert os.path.realpath(os.path.join(tiny_model, rel)) == os.path.realpath(shapes_dir)
