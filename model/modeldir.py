@@ -52,15 +52,20 @@ def relative_to_model(data: str, model_dir: str | Path) -> str | None:
 
 def model_data(model_dir: str | Path, manifest: dict, override: str = "") -> str:
     """Where the data set a model was trained on is now: `override` (a compress spec's `data`)
-    when given; else the path the manifest records from the model directory (it survives
-    copying the model with its data), else the path as training was given it. Refused, naming
-    the key to set, when none is there."""
+    when given; else the path training was given, when absolute (or a URI) and there; else the
+    path the manifest records from the model directory (it survives copying the model with its
+    data); else the path as given, from here. Refused, naming the key to set, when none is
+    there."""
+    given = str(manifest.get("train", {}).get("data", ""))
     candidates = [override] if override else []
     if not override:
+        if "://" in given or Path(given).is_absolute():
+            candidates.append(given)
         rel = manifest.get("data_from_model")
         if rel:
             candidates.append(str(Path(model_dir) / rel))
-        candidates.append(str(manifest.get("train", {}).get("data", "")))
+        if given not in candidates:
+            candidates.append(given)
     for c in candidates:
         if c and ("://" in c or Path(c).exists()):
             return c

@@ -74,7 +74,9 @@ class CaptionConfig:
         check_range(self, CAPTION_LIMITS)
         if isinstance(self.bundles, str):  # one bundle given as a string
             object.__setattr__(self, "bundles", (self.bundles,))
-        object.__setattr__(self, "bundles", expand_bundles(self.bundles))
+        # patterns that match nothing yet stay (a pipeline's bundles not made yet); the job
+        # expands them again when it starts, strictly
+        object.__setattr__(self, "bundles", expand_bundles(self.bundles, strict=False))
         if not self.bundles:
             raise CapfleetError("bundles: give at least one bundle directory")
         check_at_least(self, ("batch_size", "shard_size", "beam_width"), 1)
@@ -106,20 +108,20 @@ class CaptionConfig:
             raise CapfleetError(f"two bundles share a name: {', '.join(self.names)}")
 
 
-def expand_bundles(bundles: tuple[str, ...]) -> tuple[str, ...]:
+def expand_bundles(bundles: tuple[str, ...], strict: bool = True) -> tuple[str, ...]:
     """Glob patterns among local bundle paths expanded (sorted); a pattern that matches no
-    folder is refused naming it. Other paths stay as given (a bundle a pipeline has yet to make
-    is checked when the job starts)."""
+    folder is refused naming it (kept as it is when not `strict`). Other paths stay as given
+    (a bundle a pipeline has yet to make is checked when the job starts)."""
     out: list[str] = []
     for b in bundles:
         if "://" in b or not any(c in b for c in "*?["):
             out.append(b)
             continue
         found = sorted(str(p) for p in glob.glob(b) if Path(p).is_dir())
-        if not found:
+        if not found and strict:
             raise CapfleetError(f"bundles: {b!r} matches no folder")
-        out += found
-    return tuple(dict.fromkeys(out))
+        out += found or [b]
+    return tuple(out)  # a bundle given twice stays twice: refused as two of one name
 
 
 # Every field's default, for the CLI's flags and the pipeline's caption step.

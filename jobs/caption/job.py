@@ -31,7 +31,7 @@ from capfleet.core.artifacts import (
     write_parquet_atomic,
 )
 from capfleet.core.errors import CapfleetError
-from capfleet.jobs.caption.caption_config import CaptionConfig
+from capfleet.jobs.caption.caption_config import CaptionConfig, expand_bundles
 from capfleet.jobs.caption.listing import (
     Listing,
     Shard,
@@ -76,6 +76,9 @@ def run_caption_job(
     parts (ok rows untouched) besides the shards still missing."""
     run = JobRun("caption", cfg.out, {}, log, CAPTION_VERSIONS, steps=("ray_start", "summary"))
     run_started = time.time()
+    bundles = expand_bundles(cfg.bundles)  # patterns that matched nothing when it was loaded
+    if bundles != cfg.bundles:
+        cfg = replace(cfg, bundles=bundles, names=())
     manifests = [check_bundle(b) for b in cfg.bundles]  # refuse a bad bundle before any work
     if not cfg.names:  # the spec was loaded before its bundles existed
         cfg = replace(cfg, names=())
