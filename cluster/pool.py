@@ -109,7 +109,7 @@ def run_units(
     if pool.prepare is not None:  # as tasks of their own, tried as often as the actors' units
         ds = ds.map_batches(
             _prepared,
-            fn_kwargs={"fn": pool.prepare, "kwargs": pool.prepare_kwargs},
+            fn_kwargs={"fn": pool.prepare, "kwargs": pool.prepare_kwargs, "notes": pool.notes},
             batch_size=1,
             batch_format="numpy",
             num_cpus=pool.prepare_cpus,
@@ -185,8 +185,14 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _prepared(batch: dict, fn: Callable, kwargs: dict) -> dict:
-    return batch_of(fn(unit_of(batch), **kwargs))
+def _prepared(batch: dict, fn: Callable, kwargs: dict, notes: str) -> dict:
+    unit = unit_of(batch)
+    try:
+        return batch_of(fn(unit, **kwargs))
+    except Exception as e:  # a bug, not a bad input: noted, as _Actor notes its worker's
+        detail = str(e) if isinstance(e, WorkerFailure) else f"{type(e).__name__}: {e}"
+        note_failure(notes, int(unit["unit"]), WORKER_ERROR, detail)
+        raise
 
 
 class _Actor:

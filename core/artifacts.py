@@ -144,9 +144,9 @@ class OutputLock:
       lock replaces the old by rename, then is read back; two jobs that both find the same
       stale lock cannot both enter.
     - The holder's token, not its pid, says whose lock it is: release removes only one's own.
-    - A heartbeat that fails (the lock taken over, or its folder unwritable for half of
-      LOCK_STALE_S) interrupts the process's main thread (as Ctrl-C would), and the job ends
-      with a CapfleetError naming the cause rather than writing on unlocked.
+    - A heartbeat that fails (the lock taken over or removed, or unreadable or unwritable for
+      half of LOCK_STALE_S) interrupts the thread that took the lock (as Ctrl-C would), and
+      the job ends with a CapfleetError naming the cause rather than writing on unlocked.
     - A job that runs other jobs into the folder it holds (the goal search) opens their locks
       with `nested=True`: held once, released by the outermost. Without it, a second lock on
       a folder this process holds is refused like any other writer.
@@ -200,8 +200,9 @@ class OutputLock:
         self._me, self._key = me, key
         OutputLock._held[key] = 1
         self._stop = threading.Event()
-        self._main = threading.main_thread()
-        threading.Thread(target=self._heartbeat, daemon=True).start()
+        self._owner = threading.current_thread()  # the job's thread, interrupted if it is lost
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
         return self
 
     def _write_tmp(self, me: dict) -> Path:
@@ -273,28 +274,27 @@ class OutputLock:
         return False
 
     def _heartbeat(self) -> None:
-        import _thread
-        import signal
         import time
 
         last_ok = time.time()
         while not self._stop.wait(LOCK_HEARTBEAT_S):
             try:
-                if self._holder().get("token") != self._me["token"]:
-                    self.lost = "its lock was taken by another job"
-                else:
+                token = json.loads(self.path.read_text(encoding="utf-8")).get("token")
+                if token == self._me["token"]:
                     os.utime(self.path)
                     last_ok = time.time()
                     continue
-            except OSError as e:
+                self.lost = "its lock was taken by another job"
+            except FileNotFoundError:
+                self.lost = "its lock was removed"
+            except (OSError, ValueError, AttributeError) as e:
                 if time.time() - last_ok < LOCK_STALE_S / 2:
-                    continue  # a passing hiccup: the lock is not stale yet
-                self.lost = f"its lock could not be kept ({e.strerror or e})"
+                    continue  # a passing hiccup (a read or write that failed): not stale yet
+                self.lost = f"its lock could not be kept ({getattr(e, 'strerror', None) or e})"
+            if self._stop.is_set():  # the job ended meanwhile: nothing to stop
+                return
             self.log(f"{self.what}: stopping: {self.lost} ({self.path})")
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                signal.pthread_kill(self._main.ident, signal.SIGINT)  # wakes a blocking call
-            else:
-                _thread.interrupt_main()
+            _interrupt(self._owner)
             return
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -304,10 +304,31 @@ class OutputLock:
             return
         OutputLock._held.pop(self._key, None)
         self._stop.set()
+        self._beat.join()  # no heartbeat after this: it could find the lock gone below
         if self._holder().get("token") == self._me["token"]:
             self.path.unlink(missing_ok=True)
-        if self.lost and exc_type is KeyboardInterrupt:
+        if self.lost:
             raise CapfleetError(f"{self.path.parent}: the {self.what} stopped: {self.lost}")
+
+
+def _interrupt(thread) -> None:
+    """Raise KeyboardInterrupt in `thread` (the job's), as Ctrl-C would: a signal for the main
+    thread (it also wakes a blocking call), an asynchronous exception for another."""
+    import ctypes
+    import signal
+    import threading
+
+    if thread is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.pthread_kill(thread.ident, signal.SIGINT)
+            return
+        import _thread
+
+        _thread.interrupt_main()
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt)
+    )
 
 
 def _host() -> str:

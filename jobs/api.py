@@ -177,8 +177,13 @@ def train(
         table = pa.Table.from_pylist([row], schema=VARIANT_SCHEMA)
         out = Path(cfg.out)
     else:
-        grid = cfg if isinstance(cfg, TrainGrid) else _single_grid(cfg)
-        table = run_train_job(grid, address, log=log)
+        if isinstance(cfg, TrainGrid):
+            table = run_train_job(cfg, address, log=log)
+        else:  # one model as a one-variant grid; the lock is its own folder's, not the parent's
+            from capfleet.core.artifacts import OutputLock
+
+            with OutputLock(cfg.out, "train job", log):
+                table = run_train_job(_single_grid(cfg), address, log=log, frame=False)
         out = Path(cfg.out)
     ok = table.column("status").to_pylist().count("ok")
     return TrainResult(out, table, ok, len(table) - ok)

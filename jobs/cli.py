@@ -66,6 +66,7 @@ def _caption(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         max_image_mb=args.max_image_mb,
         allow_private_urls=not args.refuse_private_urls,
+        max_host_rate=args.max_host_rate,
         max_retries=args.max_retries,
         shard_timeout_s=args.shard_timeout,
         gallery=args.gallery,
@@ -278,6 +279,12 @@ def _add_caption(sub) -> None:
         action="store_true",
         help="refuse URLs that resolve to loopback or private addresses (an untrusted list); "
         "link-local and cloud-metadata addresses are always refused",
+    )
+    cap.add_argument(
+        "--max-host-rate",
+        type=float,
+        default=d["max_host_rate"],
+        help="at most this many requests a second to one host from one worker (0: no bound)",
     )
     cap.add_argument(
         "--max-retries",

@@ -151,7 +151,8 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     has them too)."""
     run = JobRun("pipeline", cfg.out, asdict(cfg), log)
     with run:
-        result = _steps(cfg, Path(cfg.out), address, log)
+        with run.ray(address):  # one Ray for every step; its messages to OUT/capfleet.log
+            result = _steps(cfg, Path(cfg.out), address, log)
         run.finish(**{k: v for k, v in result.items() if k != "wall_seconds"})
     return result
 
@@ -167,7 +168,7 @@ def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -
 
     t0 = time.perf_counter()
     data = _data(cfg, log)
-    with ray_session(address):
+    with ray_session(address):  # the one run_pipeline opened
         grid = _with_data(cfg.train, data)
         variants = run_train_job(grid, log=log).to_pylist()
         ok = [v for v in variants if v["status"] == "ok"]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from capfleet.cluster.connect import ray_messages_to, ray_session
 from capfleet.core.artifacts import (
     OutputLock,
     package_versions,
@@ -27,6 +28,7 @@ from capfleet.core.artifacts import (
 from capfleet.core.errors import CapfleetError
 
 JOB_FILE = "job.json"
+LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 VERSIONS = ("capfleet", "ray", "tensorflow", "ai-edge-litert", "pyarrow")
 
 
@@ -79,6 +81,13 @@ class JobRun:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def ray(self, address: str | None, verbose: bool = False):
+        """A Ray session whose own messages (start-up notices, the token-authentication
+        warning, deprecations) go to OUT/capfleet.log rather than the console."""
+        with ray_messages_to(self.out / LOG_FILE, verbose), ray_session(address) as ray:
+            yield ray
 
     @property
     def wall(self) -> float:

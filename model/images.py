@@ -35,7 +35,19 @@ EMPTY, TRUNCATED, NOT_AN_IMAGE, TOO_LARGE, UNREADABLE, UNSUPPORTED = (
 # The formats PIL may decode here: pure decoders of raster images. Anything else PIL knows
 # (EPS and PostScript, which it hands to Ghostscript; PDF; fonts; ...) is an error row, even
 # when the file is named .jpg.
-SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO")
+SAFE_FORMATS = (
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "TIFF",
+    "PPM",
+    "ICO",
+    "AVIF",
+    "JPEG2000",
+    "QOI",
+)
 
 
 def open_image(data: bytes) -> Image.Image | ImageError:

@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from capfleet.core.errors import CapfleetError, check_at_least, check_numbers, check_range
+from capfleet.jobs.caption.web import UrlPolicy
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.bundle import read_manifest
 
@@ -60,6 +61,7 @@ class CaptionConfig:
     # URLs may point at loopback and private addresses (internal image servers); False for an
     # untrusted list. Link-local and cloud-metadata addresses are always refused.
     allow_private_urls: bool = True
+    max_host_rate: float = 0.0  # requests a second to one host from one worker; 0 = no bound
     # A shard whose worker dies (out of memory, a native crash) is tried this many more times;
     # a stage of a shard that runs longer than shard_timeout_s ends its worker, which counts
     # as a death. After that its rows are error rows (worker_died, timeout); a rerun retries.
@@ -84,6 +86,10 @@ class CaptionConfig:
         for key in ("actor_cpus", "decode_cpus"):
             if not 0 < getattr(self, key) <= 64:
                 raise CapfleetError(f"{key}: must be in (0, 64], got {getattr(self, key)}")
+        if not 0 <= self.max_host_rate <= 100_000:
+            raise CapfleetError(
+                f"max_host_rate: must be in [0, 100000] requests/s, got {self.max_host_rate}"
+            )
         if not 0 < self.max_image_mb <= 4096:
             raise CapfleetError(f"max_image_mb: must be in (0, 4096], got {self.max_image_mb}")
         check_gallery_size(self.gallery)
@@ -122,6 +128,11 @@ def expand_bundles(bundles: tuple[str, ...], strict: bool = True) -> tuple[str, 
             raise CapfleetError(f"bundles: {b!r} matches no folder")
         out += found or [b]
     return tuple(out)  # a bundle given twice stays twice: refused as two of one name
+
+
+def url_policy(cfg: CaptionConfig) -> UrlPolicy:
+    """The job's URL policy, as its fetches and its gallery apply it."""
+    return UrlPolicy(allow_private=cfg.allow_private_urls, host_rate=cfg.max_host_rate)
 
 
 # Every field's default, for the CLI's flags and the pipeline's caption step.

@@ -13,7 +13,13 @@ import stat
 import tarfile
 from collections.abc import Iterator
 
-from capfleet.jobs.caption.web import HTTP_ATTEMPTS, MAX_IMAGE_BYTES, read_http
+from capfleet.jobs.caption.web import (
+    DEFAULT_POLICY,
+    HTTP_ATTEMPTS,
+    MAX_IMAGE_BYTES,
+    UrlPolicy,
+    read_http,
+)
 from capfleet.model.data import MISSING
 from capfleet.model.images import TOO_LARGE, UNREADABLE, ImageError
 
@@ -27,12 +33,12 @@ def read_uri(
     max_bytes: int = MAX_IMAGE_BYTES,
     timeout: float | None = None,
     attempts: int = HTTP_ATTEMPTS,
-    allow_private: bool = True,
+    policy: UrlPolicy = DEFAULT_POLICY,
 ) -> bytes | ImageError:
     """The bytes behind a local path, an http(s) URL (jobs/caption/web.py: one deadline of
     `timeout` per try, `attempts` tries, the URL policy) or a filesystem URI."""
     if "://" in uri and uri.split("://", 1)[0].lower() in ("http", "https"):
-        return read_http(uri, max_bytes, timeout, attempts, allow_private)
+        return read_http(uri, max_bytes, timeout, attempts, policy)
     if "://" not in uri or uri.startswith("file://"):
         return _read_local(uri[len("file://") :] if uri.startswith("file://") else uri, max_bytes)
     from pyarrow import fs
@@ -60,10 +66,11 @@ def _read_local(path: str, max_bytes: int) -> bytes | ImageError:
         return ImageError(MISSING, f"{path}: no such file")
     except OSError as e:
         return ImageError(UNREADABLE, f"{path}: {e.strerror or e}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end; a folder
+        os.close(fd)
+        return ImageError(NOT_A_FILE, f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero would never end
-            return ImageError(NOT_A_FILE, f"{path} is not a regular file")
         if st.st_size > max_bytes:
             return _too_large(st.st_size, max_bytes)
         try:

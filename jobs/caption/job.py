@@ -31,7 +31,7 @@ from capfleet.core.artifacts import (
     write_parquet_atomic,
 )
 from capfleet.core.errors import CapfleetError
-from capfleet.jobs.caption.caption_config import CaptionConfig, expand_bundles
+from capfleet.jobs.caption.caption_config import CaptionConfig, expand_bundles, url_policy
 from capfleet.jobs.caption.listing import (
     Listing,
     Shard,
@@ -55,11 +55,10 @@ from capfleet.jobs.caption.parts import (
 from capfleet.jobs.caption.report import gallery_sample, write_reports
 from capfleet.jobs.caption.summary import summarize
 from capfleet.jobs.caption.worker import CaptionWorker
-from capfleet.jobs.skeleton import JobRun
+from capfleet.jobs.skeleton import LOG_FILE, JobRun
 from capfleet.model.bundle import check_bundle
 from capfleet.model.data import open_reader
 
-LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
 PROGRESS_EVERY_S = 5.0
 CAPTION_VERSIONS = ("capfleet", "ray", "ai-edge-litert", "pyarrow")  # recorded in job.json
 SMALL_INPUT_SHARDS, MIN_SHARD = 16, 64  # how a small input is cut (see _listing)
@@ -126,9 +125,7 @@ def run_caption_job(
             bundles = dict(zip(cfg.names, cfg.bundles, strict=True))
             summary, extras = summarize(out, bundles, run_started, set(sample))
             write_parquet_atomic(out / "summary.parquet", summary)
-        reports = write_reports(
-            out, listing, list(cfg.names), sample, extras, cfg.allow_private_urls
-        )
+        reports = write_reports(out, listing, list(cfg.names), sample, extras, url_policy(cfg))
         counts = dict(zip(summary["model"].to_pylist(), summary["images"].to_pylist(), strict=True))
         job = run.finish(
             images=listing.images,
@@ -212,7 +209,7 @@ def _run_shards(
     decode = {
         "sizes": sizes,
         "max_bytes": int(cfg.max_image_mb * 2**20),
-        "allow_private": cfg.allow_private_urls,
+        "policy": url_policy(cfg),
         # the gallery's sample keeps thumbnails as it is read: the page fetches nothing again
         "thumbs": {"dir": str((out / THUMBS_DIR).resolve()), "ids": frozenset(sample)},
     }

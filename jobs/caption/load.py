@@ -22,6 +22,7 @@ from capfleet.jobs.caption.fetch import (
     sample_parts,
     stream_tar,
 )
+from capfleet.jobs.caption.web import DEFAULT_POLICY, UrlPolicy
 from capfleet.jobs.gallery import thumbnail_jpeg
 from capfleet.model.data import MISSING
 from capfleet.model.images import UNREADABLE, ImageError, decode_image
@@ -37,7 +38,7 @@ def _column(shard: dict, key: str) -> list:
 FETCH_IN_FLIGHT = 64
 
 
-def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, allow_private: bool = True):
+def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, policy: UrlPolicy = DEFAULT_POLICY):
     """The shard's images as (bytes or ImageError per row, references per row, read ms per
     row). Rows that came with an error are not fetched."""
     source = str(shard["source"])
@@ -52,7 +53,7 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, allow_private: bo
 
         def read(i: int) -> None:
             t0 = time.perf_counter()
-            data[i] = read_uri(uris[i], max_bytes, allow_private=allow_private)
+            data[i] = read_uri(uris[i], max_bytes, policy=policy)
             read_ms[i] = 1000 * (time.perf_counter() - t0)
 
         wanted = [i for i in range(n) if not errors[i]]
@@ -103,7 +104,7 @@ def load_shard(
     max_bytes: int = MAX_IMAGE_BYTES,
     out: str = "",
     timeout_s: float = 0.0,
-    allow_private: bool = True,
+    policy: UrlPolicy = DEFAULT_POLICY,
     thumbs: dict | None = None,
 ) -> dict:
     """Fetch and decode every image of a shard for each input size the bundles need; with
@@ -118,14 +119,12 @@ def load_shard(
         number = int(shard["shard"])
         try:
             with deadline(out, number, "fetch and decode", timeout_s):
-                return load_shard(
-                    shard, sizes, max_bytes, allow_private=allow_private, thumbs=thumbs
-                )
+                return load_shard(shard, sizes, max_bytes, policy=policy, thumbs=thumbs)
         except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
             raise WorkerFailure(f"decode: {type(e).__name__}: {e}") from e
     errors = [str(e) for e in _column(shard, "error")]
     ids = _column(shard, "image_id")
-    data, refs, read_ms = fetch_shard(shard, max_bytes, allow_private)
+    data, refs, read_ms = fetch_shard(shard, max_bytes, policy)
     n = len(errors)
     images = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
     decode_ms = [0.0] * n

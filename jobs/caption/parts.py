@@ -370,7 +370,12 @@ def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa
     failed shard's error rows included)."""
     root = Path(out) / CAPTIONS_DIR
     pattern = f"{model}/part-*.parquet" if model else "*/part-*.parquet"
-    found = [p for p in sorted(root.glob(pattern)) if part_stats(p) is not None]
+    found = [
+        p
+        for p in sorted(root.glob(pattern))
+        if not p.parent.name.startswith("model=")  # an earlier layout's, not moved (a clash)
+        and part_stats(p) is not None
+    ]
     schema = (
         CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])
     )

@@ -15,6 +15,7 @@ from capfleet.jobs.caption.fetch import read_uri
 from capfleet.jobs.caption.listing import Listing
 from capfleet.jobs.caption.load import THUMBS_DIR, thumbnail_path
 from capfleet.jobs.caption.parts import part_path, part_stats
+from capfleet.jobs.caption.web import DEFAULT_POLICY, UrlPolicy
 from capfleet.jobs.gallery import GALLERY_FILE, gallery_items, sample_ids, write_gallery
 from capfleet.jobs.plots import plot_latency
 
@@ -37,7 +38,7 @@ def write_reports(
     models: list[str],
     sample: list[str],
     extras: dict,
-    allow_private: bool = True,
+    policy: UrlPolicy = DEFAULT_POLICY,
 ):
     """gallery.html for the sampled ids (0 of them: none; an earlier run's page is removed) and
     latency.png; thumbnails are fetched under the job's URL policy. Returns the paths written."""
@@ -62,14 +63,14 @@ def write_reports(
             for r in t.to_pylist():
                 r["cider_d"] = extras[model]["cider_d"].get(r["image_id"])
                 rows.append(r)
-    items = gallery_items(rows, images=_thumbnail_bytes(out, rows, allow_private))
+    items = gallery_items(rows, images=_thumbnail_bytes(out, rows, policy))
     written.append(
         write_gallery(page, items, models, title=f"captions of {len(items)} sampled images")
     )
     return written
 
 
-def _thumbnail_bytes(out: Path, rows: list[dict], allow_private: bool) -> dict[str, bytes | None]:
+def _thumbnail_bytes(out: Path, rows: list[dict], policy: UrlPolicy) -> dict[str, bytes | None]:
     """{image_id: the image's bytes, or None where none is shown}: the thumbnail the job kept
     as it read the image (load.keep_thumbnail), else read once per image that a path or URI
     names (not tar members or Parquet cells) and that some model captioned."""
@@ -87,8 +88,6 @@ def _thumbnail_bytes(out: Path, rows: list[dict], allow_private: bool) -> dict[s
         if kept.is_file():
             images[image_id] = kept.read_bytes()
         elif "#" not in r["uri"] and time.monotonic() < deadline:
-            data = read_uri(
-                r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1, allow_private=allow_private
-            )
+            data = read_uri(r["uri"], timeout=THUMBNAIL_TIMEOUT_S, attempts=1, policy=policy)
             images[image_id] = data if isinstance(data, bytes) else None
     return images

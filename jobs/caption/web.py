@@ -7,11 +7,12 @@
   like the first; the address a name resolves to is checked before connecting, and the
   connection goes to that very address (a name cannot resolve to one address for the check
   and another for the connection). Link-local and cloud-metadata addresses are always refused
-  (`refused_address`); loopback and private addresses are allowed unless `allow_private` is
-  False (internal image servers are common; refuse them for an untrusted list).
-- Polite: at most HOST_IN_FLIGHT requests at once to one host from one process, and a
-  `Retry-After` of a 429 or 503 answer is honoured (up to MAX_RETRY_AFTER_S) before that host
-  is asked again.
+  (`refused_address`); loopback and private addresses are allowed unless the policy's
+  `allow_private` is False (internal image servers are common; refuse them for an untrusted
+  list).
+- Polite: at most HOST_IN_FLIGHT requests at once to one host from one process, at most
+  `host_rate` requests a second to it when the policy sets one, and a `Retry-After` of a 429
+  or 503 answer is honoured (up to MAX_RETRY_AFTER_S) before that host is asked again.
 - Transient failures (timeouts, resets, 5xx, 429) are retried `attempts` times in all with
   backoff; an HTTP error status is `http_<code>`.
 
@@ -29,6 +30,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 
 from capfleet.model.images import TOO_LARGE, ImageError
 
@@ -50,15 +52,34 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 # Cloud metadata services beyond the link-local range: AWS's IPv6 endpoint, Alibaba's.
 METADATA = (ipaddress.ip_network("fd00:ec2::254/128"), ipaddress.ip_network("100.100.100.200/32"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # DNS64's IPv6 names of IPv4 hosts
 
 RESOLVE = socket.getaddrinfo  # replaced by tests: a name -> addresses, without a packet
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where URLs may point and how hard a host may be asked (a caption job's flags)."""
+
+    allow_private: bool = True  # loopback and private addresses (--refuse-private-urls)
+    host_rate: float = 0.0  # requests a second to one host from one worker; 0 = no bound
+
+
+DEFAULT_POLICY = UrlPolicy()
 
 
 def address_problem(ip: str, allow_private: bool) -> str | None:
     """Why an address may not be fetched from, or None."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):  # an IPv4 address carried in IPv6: judge it
+        if addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        elif addr in NAT64:
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        elif addr.sixtofour:
+            addr = addr.sixtofour
+        elif addr.teredo:
+            addr = addr.teredo[1]
     if addr.is_link_local or any(addr in net for net in METADATA):
         return f"{addr} is a link-local or cloud-metadata address"
     if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
@@ -69,13 +90,26 @@ def address_problem(ip: str, allow_private: bool) -> str | None:
 
 
 class _Hosts:
-    """Per host, in this process: requests in flight (bounded) and the time before which a
-    Retry-After asked not to be called again."""
+    """Per host, in this process: requests in flight (bounded), the time before which a
+    Retry-After asked not to be called again, and the next start a rate allows."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self.not_before: dict[str, float] = {}
+        self._next_start: dict[str, float] = {}
+
+    def pace(self, host: str, rate: float) -> None:
+        """Wait for this request's turn at `rate` requests a second to `host` (0: at once).
+        The wait comes before the request's deadline starts: politeness is no server's delay."""
+        if rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_start.get(host, 0.0))
+            self._next_start[host] = start + 1.0 / rate
+        if start > now:
+            time.sleep(start - now)
 
     def slot(self, host: str) -> threading.BoundedSemaphore:
         with self._lock:
@@ -99,95 +133,141 @@ def read_http(
     max_bytes: int = MAX_IMAGE_BYTES,
     timeout: float | None = None,
     attempts: int = HTTP_ATTEMPTS,
-    allow_private: bool = True,
+    policy: UrlPolicy = DEFAULT_POLICY,
 ) -> bytes | ImageError:
-    """GET `url` under the policy above (`timeout`: the deadline of each try, HTTP_TIMEOUT_S
-    when None); the bytes, or an ImageError whose reason says why."""
+    """GET `url` under the policy (`timeout`: the deadline of each try, HTTP_TIMEOUT_S when
+    None); the bytes, or an ImageError whose reason says why."""
     timeout = HTTP_TIMEOUT_S if timeout is None else timeout
     error = ImageError(UNREACHABLE, url)
     for attempt in range(attempts):
         if attempt:
             time.sleep(HTTP_BACKOFF_S * 2 ** (attempt - 1))
-        result, retry = _get(url, max_bytes, timeout, allow_private)
+        result, retry = _get(url, max_bytes, timeout, policy)
         if not retry:
             return result
         error = result
     return error
 
 
-def _get(url: str, max_bytes: int, timeout: float, allow_private: bool):
-    """One try, redirects followed: (bytes or ImageError, whether another try may help)."""
-    deadline = time.monotonic() + timeout
+def _get(url: str, max_bytes: int, timeout: float, policy: UrlPolicy):
+    """One try, redirects followed: (bytes or ImageError, whether another try may help). A
+    malformed URL or Location (a bad port, brackets, a path that is no ASCII) is one error row,
+    never an exception that would fail the whole shard."""
+    deadline = None
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError as e:
+            return ImageError(UNREACHABLE, f"{url}: a malformed URL ({e})"), False
+        if parts.scheme not in ("http", "https") or not host:
             return ImageError(REFUSED_SCHEME, f"{url}: only http and https URLs are fetched"), False
-        host = parts.hostname
-        if not HOSTS.wait_turn(host, deadline):
-            return ImageError(TIMEOUT, f"{url}: the host asked to wait past the deadline"), False
+        HOSTS.pace(host, policy.host_rate)  # politeness waits are no part of the deadline
+        if not HOSTS.wait_turn(host, time.monotonic() + MAX_RETRY_AFTER_S):
+            return ImageError(TIMEOUT, f"{url}: the host asked to wait too long"), False
+        deadline = deadline or time.monotonic() + timeout  # from the first request's turn
         with HOSTS.slot(host):
-            answer = _request(parts, max_bytes, deadline, allow_private)
+            answer = _request(parts, port, max_bytes, deadline, policy.allow_private)
         if isinstance(answer, str):  # a redirect
-            url = urllib.parse.urljoin(url, answer)
+            try:
+                url = urllib.parse.urljoin(url, answer)
+            except ValueError as e:
+                return ImageError(UNREACHABLE, f"{url}: a malformed redirect ({e})"), False
             continue
         return answer
     return ImageError(TOO_MANY_REDIRECTS, f"{url}: more than {MAX_REDIRECTS} redirects"), False
 
 
-def _request(parts, max_bytes: int, deadline: float, allow_private: bool):
-    """One GET on a connection to a checked address: (bytes or ImageError, retry?) or the
-    Location of a redirect."""
-    url = urllib.parse.urlunsplit(parts)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+def _targets(url: str, host: str, port: int, allow_private: bool):
+    """The addresses `host` resolves to that may be fetched from, or (ImageError, retry?)."""
     try:
-        infos = RESOLVE(parts.hostname, port, type=socket.SOCK_STREAM)
+        infos = RESOLVE(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         return ImageError(UNREACHABLE, f"{url}: {e}"), True
-    problems, target = [], None
+    allowed, problems = [], []
     for family, _, _, _, sockaddr in infos:
         why = address_problem(sockaddr[0], allow_private)
         if why is None:
-            target = (family, sockaddr)
-            break
-        problems.append(why)
-    if target is None:
+            allowed.append((family, sockaddr))
+        else:
+            problems.append(why)
+    if not allowed:
         return ImageError(REFUSED_ADDRESS, f"{url}: {problems[0]}"), False
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return ImageError(TIMEOUT, f"{url}: no time left"), True
-    sock = socket.socket(target[0], socket.SOCK_STREAM)
-    timer = _Cutoff(sock, remaining)
-    try:
-        sock.settimeout(remaining)
-        sock.connect(target[1])
-        if parts.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-            timer.sock = sock
-        conn = http.client.HTTPConnection(parts.hostname, port)
-        conn.sock = sock  # this very connection: the checked address
-        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
-        resp = conn.getresponse()
-        if resp.status in REDIRECTS and resp.getheader("Location"):
-            return resp.getheader("Location")
-        if resp.status != 200:
-            return _status_error(url, resp)
-        length = resp.getheader("Content-Length")
-        if length and length.isdigit() and int(length) > max_bytes:
-            return _too_large(int(length), max_bytes), False
-        data = resp.read(max_bytes + 1)
-        if timer.fired:
-            raise TimeoutError("the request's deadline passed")
-        if len(data) > max_bytes:
-            return _too_large(len(data), max_bytes), False
-        return data, False
-    except (OSError, http.client.HTTPException) as e:
-        if timer.fired or isinstance(e, TimeoutError):
+    return allowed
+
+
+def _request(parts, port: int | None, max_bytes: int, deadline: float, allow_private: bool):
+    """One GET on a connection to a checked address (each allowed one in turn, as a client
+    falls back from IPv6 to IPv4): (bytes or ImageError, retry?) or a redirect's Location."""
+    url = urllib.parse.urlunsplit(parts)
+    port = port or (443 if parts.scheme == "https" else 80)
+    targets = _targets(url, parts.hostname, port, allow_private)
+    if isinstance(targets, tuple):
+        return targets
+    error: tuple = (ImageError(UNREACHABLE, url), True)
+    for family, sockaddr in targets:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
-        return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
-    finally:
-        timer.cancel()
-        sock.close()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        timer = _Cutoff(sock, remaining)
+        try:
+            sock.settimeout(remaining)
+            try:
+                sock.connect(sockaddr)
+            except OSError as e:
+                if timer.fired:
+                    return ImageError(TIMEOUT, f"{url}: no connection within the deadline"), True
+                error = (ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True)
+                continue  # the next address
+            if parts.scheme == "https":  # the handshake, too, within the deadline
+                sock = _tls().wrap_socket(
+                    sock, server_hostname=parts.hostname, do_handshake_on_connect=False
+                )
+                timer.sock = sock
+                if timer.fired:
+                    raise TimeoutError("the request's deadline passed")
+                sock.do_handshake()
+            return _exchange(url, parts, port, sock, max_bytes, timer)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if timer.fired or isinstance(e, TimeoutError):
+                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
+            return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
+        finally:
+            timer.cancel()
+            sock.close()
+    return error
+
+
+def _exchange(url: str, parts, port: int, sock, max_bytes: int, timer: _Cutoff):
+    """The GET on this very connection (the checked address) and its answer."""
+    conn = http.client.HTTPConnection(parts.hostname, port)
+    conn.sock = sock
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+    resp = conn.getresponse()
+    if resp.status in REDIRECTS and resp.getheader("Location"):
+        return resp.getheader("Location")
+    if resp.status != 200:
+        return _status_error(url, resp)
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        return _too_large(int(length), max_bytes), False
+    data = resp.read(max_bytes + 1)
+    if timer.fired:
+        raise TimeoutError("the request's deadline passed")
+    if len(data) > max_bytes:
+        return _too_large(len(data), max_bytes), False
+    return data, False
+
+
+_TLS: list = []  # one client context per process: loading the CA store is not free
+
+
+def _tls() -> ssl.SSLContext:
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]
 
 
 def _status_error(url: str, resp) -> tuple[ImageError, bool]:
@@ -230,9 +310,9 @@ class _Cutoff:
 
     def _fire(self) -> None:
         self.fired = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        try:  # the plain socket's shutdown, also under TLS (an SSLSocket's would unwrap it)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
             pass
 
     def cancel(self) -> None:

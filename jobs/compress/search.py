@@ -51,7 +51,8 @@ def run_goal_search(
     tried = list(search.records)
     log(f"search: {goal.describe()}")
     with run:  # the waves' compress jobs run inside this frame (the lock is held once)
-        result = _search(cfg, search, tried, address, log)
+        with run.ray(address):
+            result = _search(cfg, search, tried, address, log)
         log(f"search: {len(search.records)} trials in {run.wall:.0f} s; {result['choice']}")
         run.finish(**result)
     return result

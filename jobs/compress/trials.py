@@ -101,7 +101,8 @@ def run_compress_job(
     run = JobRun("compress", cfg.out, asdict(cfg), log, nested=nested)
     plan = checked_plan(cfg)  # refuses a bad model or recipe before anything starts
     with run:
-        result = _run_trials(cfg, plan, address, log)
+        with run.ray(address):
+            result = _run_trials(cfg, plan, address, log)
         log(
             f"compress: {result['ok']} ok, {result['failed']} failed in {run.wall:.0f} s; "
             f"{result['report']}"

@@ -118,11 +118,18 @@ def run_train_job(
     address: str | None = None,
     max_retries: int = 1,
     log: Callable[[str], None] = print,
+    frame: bool = True,
 ) -> pa.Table:
-    """Train every variant of a TrainGrid on Ray; writes <out>/variants.parquet and job.json."""
+    """Train every variant of a TrainGrid on Ray; writes <out>/variants.parquet and job.json.
+    Without `frame` (one model trained as a grid of one: its caller locks the model's folder)
+    grid.out is neither locked nor given a job.json."""
+    if not frame:
+        with ray_session(address):
+            return _train_variants(grid, address, max_retries, log)
     run = JobRun("train", grid.out, asdict(grid), log)
     with run:
-        table = _train_variants(grid, address, max_retries, log)
+        with run.ray(address):
+            table = _train_variants(grid, address, max_retries, log)
         ok = sum(s == "ok" for s in table["status"].to_pylist())
         log(f"train: {len(table)} variants in {run.wall:.0f} s; {Path(grid.out) / VARIANTS_FILE}")
         run.finish(variants=len(table), ok=ok, failed=len(table) - ok)

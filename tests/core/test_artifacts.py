@@ -106,3 +106,25 @@ def test_atomic_writes_never_set_the_umask(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(mask)
+
+
+def test_a_lost_lock_stops_a_job_run_in_another_thread(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(artifacts, "LOCK_HEARTBEAT_S", 0.1)
+    outcome: list = []
+
+    def job():
+        try:
+            with OutputLock(tmp_path, "caption job", log=lambda _: None):
+                _lock(tmp_path)
+                for _ in range(200):  # writing on, in small steps, for up to 10 s
+                    time.sleep(0.05)
+            outcome.append("wrote on unlocked")
+        except CapfleetError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join(15)
+    assert outcome and "taken by another job" in outcome[0]

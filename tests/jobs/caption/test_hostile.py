@@ -167,13 +167,13 @@ def test_where_urls_may_point(hostile, only_loopback, tmp_path):
     assert hostile.hits["/loop"] == web.MAX_REDIRECTS + 1
     # loopback and private addresses: allowed by default, refused for an untrusted list
     assert isinstance(read_uri(f"{hostile.url}/img.jpg"), bytes)
-    refused = read_uri(f"{hostile.url}/img.jpg", allow_private=False)
+    refused = read_uri(f"{hostile.url}/img.jpg", policy=web.UrlPolicy(allow_private=False))
     assert refused.reason == "refused_address" and "private" in refused.detail
     # the gallery's thumbnails fetch through the same rules
     from capfleet.jobs.caption.report import _thumbnail_bytes
 
     rows = [{"image_id": "m", "uri": "http://metadata.test/x.jpg", "status": "ok"}]
-    assert _thumbnail_bytes(tmp_path, rows, allow_private=True) == {"m": None}
+    assert _thumbnail_bytes(tmp_path, rows, web.DEFAULT_POLICY) == {"m": None}
 
 
 def test_retry_after_is_honoured_and_a_long_one_is_not_waited_for(hostile):
@@ -291,3 +291,43 @@ def test_the_gallery_shows_what_the_job_fetched_without_fetching_it_again(
     assert job["rows"] == {"tiny-fp32": 4}
     assert {hostile.hits[u.removeprefix(hostile.url)] for u in urls} == {1}  # once, by the job
     assert (out / "gallery.html").read_text().count("data:image/jpeg;base64,") == 4
+
+
+def test_a_host_rate_spaces_the_requests_of_many_threads(hostile):
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = web.UrlPolicy(host_rate=20.0)
+    urls = [f"{hostile.url}/img.jpg?rate={n}" for n in range(10)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        got = list(pool.map(lambda u: read_uri(u, policy=policy), urls))
+    assert all(isinstance(g, bytes) for g in got)
+    assert time.monotonic() - t0 >= 9 / 20.0  # ten starts, 1/20 s apart
+
+
+def test_malformed_urls_and_redirects_are_rows_and_a_silent_tls_peer_meets_the_deadline(
+    hostile, tmp_path
+):
+    for url in ("http://[x/a.jpg", "http://127.0.0.1:99999/a.jpg", "http://127.0.0.1:ab/a.jpg"):
+        got = read_uri(url, attempts=1)  # an error row, never an exception for the shard
+        assert got.reason in ("unreachable", "refused_scheme"), (url, got)
+    assert read_uri(str(tmp_path)).reason == "not_a_file"  # a folder named in a manifest
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # accepts connections (the kernel does) and never answers a handshake
+    try:
+        t0 = time.monotonic()
+        port = silent.getsockname()[1]
+        got = web.read_http(f"https://127.0.0.1:{port}/a.jpg", 10**6, timeout=1.0, attempts=1)
+        assert got.reason == "timeout" and time.monotonic() - t0 < 3
+    finally:
+        silent.close()
+
+
+def test_ipv4_inside_ipv6_is_judged_as_the_ipv4_it_carries():
+    problem = web.address_problem
+    assert problem("64:ff9b::93.184.216.34", allow_private=False) is None  # NAT64, public
+    assert "link-local" in problem("64:ff9b::169.254.169.254", allow_private=True)
+    assert "link-local" in problem("2002:a9fe:a9fe::", allow_private=True)  # 6to4
+    assert "private" in problem("2002:0a00:0001::", allow_private=False)  # 6to4 of 10.0.0.1
+    assert problem("::ffff:10.0.0.1", allow_private=True) is None
