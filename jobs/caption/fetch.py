@@ -19,9 +19,10 @@ from capfleet.jobs.caption.web import (
     MAX_IMAGE_BYTES,
     UrlPolicy,
     read_http,
+    too_large,
 )
 from capfleet.model.data import MISSING
-from capfleet.model.images import TOO_LARGE, UNREADABLE, ImageError
+from capfleet.model.images import UNREADABLE, ImageError
 
 MAX_CAPTION_BYTES = 64 * 2**10  # a tar sample's txt/json references: text, not an image
 NOT_A_FILE = "not_a_file"
@@ -49,12 +50,12 @@ def read_uri(
         if info.type == fs.FileType.NotFound:
             return ImageError(MISSING, f"{uri}: no such object")
         if info.size is not None and info.size > max_bytes:
-            return _too_large(info.size, max_bytes)
+            return too_large(info.size, max_bytes)
         with filesystem.open_input_stream(path) as f:
             data = f.read(max_bytes + 1)
     except Exception as e:  # noqa: BLE001  any failure to read is one error row
         return ImageError(UNREADABLE, f"{type(e).__name__}: {e}")
-    return _too_large(len(data), max_bytes) if len(data) > max_bytes else data
+    return too_large(len(data), max_bytes) if len(data) > max_bytes else data
 
 
 def _read_local(path: str, max_bytes: int) -> bytes | ImageError:
@@ -72,16 +73,12 @@ def _read_local(path: str, max_bytes: int) -> bytes | ImageError:
         return ImageError(NOT_A_FILE, f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         if st.st_size > max_bytes:
-            return _too_large(st.st_size, max_bytes)
+            return too_large(st.st_size, max_bytes)
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:
             return ImageError(UNREADABLE, f"{path}: {e.strerror or e}")
-    return _too_large(len(data), max_bytes) if len(data) > max_bytes else data
-
-
-def _too_large(size: int, max_bytes: int) -> ImageError:
-    return ImageError(TOO_LARGE, f"{size} bytes exceeds the {max_bytes}-byte cap per image")
+    return too_large(len(data), max_bytes) if len(data) > max_bytes else data
 
 
 # -- WebDataset tar shards ------------------------------------------------------------------
@@ -132,7 +129,7 @@ def stream_tar(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes 
                 continue
             cap = max_bytes if ext in IMAGE_EXTENSIONS else MAX_CAPTION_BYTES
             if m.size > cap:
-                members[ext] = _too_large(m.size, cap)
+                members[ext] = too_large(m.size, cap)
             else:
                 members[ext] = tar.extractfile(m).read()
     if key is not None:
@@ -178,7 +175,7 @@ def image_bytes(value, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | ImageError:
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) > max_bytes:
-            return _too_large(len(value), max_bytes)
+            return too_large(len(value), max_bytes)
         return bytes(value) if len(value) else ImageError("empty", "the cell holds no bytes")
     return ImageError(MISSING, "the image cell is null")
 

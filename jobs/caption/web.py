@@ -252,12 +252,12 @@ def _exchange(url: str, parts, port: int, sock, max_bytes: int, timer: _Cutoff):
         return _status_error(url, resp)
     length = resp.getheader("Content-Length")
     if length and length.isdigit() and int(length) > max_bytes:
-        return _too_large(int(length), max_bytes), False
+        return too_large(int(length), max_bytes), False
     data = resp.read(max_bytes + 1)
     if timer.fired:
         raise TimeoutError("the request's deadline passed")
     if len(data) > max_bytes:
-        return _too_large(len(data), max_bytes), False
+        return too_large(len(data), max_bytes), False
     return data, False
 
 
@@ -295,7 +295,9 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _too_large(size: int, max_bytes: int) -> ImageError:
+def too_large(size: int, max_bytes: int) -> ImageError:
+    """The row of an image over the per-image cap (every reader, file, HTTP or cell, says it
+    alike)."""
     return ImageError(TOO_LARGE, f"{size} bytes exceeds the {max_bytes}-byte cap per image")
 
 
