@@ -2,10 +2,10 @@
 
 `submit` stages the capfleet package (as it is installed here: capfleet/ with its core, model,
 compression, cluster and jobs packages; never a secret beside them, NEVER_STAGED) and the spec
-into a temporary folder that Ray uploads as the job's working_dir; the entrypoint `python -m
-capfleet run SPEC --address auto` runs the spec on the cluster, so a submitted spec writes the
-same outputs as `capfleet run`. Paths in a submitted spec are the cluster's paths (shared
-storage or object-store URIs).
+into a temporary folder that Ray uploads as the job's working_dir; the entrypoint (launch.sh)
+runs `python -m capfleet run SPEC --address auto` with the Python the cluster's Ray workers run
+in, so a submitted spec writes the same outputs as `capfleet run`. Paths in a submitted spec
+are the cluster's paths (shared storage or object-store URIs).
 
 Dependencies: a cluster whose image already holds capfleet's dependencies needs nothing more
 (the KubeRay manifest in cluster/deploy does this); otherwise `install_deps` adds them as the
@@ -61,8 +61,9 @@ NEVER_STAGED = (
     "__pycache__",
     "*.pyc",
 )
-SPEC_NAME = "capfleet-spec.toml"
-ENTRYPOINT = f"python -m capfleet run {SPEC_NAME} --address auto"
+SPEC_NAME = "capfleet-spec.toml"  # launch.sh runs it by this name
+LAUNCHER = "launch.sh"
+ENTRYPOINT = f"sh {LAUNCHER}"
 AGENT_WAIT_S = 60
 
 
@@ -84,7 +85,7 @@ def dependencies() -> list[str]:
 
 
 def stage(spec: str | Path, into: Path) -> Path:
-    """The folder Ray uploads: capfleet/ (the package, no caches) and the spec."""
+    """The folder Ray uploads: capfleet/ (the package, no caches), the spec and its launcher."""
     ignore = shutil.ignore_patterns(*NEVER_STAGED)
     pkg = into / "capfleet"
     pkg.mkdir(parents=True)
@@ -93,6 +94,7 @@ def stage(spec: str | Path, into: Path) -> Path:
     for sub in SUBPACKAGES:
         shutil.copytree(PACKAGE_ROOT / sub, pkg / sub, ignore=ignore)
     shutil.copy(spec, into / SPEC_NAME)
+    shutil.copy(Path(__file__).with_name(LAUNCHER), into / LAUNCHER)
     return into
 
 

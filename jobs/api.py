@@ -220,10 +220,11 @@ Config = TrainConfig | TrainGrid | CompressConfig | CaptionConfig | PipelineConf
 class PlanResult:
     """A caption job's estimated time and cost per cluster size (capfleet plan)."""
 
-    table: list[dict]  # per cluster size: cpus, wall_s, images_per_s, cpu_hours[, cost]
+    table: list[dict]  # per cluster size: cpus, wall_s, wall_range_s, images_per_s, cpu_hours,
+    # and cost with a price
     text: str  # the table as Markdown, with what was measured and what is assumed
     json: str  # everything, for other tools
-    calibration: object  # cluster.planner.Calibration: what the calibration runs measured
+    calibration: object  # jobs.caption.planner.Calibration: what the calibration measured
 
 
 def plan(

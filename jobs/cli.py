@@ -343,7 +343,7 @@ def _add_plan(sub) -> None:
         "--sample",
         type=int,
         default=1024,
-        help="calibrate on this many images and 4 times as many (default 1024)",
+        help="calibrate on the first this many images (default 1024)",
     )
     pl.add_argument("--json", help="also write the plan as JSON to this file")
     pl.set_defaults(func=_plan)

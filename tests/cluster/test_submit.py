@@ -37,11 +37,17 @@ def ray_head(tmp_path, monkeypatch):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     for key, value in auth.items():
         monkeypatch.setenv(key, value)
+    # The head's PATH starts with a `python` that is not Ray's (as on a machine whose system
+    # Python lacks capfleet's dependencies): a submitted job must not run it.
+    decoy = tmp_path / "decoy-bin"
+    decoy.mkdir()
+    (decoy / "python").write_text("#!/bin/sh\necho 'the PATH python ran' >&2\nexit 3\n")
+    (decoy / "python").chmod(0o755)
     env = {
         **os.environ,
         **LOOPBACK_ENV,
         **auth,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
+        "PATH": f"{decoy}{os.pathsep}{os.environ['PATH']}",
         **capfleet.TF_ENV,
     }
     head = subprocess.Popen(

@@ -1,8 +1,7 @@
 """The goal search and the planner on a real local Ray: waves of real trials, OUT/best/ and
-OUT/choice.md; a goal nothing meets; a plan calibrated by two real caption jobs."""
+OUT/choice.md; a goal nothing meets."""
 
 import json
-import shutil
 
 import pyarrow.parquet as pq
 
@@ -66,37 +65,6 @@ max_ms = 0.000001
     assert "no candidate meets the goal" in printed
     assert not (out / "best").exists()
     assert "No candidate meets the goal" in (out / "choice.md").read_text()
-
-
-def test_plan_calibrates_on_two_sizes_and_estimates_per_cluster_size(
-    local_ray, tiny_bundle, shapes_dir, tmp_path, capsys
-):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    images = sorted(shapes_dir.rglob("*.jpg"))
-    for n in range(2400):
-        shutil.copy(images[n % len(images)], photos / f"img{n:04d}.jpg")
-    spec = tmp_path / "caption.toml"
-    spec.write_text(
-        f"""kind = "caption"
-[caption]
-bundles = ["{tiny_bundle}"]
-input = "{photos}"
-out = "{tmp_path / "job"}"
-"""
-    )
-    done = api.plan(spec, images=20_000, cpus=[8, 64], price_per_cpu_hour=0.05, sample=600)
-    cal = done.calibration
-    assert cal.images == (600, 2400) and cal.rate > 0 and cal.fixed_s >= 0
-    by = {r["cpus"]: r for r in done.table}
-    assert set(by) == {cal.cpus, 8.0, 64.0}
-    assert by[64.0]["wall_s"] < by[8.0]["wall_s"]  # more CPUs, less time, same fixed start
-    assert by[8.0]["wall_s"] == round(cal.fixed_s + 20_000 / (cal.rate * 8 / cal.cpus), 1)
-    assert by[8.0]["cost"] == round(by[8.0]["wall_s"] * 8 / 3600 * 0.05, 2)
-    assert "Assumes:" in done.text and "| 64 |" in done.text
-    assert not list(tmp_path.glob(".capfleet-plan-*"))  # calibration runs are cleaned up
-    assert main(["plan", str(spec), "--images", "10", "--cpus", "a,b"]) == 2
-    assert "--cpus" in capsys.readouterr().err
 
 
 def test_publishing_recovers_from_a_run_killed_while_publishing(tmp_path):
