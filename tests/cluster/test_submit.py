@@ -21,6 +21,9 @@ BIN = Path(sys.executable).parent
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
+pytestmark = pytest.mark.slow  # make test-slow
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -34,6 +34,7 @@ def _float_matrices(path):
     ]
 
 
+@pytest.mark.slow
 def test_pruned_encoder_with_qat_decoder(tiny_model, tmp_path):
     rec = run_trial(tiny_model, "prune-50:qat-int8", tmp_path / "b", QUICK, log=lambda _: None)
     assert rec["status"] == "ok" and rec["trial"] == "prune-50:qat-int8"

@@ -2,10 +2,12 @@
 layouts of the commands it stands for, the study-shaped table, and a rerun that keeps it all."""
 
 import pyarrow.parquet as pq
+import pytest
 
 from capfleet.jobs.cli import main
 
 
+@pytest.mark.slow
 def test_pipeline_spec_runs_every_step(local_ray, tmp_path, capsys):
     out = tmp_path / "run"
     spec = tmp_path / "p.toml"

@@ -163,6 +163,7 @@ def test_models_trained_before_label_smoothing_are_tuned_without_it():
     assert trained_config(new).label_smoothing == 0.2
 
 
+@pytest.mark.slow
 def test_feature_worker_runs_the_backbones_litert_flatbuffer_as_keras_computes_it(
     shapes_dir, tmp_path
 ):

@@ -128,6 +128,7 @@ def test_a_shard_that_kills_its_workers_is_bounded_and_retried_by_a_rerun(
     assert not list((tmp_path / "o" / "_failed").glob("*.tries"))  # counts of written parts
 
 
+@pytest.mark.slow
 def test_a_shard_that_hangs_times_out(local_ray, tiny_bundle, faulty, tmp_path):
     urls = (
         [f"{faulty.url}/img.jpg"] * 4 + [f"{faulty.url}/hang.jpg"] + [f"{faulty.url}/img.jpg"] * 3

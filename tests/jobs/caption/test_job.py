@@ -143,6 +143,7 @@ def many_images(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver(local_ray, tiny_bundle, many_images, tmp_path):
     """A driver killed with SIGKILL mid-run (its embedded Ray dies with it); the rerun
     captions only what is missing and ends with the same rows as an uninterrupted run."""

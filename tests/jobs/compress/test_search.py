@@ -4,6 +4,7 @@ OUT/choice.md; a goal nothing meets."""
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from capfleet.compression.goal import Goal
 from capfleet.compression.settings import TrialSettings
@@ -15,6 +16,7 @@ from capfleet.model.bundle import check_bundle
 SETTINGS = TrialSettings(shrink_epochs=1, eval_images=8, bench_batch=8, bench_repeats=1)
 
 
+@pytest.mark.slow
 def test_goal_search_chooses_publishes_and_explains(local_ray, tiny_model, tmp_path, capsys):
     out = tmp_path / "search"
     cfg = CompressConfig(
@@ -22,21 +24,21 @@ def test_goal_search_chooses_publishes_and_explains(local_ray, tiny_model, tmp_p
         out=str(out),
         settings=SETTINGS,
         gallery=4,
-        goal=Goal(max_delta_bleu4=1.0, max_trials=5),  # everything meets: the budget ends it
+        goal=Goal(max_delta_bleu4=1.0, max_trials=4),  # everything meets: the budget ends it
     )
     lines: list = []
     done = api.compress(cfg, log=lines.append)
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert [r["trial"] for r in rows][:3] == ["fp32:fp32", "dynamic:dynamic", "int8:int8"]
-    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
-    assert all("shrink-50" in r["trial"] for r in rows[3:])  # each part halved, side by side
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert "shrink-50" in rows[3]["trial"]  # then a part halved
     fastest = min(rows, key=lambda r: r["e2e_ms"])["trial"]
     assert done.met is True and done.winner == fastest
     assert json.loads((out / "best" / "manifest.json").read_text())  # a whole bundle...
     check_bundle(out / "best")  # ...that loads
     choice = (out / "choice.md").read_text()
-    assert f"**Winner: `{fastest}`**" in choice and choice.count("| yes |") == 5
-    assert json.loads((out / "choice.json").read_text())["trials_run"] == 5
+    assert f"**Winner: `{fastest}`**" in choice and choice.count("| yes |") == 4
+    assert json.loads((out / "choice.json").read_text())["trials_run"] == 4
     assert (out / "gallery.html").is_file()
     assert any(line.startswith("search: wave post-training quantization") for line in lines)
 
@@ -61,7 +63,7 @@ max_ms = 0.000001
     capsys.readouterr()
     assert main(["compress", str(spec)]) == 1
     printed = capsys.readouterr().out
-    assert "5 of 5 trials already done" in printed
+    assert "4 of 4 trials already done" in printed
     assert "no candidate meets the goal" in printed
     assert not (out / "best").exists()
     assert "No candidate meets the goal" in (out / "choice.md").read_text()

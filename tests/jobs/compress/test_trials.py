@@ -11,6 +11,7 @@ from capfleet.compression.settings import TrialSettings
 from capfleet.jobs.compress.compress_config import CompressConfig
 
 
+@pytest.mark.slow
 def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     from capfleet.jobs.compress.trials import run_compress_job
 
@@ -20,7 +21,7 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     cfg = CompressConfig(
         models=(str(tiny_model), str(broken)),
         out=str(tmp_path / "out"),
-        trials=("int8", "shrink-50+int8"),
+        trials=("int8",),
         cpus_per_trial=1.0,
         max_retries=0,
         settings=TrialSettings(
@@ -29,10 +30,10 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     )
     lines = []
     job = run_compress_job(cfg, log=lines.append)
-    assert (job["trials"], job["ok"], job["failed"]) == (6, 3, 3)
+    assert (job["trials"], job["ok"], job["failed"]) == (4, 2, 2)
     rows = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     ok = {r["trial"]: r for r in rows if r["model"] == "tiny"}
-    assert set(ok) == {"fp32:fp32", "int8:int8", "shrink-50+int8:shrink-50+int8"}
+    assert set(ok) == {"fp32:fp32", "int8:int8"}
     for r in ok.values():
         assert r["status"] == "ok" and r["error"] is None
         assert r["e2e_ms"] > 0 and r["size_mb"] > 0 and r["gzip_mb"] > 0
@@ -40,16 +41,15 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     base = ok["fp32:fp32"]
     assert base["size_ratio"] == 1.0 and base["delta_bleu4"] == 0.0
     assert ok["int8:int8"]["size_ratio"] < 0.35
-    assert ok["shrink-50+int8:shrink-50+int8"]["size_mb"] < ok["int8:int8"]["size_mb"]
     spans = sorted((r["started"], r["finished"]) for r in ok.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), (
         "no two trials ran at once"
     )
     failed = [r for r in rows if r["model"] == "broken"]
-    assert len(failed) == 3 and all(r["status"] == "error" for r in failed)
+    assert len(failed) == 2 and all(r["status"] == "error" for r in failed)
     assert all("cannot load the model's weights" in r["error"] for r in failed)
-    assert sum(line.startswith("[") for line in lines) == 6  # a progress line per trial
-    assert (tmp_path / "out" / "report.md").read_text().count("| tiny |") == 3
+    assert sum(line.startswith("[") for line in lines) == 4  # a progress line per trial
+    assert (tmp_path / "out" / "report.md").read_text().count("| tiny |") == 2
     assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert all(r["cider_d"] is not None and r["rouge_l"] is not None for r in ok.values())
     assert base["delta_cider_d"] == 0.0 and base["delta_rouge_l"] == 0.0
@@ -60,15 +60,15 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     assert page.count('<tr class="item"') == 8  # the whole 8-image test split (< 200)
     for trial in ok:
         assert f"<th>tiny {trial}</th>" in page and f"<th>broken {trial}</th>" in page
-    assert page.count('<td class="cap ok') == 8 * 3 and page.count('<td class="cap error') == 8 * 3
+    assert page.count('<td class="cap ok') == 8 * 2 and page.count('<td class="cap error') == 8 * 2
     assert "[gallery.html](gallery.html)" in (tmp_path / "out" / "report.md").read_text()
 
     (broken / "weights.h5").unlink()  # the rerun retries only the failed trials
     shutil.copy(tiny_model / "weights.h5", broken / "weights.h5")
     lines.clear()
     job = run_compress_job(cfg, log=lines.append)
-    assert (job["ok"], job["failed"]) == (6, 0)
-    assert "3 of 6 trials already done" in lines[0]
+    assert (job["ok"], job["failed"]) == (4, 0)
+    assert "2 of 4 trials already done" in lines[0]
     again = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     assert [(r["model"], r["trial"]) for r in again] == [(r["model"], r["trial"]) for r in rows]
 
@@ -76,9 +76,9 @@ def test_trial_grid_on_ray(local_ray, tiny_model, tmp_path):
     manifest.write_text(manifest.read_text().replace("{", '{"retrained": true, ', 1))
     lines.clear()
     job = run_compress_job(cfg, log=lines.append)
-    assert (job["ok"], job["failed"]) == (6, 0)
-    assert "3 of 6 trials already done" in lines[0]
-    assert "3 earlier trials redone: their model or settings changed" in lines[1]
+    assert (job["ok"], job["failed"]) == (4, 0)
+    assert "2 of 4 trials already done" in lines[0]
+    assert "2 earlier trials redone: their model or settings changed" in lines[1]
 
 
 def test_trials_of_a_model_whose_data_changed_are_redone(

@@ -16,6 +16,7 @@ def few_shapes(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_a_cached_backbone_that_is_no_backbone_is_converted_again(local_ray, few_shapes, tmp_path):
     from capfleet.jobs.train.feature_job import compute_features
     from capfleet.model.data import SPLITS, read_split

@@ -1,10 +1,12 @@
 """Training variants of a [grid] spec as tasks on a real local Ray."""
 
 import pyarrow.parquet as pq
+import pytest
 
 from capfleet.jobs.specs import load_spec
 
 
+@pytest.mark.slow
 def test_grid_trains_every_variant_and_shares_features(local_ray, shapes_dir, tmp_path):
     from capfleet.jobs.train.variants import run_train_job
 
