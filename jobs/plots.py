@@ -51,10 +51,12 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def render_latency(latencies_ms: Mapping[str, Sequence[float]], title: str = "") -> bytes:
+def render_latency(
+    latencies_ms: Mapping[str, Sequence[float]], title: str = "", counted: str = "images"
+) -> bytes:
     """PNG bytes of each model's latency distribution: a box plot per model with its p50 and
-    p95 written beside it (outliers drawn up to MAX_FLIERS_FROM images), and the cumulative
-    share of images under each latency."""
+    p95 written beside it (outliers drawn up to MAX_FLIERS_FROM values), and the cumulative
+    share of the values (of `counted`: images, or model calls) under each latency."""
     data = {}
     for model, values in latencies_ms.items():
         v = np.asarray(values, dtype=np.float64).ravel()
@@ -83,7 +85,7 @@ def render_latency(latencies_ms: Mapping[str, Sequence[float]], title: str = "")
     for i, n in enumerate(names, 1):
         p50, p95 = np.percentile(data[n], [50, 95])
         box.annotate(
-            f"p50 {p50:.2f}  p95 {p95:.2f} ms  ({len(data[n])} images)",
+            f"p50 {p50:.2f}  p95 {p95:.2f} ms  ({len(data[n])} {counted})",
             (1.0, i),
             xycoords=("axes fraction", "data"),
             xytext=(-4, 10),
@@ -108,7 +110,7 @@ def render_latency(latencies_ms: Mapping[str, Sequence[float]], title: str = "")
         cdf.set_xscale("log")
         cdf.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     cdf.set_xlabel("ms per image")
-    cdf.set_ylabel("share of images at or under")
+    cdf.set_ylabel(f"share of {counted} at or under")
     cdf.set_ylim(0, 1.02)
     cdf.grid(alpha=0.3)
     cdf.legend(loc="lower right", fontsize=9)
@@ -119,9 +121,13 @@ def render_latency(latencies_ms: Mapping[str, Sequence[float]], title: str = "")
 
 
 def plot_latency(
-    latencies_ms: Mapping[str, Sequence[float]], path: str | Path, title: str = ""
+    latencies_ms: Mapping[str, Sequence[float]],
+    path: str | Path,
+    title: str = "",
+    counted: str = "images",
 ) -> Path:
-    """Write each model's latency distribution ({model: per-image ms}) as a PNG at `path`."""
+    """Write each model's latency distribution ({model: ms per image, one value per image or
+    per model call}) as a PNG at `path`."""
     path = Path(path)
-    write_bytes_atomic(path, render_latency(latencies_ms, title))
+    write_bytes_atomic(path, render_latency(latencies_ms, title, counted))
     return path

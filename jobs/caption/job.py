@@ -316,5 +316,5 @@ def _print_summary(summary, log) -> None:
         log("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     log(
         "throughput_img_s: images captioned per second from the model's first part begun to its "
-        "last finished (start-up excluded); latency_p50_ms: of its batches' per-image shares"
+        "last finished (start-up excluded); latency_p50_ms: model ms per image, median of its calls"
     )

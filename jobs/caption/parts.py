@@ -64,8 +64,8 @@ SUMMARY_SCHEMA = pa.schema(
         # images this run captioned / this model's own time, first part begun to last finished
         ("throughput_img_s", pa.float64()),
         ("actor_img_s", pa.float64()),  # images per second of one busy actor (this run)
-        # of the rows' latency_ms: each row's share of its batch's encoder + decoder time (a
-        # batch mean: images in one batch share it), so percentiles are over batches' shares
+        # over the model's calls (batches), each counted once: the call's encoder + decoder
+        # time per image (the rows' latency_ms, which the images of one call share)
         ("latency_p50_ms", pa.float64()),
         ("latency_p95_ms", pa.float64()),
         ("read_ms", pa.float64()),  # means per ok image

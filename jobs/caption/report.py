@@ -45,7 +45,11 @@ def write_reports(
     written = []
     latencies = {m: extras[m]["latency_ms"] for m in models if len(extras[m]["latency_ms"])}
     if latencies:
-        written.append(plot_latency(latencies, out / LATENCY_PLOT, "caption latency per image"))
+        written.append(
+            plot_latency(
+                latencies, out / LATENCY_PLOT, "model time per image, per call", "model calls"
+            )
+        )
     page = out / GALLERY_FILE
     if not sample:
         page.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The caption job's summary: one row per model, from the parts' statistics (their footers) and
-the latency column alone, so that a million-row job's summary holds no list of its rows."""
+the latency columns alone, so that a million-row job's summary holds no list of its rows."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def summarize(
         found = [(p, s) for p, s in found if s is not None]
         total = merge(s for _, s in found)
         this_run = merge(s for _, s in found if s.started >= run_started and not s.retry)
-        latency = _latencies([p for p, _ in found])
+        latency = call_latencies([p for p, _ in found])
         cider, cider_each = (
             _cider(out, name, keep) if 0 < total.bleu.scored <= CIDER_MAX_IMAGES else (None, {})
         )
@@ -89,10 +89,17 @@ def _cider(out, model: str, keep: set[str]) -> tuple[float, dict[str, float]]:
     return mean, {i: s for i, s in zip(ids, each, strict=True) if i in keep}
 
 
-def _latencies(paths: list[Path]) -> np.ndarray:
-    """The latency column of the parts (nulls dropped): 8 bytes a row, not a row object."""
-    if not paths:
-        return np.zeros(0)
-    cols = [pq.read_table(p, columns=["latency_ms"]).column(0) for p in paths]
-    values = pa.chunked_array([c for col in cols for c in col.chunks], type=pa.float64())
-    return values.drop_null().to_numpy()
+def call_latencies(paths: list[Path]) -> np.ndarray:
+    """Per model call (a batch), its encoder + decoder milliseconds per image: what was
+    measured. A row's latency_ms is its call's figure, shared by every image of the call, so
+    the call is counted once (its rows' distinct latency_ms and batch_size within a part)
+    rather than once per image, which would weigh a figure by its batch's size."""
+    values = []
+    for p in paths:
+        t = pq.read_table(p, columns=["latency_ms", "batch_size"]).drop_null()
+        if t.num_rows:
+            pairs = np.stack(
+                [t.column(0).to_numpy(), t.column(1).to_numpy().astype(np.float64)], axis=1
+            )
+            values.append(np.unique(pairs, axis=0)[:, 0])
+    return np.concatenate(values) if values else np.zeros(0)

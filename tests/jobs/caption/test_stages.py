@@ -350,3 +350,20 @@ def test_url_lists_as_img2dataset_and_laion_write_them(tmp_path):
     assert rows(got) == [("d1", "http://h/d.jpg", ("a boat",))]
     with pytest.raises(CapfleetError, match="no column 'nope'"):
         list_inputs(str(tmp_path / "own.csv"), image_column="nope")
+
+
+def test_latency_percentiles_count_each_model_call_once(tmp_path):
+    """A row's latency_ms is its call's time per image, shared by the call's images: the
+    summary's percentiles are over calls, not weighed by their batch sizes."""
+    from capfleet.jobs.caption.summary import call_latencies
+
+    # one part: a call of 3 images at 2 ms each, an error row, a call of 1 image at 9 ms
+    pq.write_table(
+        pa.table({"latency_ms": [2.0, 2.0, None, 2.0, 9.0], "batch_size": [3, 3, None, 3, 1]}),
+        tmp_path / "a.parquet",
+    )
+    # another part, whose call happens to take 2 ms per image as well: a call of its own
+    pq.write_table(pa.table({"latency_ms": [2.0], "batch_size": [1]}), tmp_path / "b.parquet")
+    calls = call_latencies([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert sorted(calls.tolist()) == [2.0, 2.0, 9.0]
+    assert call_latencies([]).size == 0
