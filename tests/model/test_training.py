@@ -16,6 +16,7 @@ from capfleet.model.train_config import TrainConfig
 from capfleet.model.training import train
 
 
+@pytest.mark.slow
 def test_frozen_encoder_features_are_cached_and_model_reloads(shapes_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cfg = TrainConfig(

@@ -153,6 +153,7 @@ def test_a_shard_that_hangs_times_out(local_ray, tiny_bundle, faulty, tmp_path):
     assert faulty.hits["/hang.jpg"] == 1
 
 
+@pytest.mark.slow
 def test_retry_errors_repairs_only_the_failed_rows(local_ray, tiny_bundle, shapes_dir, tmp_path):
     recs = Flickr8kReader(shapes_dir, "train").records()[:10]
     later = tmp_path / "later.jpg"  # listed, but written only after the first run
