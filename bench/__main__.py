@@ -18,6 +18,7 @@ BENCHMARKS = (
     "label_smoothing",
     "shrink_tuning",
     "int8_kernels",
+    "quantizers",
     "choose",
     "plan",
     "flickr8k_scale",

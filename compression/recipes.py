@@ -7,6 +7,7 @@ A recipe is one or more steps joined by "+", applied in this order:
                  one-shot where the part is a frozen backbone, which has no loss to tune on)
     qat-int8     quantization-aware training of the decoder's Dense layers, then int8
     fp32 | dynamic | float16 | int8    how the part is converted to TFLite
+    mixed-int8   int8 but for the part's most sensitive ops, kept float (compression/mixed.py)
 
 A trial names both parts, "ENCODER:DECODER" (e.g. "int8:qat-int8"), or one recipe for both
 ("prune-50+int8"); "qat-int8" alone means an int8 encoder with a qat-int8 decoder.
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 
 from capfleet.core.errors import CapfleetError
 
+MIXED = "mixed-int8"
 QUANT = {
-    "encoder": ("fp32", "dynamic", "float16", "int8"),
-    "decoder": ("fp32", "dynamic", "int8", "qat-int8"),
+    "encoder": ("fp32", "dynamic", "float16", "int8", "mixed-int8"),
+    "decoder": ("fp32", "dynamic", "int8", "qat-int8", "mixed-int8"),
 }
 _STEP = re.compile(r"^(prune|shrink)-(\d{1,2})$")
 

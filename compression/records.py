@@ -157,3 +157,58 @@ def write_trial_captions(
         for i, (r, c) in enumerate(zip(records, captions, strict=True))
     ]
     write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=TRIAL_CAPTIONS_SCHEMA))
+
+
+SENSITIVITY_FILE = "sensitivity.parquet"
+# One row per (trial with a mixed-int8 part, part, op): the part's error when that op alone is
+# int8 and the rest float, on the calibration samples; rank 1 is the worst.
+SENSITIVITY_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("trial", pa.string()),
+        ("part", pa.string()),  # encoder | decoder
+        ("rank", pa.int32()),
+        ("layer", pa.string()),  # the Keras layer the op comes from
+        ("node", pa.string()),  # the op's own name
+        ("op", pa.string()),  # TFLite's op, e.g. CONV_2D
+        ("precision", pa.string()),  # what was tried alone: int8
+        ("snr_db", pa.float64()),  # the part's outputs against float; null: no error at all
+        ("cosine", pa.float64()),
+        ("kept_float", pa.bool_()),  # the mixed-int8 bundle keeps this op float
+    ]
+)
+
+
+def sensitivity_rows(record: dict, manifest: dict) -> list[dict]:
+    """The sensitivity rows of a built trial, from its bundle's manifest (none without a
+    mixed-int8 part)."""
+    rows = []
+    for part, section in (manifest.get("layers") or {}).items():
+        kept = set(section.get("kept_float", ()))
+        for r in section.get("sensitivity", ()):
+            rows.append(
+                {
+                    "model": record["model"],
+                    "trial": record["trial"],
+                    "part": part,
+                    "rank": r["rank"],
+                    "layer": r["layer"],
+                    "node": r["node"],
+                    "op": r["op"],
+                    "precision": "int8",
+                    "snr_db": r["snr_db"],
+                    "cosine": r["cosine"],
+                    "kept_float": r["node"] in kept,
+                }
+            )
+    return rows
+
+
+def write_sensitivity(out: str | Path, rows: Sequence[dict]) -> Path | None:
+    """OUT/sensitivity.parquet, or none (an earlier run's removed) when no trial has rows."""
+    path = Path(out) / SENSITIVITY_FILE
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    write_parquet_atomic(path, pa.Table.from_pylist(list(rows), schema=SENSITIVITY_SCHEMA))
+    return path

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from capfleet.compression.convert import encoder_conversion, step_to_tflite
+from capfleet.compression.convert import QUANTIZER, encoder_conversion, step_to_tflite
 from capfleet.compression.export import bundle_info
-from capfleet.compression.recipes import TrialRecipe, check_for_model, parse_trial
+from capfleet.compression.mixed import QUANTIZER as MIXED_QUANTIZER
+from capfleet.compression.mixed import PartQuantizer, precisions
+from capfleet.compression.recipes import MIXED, TrialRecipe, check_for_model, parse_trial
 from capfleet.compression.records import write_trial_captions
 from capfleet.compression.settings import TrialSettings
 from capfleet.compression.shrink import shrink_captioner
@@ -160,11 +162,14 @@ def run_trial(
     manifest = {**manifest, "train": {**manifest["train"], "data": data}}  # tuned on it too
 
     cap = tune(cap, backbone, manifest, vocab, recipe, settings, log)
-    enc_bytes, step_bytes, sparsity = convert(cap, backbone, data, recipe, settings, log)
+    enc_bytes, step_bytes, sparsity, layers = convert(cap, backbone, data, recipe, settings, log)
     out = Path(out_dir)
+    quantizers = sorted({section["quantizer"] for section in layers.values()} - {"none"})
     extra = {
+        "quantizer": "+".join(quantizers) or "none",  # which tool quantized which part: layers
         "sparsity": {k: round(v, 4) for k, v in sparsity.items()},
         "settings": asdict(settings),
+        "layers": layers,
     }
     info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
     bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_, settings.threads)
@@ -242,25 +247,54 @@ def _shrink(cap: Captioner, encoder_share, decoder_share, data: FinetuneData, se
 def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, log):
     """The tuned captioner's encoder and step graphs -> TFLite in the recipe's modes, int8
     calibrated on the training split of `data`. Returns (encoder bytes, step bytes, the share of
-    zero weights of each part). A large encoder converts in a process of its own, on one
-    thread: the decoder's calibration and conversion run here meanwhile."""
+    zero weights of each part, per part: its quantizer, its ops' precisions and, for
+    mixed-int8, its layer sensitivity). A large encoder converts in a process of its own, on
+    one thread: the decoder's calibration and conversion run here meanwhile. A mixed-int8 part
+    is converted float, then quantized op by op by the LiteRT quantizer."""
     enc, dec = recipe.encoder, recipe.decoder
     encoder_model = cap.encoder_model(backbone)
     step_model = cap.step_model()
     sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
-    int8 = ("int8", "qat-int8")
+    converter = ("int8", "qat-int8")  # calibrated by the TFLite converter
+    calibrated = (*converter, MIXED)
     t0 = time.perf_counter()
     x = None
-    if enc.quant in int8 or dec.quant in int8:
+    if enc.quant in calibrated or dec.quant in calibrated:
         x = calibration_images(cap, data, settings.calibration_images, log, settings.threads)
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
-    enc_samples = encoder_samples(x) if enc.quant in int8 else None
-    with encoder_conversion(encoder_model, enc.quant, enc_samples) as encoder_flatbuffer:
-        dec_samples = decoder_samples(cap, backbone, x) if dec.quant in int8 else None
-        step_bytes = step_to_tflite(step_model, cap.config.units, dec.quant, dec_samples)
+    enc_mode, dec_mode = (("fp32" if q == MIXED else q) for q in (enc.quant, dec.quant))
+    enc_samples = encoder_samples(x) if enc.quant in calibrated else None
+    with encoder_conversion(
+        encoder_model, enc_mode, enc_samples if enc.quant in converter else None
+    ) as encoder_flatbuffer:
+        dec_samples = decoder_samples(cap, backbone, x) if dec.quant in calibrated else None
+        step_bytes = step_to_tflite(
+            step_model, cap.config.units, dec_mode, dec_samples if dec.quant in converter else None
+        )
         enc_bytes = encoder_flatbuffer()
+    layers = {}
+    parts = (("encoder", enc.quant, enc_samples), ("decoder", dec.quant, dec_samples))
+    for part, quant, samples in parts:
+        flat = enc_bytes if part == "encoder" else step_bytes
+        section = {"quantizer": QUANTIZER if quant != "fp32" else "none"}
+        if quant == MIXED:
+            quantizer = PartQuantizer(flat, samples())
+            ranked = quantizer.sensitivity()
+            flat, kept = quantizer.mixed_int8(settings.mixed_float_ops, ranked)
+            section = {
+                "quantizer": MIXED_QUANTIZER,
+                "kept_float": [k["node"] for k in kept],
+                "sensitivity": ranked,
+                "error": quantizer.error(flat),
+            }
+            log(f"{recipe.name}: {part} int8 but {', '.join(section['kept_float'])} (float)")
+            if part == "encoder":
+                enc_bytes = flat
+            else:
+                step_bytes = flat
+        layers[part] = {**section, "ops": precisions(flat)}
     log(f"{recipe.name}: calibrated and converted in {time.perf_counter() - t0:.1f} s")
-    return enc_bytes, step_bytes, sparsity
+    return enc_bytes, step_bytes, sparsity, layers
 
 
 def score_bundle(

@@ -1,6 +1,7 @@
 """A compress run's report: report.md in the study's table shape, and report.png (matplotlib):
-BLEU-4 and CIDEr-D against size and against latency with the Pareto front marked. The records
-and trials.parquet are compression/records.py's.
+BLEU-4 and CIDEr-D against size and against latency with the Pareto front marked; where a trial
+has a mixed-int8 part, a layer sensitivity section and sensitivity.png. The records,
+trials.parquet and sensitivity.parquet are compression/records.py's.
 
 Sizes are raw bundle bytes unless a column says gzip; a gzip saving is never a speed-up.
 """
@@ -11,10 +12,19 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from capfleet.compression.records import label, minutes_per_2000, pareto, read_trials
+import pyarrow.parquet as pq
+
+from capfleet.compression.records import (
+    SENSITIVITY_FILE,
+    label,
+    minutes_per_2000,
+    pareto,
+    read_trials,
+)
 from capfleet.core.artifacts import write_bytes_atomic
 
-REPORT_FILE, PLOT_FILE = "report.md", "report.png"
+REPORT_FILE, PLOT_FILE, SENSITIVITY_PLOT = "report.md", "report.png", "sensitivity.png"
+SHOWN_OPS = 8  # the most sensitive ops per part in report.md and sensitivity.png
 
 
 def _f(v, fmt: str) -> str:
@@ -177,14 +187,79 @@ def render_plot(rows: Sequence[dict]) -> bytes:
     return figure_png(fig)
 
 
+def _groups(rows: Sequence[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Sensitivity rows by (model, trial, part), each worst first."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["rank"]):
+        groups.setdefault((r["model"], r["trial"], r["part"]), []).append(r)
+    return groups
+
+
+def render_sensitivity(rows: Sequence[dict]) -> str:
+    """report.md's layer sensitivity section."""
+    lines = [
+        "",
+        "## Layer sensitivity",
+        "",
+        "Each op of a mixed-int8 part quantized to int8 alone, every other op float: the part's",
+        "outputs against float on the calibration samples (SNR in dB: lower is worse). The",
+        "mixed-int8 bundle keeps the worst ops float (kept). All of them: sensitivity.parquet.",
+    ]
+    for (model, trial, part), group in _groups(rows).items():
+        lines += [
+            "",
+            f"{model} {trial}, {part}:",
+            "",
+            "| rank | layer | op | SNR dB | cosine | kept float |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['rank']} | {r['node']} | {r['op']} | {_f(r['snr_db'], '.1f')} "
+            f"| {_f(r['cosine'], '.6f')} | {'yes' if r['kept_float'] else ''} |"
+            for r in group[:SHOWN_OPS]
+        ]
+    lines += ["", f"![The most sensitive ops of each mixed part]({SENSITIVITY_PLOT})", ""]
+    return "\n".join(lines)
+
+
+def render_sensitivity_plot(rows: Sequence[dict]) -> bytes:
+    """sensitivity.png: per mixed part, its most sensitive ops' SNR as bars, worst on top."""
+    from capfleet.jobs.plots import PALETTE, figure_png, new_figure
+
+    groups = list(_groups(rows).items())
+    fig = new_figure(9, 0.6 + 2.4 * len(groups))
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, ((model, trial, part), group) in zip(axes, groups, strict=True):
+        shown = [r for r in group[:SHOWN_OPS] if r["snr_db"] is not None]
+        ax.barh(
+            [r["node"] for r in shown],
+            [r["snr_db"] for r in shown],
+            color=[PALETTE[1] if r["kept_float"] else PALETTE[0] for r in shown],
+        )
+        ax.invert_yaxis()
+        ax.set_title(f"{model} {trial}: {part} (kept float in orange)", fontsize=10)
+        ax.set_xlabel("SNR of the part's outputs with the op alone int8 (dB)")
+        ax.tick_params(axis="y", labelsize=8)
+    return figure_png(fig)
+
+
 def write_report(out: str | Path) -> Path:
-    """report.md and report.png from OUT/trials.parquet; returns the report's path. The
-    report links OUT/gallery.html where the run wrote one."""
+    """report.md and report.png from OUT/trials.parquet (with the layer sensitivity section and
+    sensitivity.png where OUT/sensitivity.parquet is); returns the report's path. The report
+    links OUT/gallery.html where the run wrote one."""
     from capfleet.jobs.gallery import GALLERY_FILE
 
     rows = read_trials(out)
     write_bytes_atomic(Path(out) / PLOT_FILE, render_plot(rows))
     path = Path(out) / REPORT_FILE
     gallery = GALLERY_FILE if (Path(out) / GALLERY_FILE).is_file() else None
-    write_bytes_atomic(path, render_markdown(rows, gallery).encode())
+    text = render_markdown(rows, gallery)
+    sensitivity = Path(out) / SENSITIVITY_FILE
+    if sensitivity.is_file():
+        found = pq.read_table(sensitivity).to_pylist()
+        text += render_sensitivity(found)
+        write_bytes_atomic(Path(out) / SENSITIVITY_PLOT, render_sensitivity_plot(found))
+    else:
+        (Path(out) / SENSITIVITY_PLOT).unlink(missing_ok=True)
+    write_bytes_atomic(path, text.encode())
     return path

@@ -17,7 +17,12 @@ from pathlib import Path
 
 from capfleet.cluster.connect import failure_text, ray_session
 from capfleet.cluster.tasks import TaskFailed, run_task, run_tasks
-from capfleet.compression.records import failed_record, write_trials
+from capfleet.compression.records import (
+    failed_record,
+    sensitivity_rows,
+    write_sensitivity,
+    write_trials,
+)
 from capfleet.compression.settings import TrialSettings, slug, tuning_epochs
 from capfleet.compression.trial import measure_bundle, run_trial
 from capfleet.core.artifacts import write_json_atomic
@@ -183,6 +188,7 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
                 log(f"timed [{n}/{len(built)}] {rec['model']} {rec['trial']}: {timed}")
     ordered = [records[k] for k in plan]
     write_trials(out, ordered)
+    write_sensitivity(out, _sensitivity(ordered))
     gallery = _gallery(cfg, out, plan, ordered, log)
     report = write_report(out)
     failed = sum(r["status"] != "ok" for r in ordered)
@@ -193,6 +199,16 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
         "report": str(report),
         "gallery": str(gallery) if gallery else None,
     }
+
+
+def _sensitivity(records: list[dict]) -> list[dict]:
+    """Every built trial's layer sensitivity, from its bundle's manifest."""
+    rows = []
+    for rec in records:
+        manifest = Path(rec["bundle"] or "") / "manifest.json"
+        if rec["status"] == "ok" and manifest.is_file():
+            rows += sensitivity_rows(rec, json.loads(manifest.read_text()))
+    return rows
 
 
 def _gallery(cfg: CompressConfig, out: Path, plan, records, log) -> Path | None:

@@ -3,6 +3,7 @@ model made to fail, a rerun that redoes only the failed trials, and one that red
 of a retrained model."""
 
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -151,3 +152,50 @@ def test_a_trained_model_records_its_data_from_the_model_directory(tiny_model, s
 
     rel = read_model_manifest(tiny_model)["data_from_model"]
     assert os.path.realpath(os.path.join(tiny_model, rel)) == os.path.realpath(shapes_dir)
+
+
+def test_a_mixed_int8_trial_ships_layers_as_its_manifest_says_and_reports_sensitivity(
+    local_ray, tiny_model, tmp_path
+):
+    import json
+
+    from capfleet.compression.mixed import precisions
+    from capfleet.jobs.compress.trials import run_compress_job
+    from capfleet.model.bundle import DECODER_FILE, ENCODER_FILE
+
+    out = tmp_path / "out"
+    cfg = CompressConfig(
+        models=(str(tiny_model),),
+        out=str(out),
+        trials=("mixed-int8",),
+        gallery=0,
+        settings=TrialSettings(eval_images=8, bench_batch=8, bench_repeats=1, mixed_float_ops=2),
+    )
+    job = run_compress_job(cfg, log=lambda _: None)
+    assert (job["ok"], job["failed"]) == (2, 0)
+    rows = {r["trial"]: r for r in pq.read_table(out / "trials.parquet").to_pylist()}
+    bundle = Path(rows["mixed-int8:mixed-int8"]["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantizer"] == "litert-quantizer"  # the converter quantized nothing here
+    for part, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+        layers = manifest["layers"][part]
+        shipped = precisions((bundle / file).read_bytes())  # read back from the flatbuffer
+        assert layers["ops"] == shipped
+        assert layers["quantizer"] == "litert-quantizer" and len(layers["kept_float"]) == 2
+        by_node = {p["node"]: p["precision"] for p in shipped}
+        assert all(by_node[n] == "float32" for n in layers["kept_float"])
+        weighted = [p for p in shipped if p["op"] in ("CONV_2D", "FULLY_CONNECTED")]
+        kept = set(layers["kept_float"])
+        assert all(p["precision"] == "int8" for p in weighted if p["node"] not in kept)
+    assert rows["mixed-int8:mixed-int8"]["test_images"] == 8  # it captioned like any other
+    sens = pq.read_table(out / "sensitivity.parquet").to_pylist()
+    assert {r["part"] for r in sens} == {"encoder", "decoder"}
+    for part in ("encoder", "decoder"):
+        ranked = sorted((r for r in sens if r["part"] == part), key=lambda r: r["rank"])
+        assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+        assert {r["node"] for r in ranked if r["kept_float"]} == set(
+            manifest["layers"][part]["kept_float"]
+        )
+    report = (out / "report.md").read_text()
+    assert "## Layer sensitivity" in report and "sensitivity.png" in report
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
