@@ -4,8 +4,12 @@ Instead of a fixed list of trials, a compress job with a goal ([compress.goal]) 
 waves and looks at each wave's records before choosing the next:
 
   1. post-training quantization: fp32 (the baseline), dynamic, int8;
-  2. quantization-aware training (qat-int8), only when full int8 missed the quality bound but
-     would otherwise beat the best recipe so far;
+  2. when full int8 missed the quality bound but would otherwise beat the best recipe so far:
+     mixed precision, int8 with each part's K most sensitive ops kept float (mixed-int8-K, the
+     ops in their layer-sensitivity order), K = 1, 2, 4, ... until a candidate meets the goal,
+     then bisection between the last K that missed and the first that met (fewer float ops:
+     a smaller, faster bundle), as OpenVINO NNCF's accuracy control reverts layers in order;
+     then quantization-aware training (qat-int8) on the same condition;
   3. shrinking the best recipe so far, each part alone (the decoder alone behind a frozen
      backbone): both parts at 50% in one wave, then bisection on the part that did best
      (75% or 25%, then the middle of what is left: steps of about 12 points, assuming quality
@@ -22,15 +26,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from capfleet.compression.recipes import PartRecipe, TrialRecipe, parse_trial
+from capfleet.compression.recipes import TrialRecipe, parse_trial
 from capfleet.compression.records import BASELINE, pareto
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
 
 OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
 QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}
 PTQ_WAVE = ("fp32", "dynamic", "int8")
+MAX_FLOAT_OPS = 16  # mixed precision's search stops doubling K here
 SHRINK_STEP = 15  # bisection stops when the bracket is at most this many points wide
 
 
@@ -119,17 +124,19 @@ def shortfall(goal: Goal, record: dict, baseline: dict) -> float:
 def _with_shrink(trial: str, encoder: float, decoder: float) -> str:
     """`trial` with `encoder` and `decoder` percent of each part's units removed."""
     r = parse_trial(trial)
-    enc = PartRecipe(r.encoder.quant, r.encoder.prune, encoder / 100)
-    dec = PartRecipe(r.decoder.quant, r.decoder.prune, decoder / 100)
+    enc, dec = replace(r.encoder, shrink=encoder / 100), replace(r.decoder, shrink=decoder / 100)
     return TrialRecipe(enc, dec).name
+
+
+def _mixed(k: int) -> str:
+    """int8 with each part's `k` most sensitive ops kept float."""
+    return parse_trial(f"mixed-int8-{k}:mixed-int8-{k}").name
 
 
 def _with_prune(trial: str, level: int) -> str:
     r = parse_trial(trial)
     p = level / 100
-    enc = PartRecipe(r.encoder.quant, p, r.encoder.shrink)
-    dec = PartRecipe(r.decoder.quant, p, r.decoder.shrink)
-    return TrialRecipe(enc, dec).name
+    return TrialRecipe(replace(r.encoder, prune=p), replace(r.decoder, prune=p)).name
 
 
 @dataclass
@@ -178,11 +185,14 @@ class Search:
         int8_missed_quality = int8.get("status") == "ok" and any(
             w.split()[0] in QUALITY.values() for w in misses(self.goal, int8, self.baseline)
         )
-        if (
-            qat not in self.records
-            and int8_missed_quality
-            and (best is None or int8[col] < best[col])
-        ):
+        int8_would_win = int8_missed_quality and (best is None or int8[col] < best[col])
+        if int8_would_win:
+            wave = self._mixed_wave()
+            if wave:
+                return wave
+            best = self.best()
+            int8_would_win = best is None or int8[col] < best[col]
+        if qat not in self.records and int8_would_win:
             return "quantization-aware training (int8 lost too much)", [qat]
         if best is None:
             return "no recipe meets the goal unshrunk: shrinking only loses more", []
@@ -199,11 +209,32 @@ class Search:
                     break
         return "converged", []
 
+    def _mixed_wave(self) -> tuple[str, list[str]] | None:
+        """int8 with each part's K most sensitive ops float: K doubling from 1 until a
+        candidate meets the goal, then bisection on K between the last miss and the first
+        meet; None when that is done (or K reached MAX_FLOAT_OPS, or a mixed trial failed)."""
+        met, missed = [], []
+        for k in range(1, MAX_FLOAT_OPS + 1):
+            r = self.records.get(_mixed(k))
+            if r is None:
+                continue
+            if r.get("status") != "ok":
+                return None  # the quantizer cannot build this model's mixed bundles
+            (missed if misses(self.goal, r, self.baseline) else met).append(k)
+        lo, hi = max(missed, default=0), min(met, default=None)
+        if hi is None:
+            k = 1 if lo == 0 else 2 * lo
+            if k > MAX_FLOAT_OPS:
+                return None
+            return f"mixed precision: int8 but {k} sensitive op(s) of each part float", [_mixed(k)]
+        if hi - lo > 1:
+            k = (lo + hi) // 2
+            return f"mixed precision bisection ({lo} float ops missed, {hi} met)", [_mixed(k)]
+        return None
+
     def _unshrunk(self, trial: str) -> str:
         r = parse_trial(trial)
-        enc = PartRecipe(r.encoder.quant, r.encoder.prune)
-        dec = PartRecipe(r.decoder.quant, r.decoder.prune)
-        return TrialRecipe(enc, dec).name
+        return TrialRecipe(replace(r.encoder, shrink=0.0), replace(r.decoder, shrink=0.0)).name
 
     def _parts(self) -> tuple[str, ...]:
         return ("decoder",) if self.frozen_encoder else ("encoder", "decoder")
@@ -340,8 +371,10 @@ def render_choice(doc: dict, machine: str) -> str:
         )
     lines += [
         "",
-        "How the search works: post-training quantizations first; quantization-aware "
-        "training only where int8 lost too much quality; then each part of the best recipe "
+        "How the search works: post-training quantizations first; where int8 lost too much "
+        "quality, mixed precision (the parts' most sensitive ops kept float, their number "
+        "doubled until the goal is met, then bisected), then quantization-aware training; "
+        "then each part of the best recipe "
         "shrunk alone, bisection on the part that did best (assuming quality falls as more "
         "units are removed) and both parts together; pruning only for "
         "the gzip size (the .tflite kernels stay dense). Quality is measured on the test "

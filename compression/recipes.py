@@ -7,7 +7,8 @@ A recipe is one or more steps joined by "+", applied in this order:
                  one-shot where the part is a frozen backbone, which has no loss to tune on)
     qat-int8     quantization-aware training of the decoder's Dense layers, then int8
     fp32 | dynamic | float16 | int8    how the part is converted to TFLite
-    mixed-int8   int8 but for the part's most sensitive ops, kept float (compression/mixed.py)
+    mixed-int8   int8 but for the part's most sensitive ops, kept float (compression/mixed.py):
+                 as many as the settings' mixed_float_ops, or K with mixed-int8-K
 
 A trial names both parts, "ENCODER:DECODER" (e.g. "int8:qat-int8"), or one recipe for both
 ("prune-50+int8"); "qat-int8" alone means an int8 encoder with a qat-int8 decoder.
@@ -26,6 +27,7 @@ QUANT = {
     "decoder": ("fp32", "dynamic", "int8", "qat-int8", "mixed-int8"),
 }
 _STEP = re.compile(r"^(prune|shrink)-(\d{1,2})$")
+_MIXED_K = re.compile(r"^mixed-int8-(\d{1,4})$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class PartRecipe:
     quant: str = "fp32"  # one of QUANT[part]
     prune: float = 0.0  # target sparsity in [0, 1)
     shrink: float = 0.0  # share of units/channels removed, in [0, 1)
+    keep_float: int = 0  # mixed-int8: ops kept float (0: the settings' mixed_float_ops)
 
     @property
     def name(self) -> str:
@@ -44,7 +47,7 @@ class PartRecipe:
         if self.prune:
             steps.append(f"prune-{round(self.prune * 100)}")
         if self.quant != "fp32" or not steps:
-            steps.append(self.quant)
+            steps.append(f"{self.quant}-{self.keep_float}" if self.keep_float else self.quant)
         return "+".join(steps)
 
     @property
@@ -65,10 +68,18 @@ class TrialRecipe:
 def parse_part(text: str, part: str) -> PartRecipe:
     """One part's recipe, e.g. "prune-50+int8"; an unknown or impossible one is an error."""
     allowed = QUANT[part]
-    quant, prune, shrink = None, 0.0, 0.0
+    quant, prune, shrink, keep = None, 0.0, 0.0, 0
     for step in text.strip().split("+"):
         m = _STEP.match(step)
-        if step in allowed or step in ("qat-int8", "float16"):
+        k = _MIXED_K.match(step)
+        if k:
+            if quant is not None:
+                raise CapfleetError(f"{part} recipe {text!r}: more than one quantization step")
+            keep = int(k.group(1))
+            if keep < 1:
+                raise CapfleetError(f"{part} recipe {text!r}: keeps no op float (use int8)")
+            quant = MIXED
+        elif step in allowed or step in ("qat-int8", "float16"):
             if step not in allowed:
                 raise CapfleetError(
                     f"{part} recipe {text!r}: {step} applies to the "
@@ -90,9 +101,10 @@ def parse_part(text: str, part: str) -> PartRecipe:
         else:
             raise CapfleetError(
                 f"{part} recipe {text!r}: unknown step {step!r}; allowed: "
-                f"{', '.join(allowed)}, prune-<1..99>, shrink-<1..99>, joined by '+'"
+                f"{', '.join(allowed)}, mixed-int8-<K>, prune-<1..99>, shrink-<1..99>, "
+                "joined by '+'"
             )
-    return PartRecipe(quant or "fp32", prune, shrink)
+    return PartRecipe(quant or "fp32", prune, shrink, keep)
 
 
 def parse_trial(text: str) -> TrialRecipe:

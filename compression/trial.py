@@ -273,14 +273,16 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
         )
         enc_bytes = encoder_flatbuffer()
     layers = {}
-    parts = (("encoder", enc.quant, enc_samples), ("decoder", dec.quant, dec_samples))
-    for part, quant, samples in parts:
+    parts = (("encoder", enc, enc_samples), ("decoder", dec, dec_samples))
+    for part, part_recipe, samples in parts:
+        quant = part_recipe.quant
         flat = enc_bytes if part == "encoder" else step_bytes
         section = {"quantizer": QUANTIZER if quant != "fp32" else "none"}
         if quant == MIXED:
             quantizer = PartQuantizer(flat, samples())
             ranked = quantizer.sensitivity()
-            flat, kept = quantizer.mixed_int8(settings.mixed_float_ops, ranked)
+            keep = part_recipe.keep_float or settings.mixed_float_ops
+            flat, kept = quantizer.mixed_int8(keep, ranked)
             section = {
                 "quantizer": MIXED_QUANTIZER,
                 "kept_float": [k["node"] for k in kept],

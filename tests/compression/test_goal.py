@@ -10,7 +10,8 @@ from capfleet.core.errors import CapfleetError
 
 def measured(trial: str, int8_loss: float = 0.004, qat_loss: float = 0.002) -> dict:
     """A record for `trial`: BLEU-4 falls 0.0004 per shrink point past 20%, int8 (PTQ) loses
-    int8_loss, QAT qat_loss; latency falls with int8 and with shrinking."""
+    int8_loss, QAT qat_loss, mixed-int8-K int8_loss less a quarter of it per float op (none
+    from 4 on); latency falls with int8 and with shrinking, less with each float op."""
     r = parse_trial(trial)
     enc, dec = r.encoder, r.decoder
     loss = max(0.0, (dec.shrink * 100 - 20) * 0.0004)
@@ -25,6 +26,12 @@ def measured(trial: str, int8_loss: float = 0.004, qat_loss: float = 0.002) -> d
         ms *= 0.9
     if dec.quant == "dynamic":
         loss += 0.001
+    if dec.quant == "mixed-int8":
+        k = dec.keep_float or 2
+        loss += int8_loss * max(0.0, 1 - k / 4)
+        ms *= 0.9 + 0.025 * min(k, 4)
+    if enc.quant == "mixed-int8":
+        ms *= 0.6 + 0.05 * min(enc.keep_float or 2, 8)
     size = 0.8 * (1 - dec.shrink) * (0.25 if dec.quant != "fp32" else 1.0)
     return {
         "model": "m",
@@ -74,10 +81,33 @@ def test_parts_that_both_shrink_well_alone_are_then_shrunk_together():
     assert s.best()["trial"] == "shrink-88+int8:shrink-50+int8"
 
 
-def test_int8_that_loses_too_much_gets_quantization_aware_training():
+def test_int8_that_loses_too_much_gets_mixed_precision_then_quantization_aware_training():
     s, waves = search(Goal(max_delta_bleu4=0.005), int8_loss=0.008, qat_loss=0.001)
-    assert waves[1] == ("quantization-aware training (int8 lost too much)", ["int8:qat-int8"])
-    assert s.best()["trial"].endswith("qat-int8")  # QAT's int8 met the goal; then shrunk
+    # int8 lost 0.008: one float op per part recovers a quarter (0.006, missed), two half
+    # (0.004, met); 1 missed and 2 met leave nothing to bisect
+    assert waves[1] == (
+        "mixed precision: int8 but 1 sensitive op(s) of each part float",
+        ["mixed-int8-1:mixed-int8-1"],
+    )
+    assert waves[2][1] == ["mixed-int8-2:mixed-int8-2"]
+    assert s.waves["mixed-int8-2:mixed-int8-2"].startswith("mixed precision")
+    # QAT's int8 would still beat the mixed bundle: it is tried, meets the goal, then shrunk
+    assert waves[3] == ("quantization-aware training (int8 lost too much)", ["int8:qat-int8"])
+    assert s.best()["trial"].endswith("qat-int8")
+
+
+def test_mixed_precision_doubles_then_bisects_the_float_ops_and_keeps_them_when_shrunk():
+    # int8 loses 0.016: K float ops leave 0.016 (1 - K/4); the bound 0.005 needs K >= 3
+    s, waves = search(Goal(max_delta_bleu4=0.005), int8_loss=0.016, qat_loss=0.02)
+    mixed = [ts[0] for what, ts in waves if what.startswith("mixed precision")]
+    assert mixed == [f"mixed-int8-{k}:mixed-int8-{k}" for k in (1, 2, 4, 3)]
+    assert [w for w, _ in waves if w.startswith("mixed precision bisection")] == [
+        "mixed precision bisection (2 float ops missed, 4 met)"
+    ]
+    assert misses(s.goal, s.records["int8:qat-int8"], s.baseline)  # QAT tried, lost more
+    best = s.best()["trial"]
+    assert "mixed-int8-3" in best  # the fewest float ops that met, shrunk from there
+    assert all("mixed-int8-3" in t for t in s.records if "shrink" in t)
 
 
 def test_a_frozen_backbone_is_never_shrunk_and_size_goals_skip_pruning_unless_gzip():

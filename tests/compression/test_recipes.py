@@ -35,11 +35,20 @@ def test_explicit_parts_and_canonical_order():
         ("prune-50+prune-20", "decoder", "prune given twice"),
         ("prune-0", "decoder", "removes nothing"),
         ("prune-100", "decoder", "unknown step"),
+        ("mixed-int8-0", "encoder", "keeps no op float"),
+        ("int8+mixed-int8-2", "decoder", "more than one quantization step"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_reason(text, part, message):
     with pytest.raises(CapfleetError, match=message):
         parse_part(text, part)
+
+
+def test_mixed_int8_names_how_many_ops_stay_float():
+    assert parse_part("mixed-int8", "encoder").keep_float == 0  # the settings' number
+    part = parse_part("shrink-50+mixed-int8-3", "decoder")
+    assert (part.quant, part.keep_float, part.shrink) == ("mixed-int8", 3, 0.5)
+    assert parse_trial("mixed-int8-3:mixed-int8").name == "mixed-int8-3:mixed-int8"
 
 
 def test_shrinking_a_frozen_backbone_is_refused():
