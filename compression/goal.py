@@ -18,7 +18,10 @@ waves and looks at each wave's records before choosing the next:
      so pruning lowers neither the .tflite size nor the latency.
 
 It stops when no next wave can improve the objective (or `max_trials` is reached). The choice
-is the candidate meeting every bound with the lowest objective. This module decides; it runs
+is the candidate meeting every bound with the lowest objective. Quality bounds are decided on
+the dev split's scores (as NNCF and Intel Neural Compressor tune on a validation set); the
+test split's are reported beside, never used to choose, so the winner's test scores are not
+tuned to the images they are reported on. This module decides; it runs
 nothing (jobs/compress/search.py runs each wave as a compress job on Ray).
 """
 
@@ -33,7 +36,7 @@ from capfleet.compression.records import BASELINE, pareto
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
 
 OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
-QUALITY = {"max_delta_bleu4": "bleu4", "max_delta_cider": "cider_d"}
+QUALITY = {"max_delta_bleu4": "dev_bleu4", "max_delta_cider": "dev_cider_d"}  # decided on dev
 PTQ_WAVE = ("fp32", "dynamic", "int8")
 MAX_FLOAT_OPS = 16  # mixed precision's search stops doubling K here
 SHRINK_STEP = 15  # bisection stops when the bracket is at most this many points wide
@@ -162,7 +165,7 @@ class Search:
         """The candidate that meets the goal with the lowest objective (then the best BLEU-4)."""
         ok = self.meeting()
         col = self.goal.objective
-        return min(ok, key=lambda r: (r[col], -(r.get("bleu4") or 0.0))) if ok else None
+        return min(ok, key=lambda r: (r[col], -(r.get("dev_bleu4") or 0.0))) if ok else None
 
     def next_wave(self) -> tuple[str, list[str]]:
         """(what the wave is, its new trials); an empty list when the search is over."""
@@ -304,8 +307,8 @@ def choice_document(search: Search, model: str) -> dict:
         why = misses(goal, r, base) if base.get("status") == "ok" else ["no baseline"]
         rows.append({**r, "wave": search.waves.get(name, ""), "meets": not why, "misses": why})
     best = search.best()
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("bleu4") is not None]
-    front = [ok[i]["trial"] for i in pareto([(r[col], r["bleu4"]) for r in ok])]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("dev_bleu4") is not None]
+    front = [ok[i]["trial"] for i in pareto([(r[col], r["dev_bleu4"]) for r in ok])]
     closest = []
     if best is None:
         ranked = sorted(rows, key=lambda r: shortfall(goal, r, base))
@@ -340,8 +343,12 @@ def render_choice(doc: dict, machine: str) -> str:
         n = sum(r["meets"] for r in rows)
         lines += [
             f"**Winner: `{doc['winner']}`**, copied to `best/`: the lowest {col} "
-            f"({w[col]:.4g} {unit}) of the {n} candidates that meet the goal "
-            f"(BLEU-4 {w['bleu4']:.4f} against fp32 {by[BASELINE]['bleu4']:.4f}, "
+            f"({w[col]:.4g} {unit}) of the {n} candidates that meet the goal on the dev split "
+            f"(dev BLEU-4 {w['dev_bleu4']:.4f} against fp32 {by[BASELINE]['dev_bleu4']:.4f}; "
+            f"test BLEU-4 {_cell(w.get('bleu4'), '.4f')} against "
+            f"{_cell(by[BASELINE].get('bleu4'), '.4f')}, CIDEr-D "
+            f"{_cell(w.get('cider_d'), '.3f')} against "
+            f"{_cell(by[BASELINE].get('cider_d'), '.3f')}; "
             f"{w['size_mb']:.3f} MB, {w['e2e_ms']:.3f} ms/image).",
             "",
         ]
@@ -353,19 +360,20 @@ def render_choice(doc: dict, machine: str) -> str:
             "",
         ]
     lines += [
-        f"{doc['trials_run']} trials in all. Pareto front ({col} against BLEU-4): "
+        f"{doc['trials_run']} trials in all. Pareto front ({col} against dev BLEU-4): "
         + ", ".join(f"`{t}`" for t in doc["pareto_front"])
         + ".",
         "",
-        "| wave | trial | BLEU-4 | dBLEU-4 | CIDEr-D | dCIDEr-D | MB | MB gzip | ms/image "
-        "| meets | why not |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wave | trial | dev BLEU-4 | dev CIDEr-D | test BLEU-4 | test dBLEU-4 | test CIDEr-D "
+        "| MB | MB gzip | ms/image | meets | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['wave']} | `{r['trial']}` | {_cell(r.get('bleu4'), '.4f')} "
+            f"| {r['wave']} | `{r['trial']}` | {_cell(r.get('dev_bleu4'), '.4f')} "
+            f"| {_cell(r.get('dev_cider_d'), '.3f')} | {_cell(r.get('bleu4'), '.4f')} "
             f"| {_cell(r.get('delta_bleu4'), '+.4f')} | {_cell(r.get('cider_d'), '.3f')} "
-            f"| {_cell(r.get('delta_cider_d'), '+.3f')} | {_cell(r.get('size_mb'), '.3f')} "
+            f"| {_cell(r.get('size_mb'), '.3f')} "
             f"| {_cell(r.get('gzip_mb'), '.3f')} | {_cell(r.get('e2e_ms'), '.3f')} "
             f"| {'yes' if r['meets'] else 'no'} | {'; '.join(r['misses'])} |"
         )
@@ -377,9 +385,10 @@ def render_choice(doc: dict, machine: str) -> str:
         "then each part of the best recipe "
         "shrunk alone, bisection on the part that did best (assuming quality falls as more "
         "units are removed) and both parts together; pruning only for "
-        "the gzip size (the .tflite kernels stay dense). Quality is measured on the test "
-        "images every trial scores (CIDEr-D's IDF is that image set's); latency with each "
-        f"bundle timed alone on this machine ({machine}).",
+        "the gzip size (the .tflite kernels stay dense). Every quality bound is decided on "
+        "the dev split, which every trial scores the same images of; the test split's "
+        "scores are reported beside and never used to choose (CIDEr-D's IDF is each image "
+        f"set's own); latency with each bundle timed alone on this machine ({machine}).",
         "",
     ]
     return "\n".join(lines)

@@ -52,6 +52,10 @@ TRIAL_SCHEMA = pa.schema(
         ("rouge_l", pa.float64()),
         ("content_accuracy", pa.float64()),  # shapes data only
         ("test_images", pa.int64()),
+        # the same bundle's scores on the dev split: what a goal decides on (test: reported)
+        ("dev_bleu4", pa.float64()),
+        ("dev_cider_d", pa.float64()),  # IDF from the dev images' references
+        ("dev_images", pa.int64()),
         ("size_ratio", pa.float64()),  # size_mb / baseline size_mb
         ("gzip_ratio", pa.float64()),
         ("speedup", pa.float64()),  # baseline e2e_ms / e2e_ms

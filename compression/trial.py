@@ -174,8 +174,12 @@ def run_trial(
     info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
     bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_, settings.threads)
     scores = score_bundle(out, data, settings, log, captions_out)
+    dev = score_bundle(out, data, settings, log, split="dev")  # what a goal decides on
     return {
         **_record(Path(model_dir).name, recipe, out, bundle, sparsity, settings, scores),
+        "dev_bleu4": dev["bleu4"],
+        "dev_cider_d": dev["cider_d"],
+        "dev_images": dev["images"],
         "data": data,
         "wall_s": time.perf_counter() - t0,
         "started": started,
@@ -300,20 +304,20 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
 
 
 def score_bundle(
-    bundle_dir: Path, data: str, settings: TrialSettings, log, captions_out=None
+    bundle_dir: Path, data: str, settings: TrialSettings, log, captions_out=None, split="test"
 ) -> dict:
     """BLEU-1..4, CIDEr-D, ROUGE-L (and shapes content accuracy) of the bundle as shipped: its
-    own LiteRT captions of the test split of `data` (the first settings.eval_images; 0 = all).
+    own LiteRT captions of the `split` of `data` (the first settings.eval_images; 0 = all).
     With `captions_out`, the captions and their per-image scores are written there. Captioning
     uses every CPU the trial holds (settings.threads); latency is measured apart, alone."""
     runner = BundleRunner(bundle_dir, num_threads=settings.threads)
     info = encoder_info(runner.manifest["encoder"]["name"])
-    x, test_recs = _test_inputs(data, info, settings.eval_images, log, settings.threads)
+    x, test_recs = _test_inputs(data, info, settings.eval_images, log, settings.threads, split)
     t0 = time.perf_counter()
     ids = np.concatenate([runner.caption_ids(x[i : i + 64]) for i in range(0, len(x), 64)])
     log(
-        f"{bundle_dir.name}: {len(x)} test images captioned in {time.perf_counter() - t0:.1f} s "
-        f"on {settings.threads} thread(s)"
+        f"{bundle_dir.name}: {len(x)} {split} images captioned in "
+        f"{time.perf_counter() - t0:.1f} s on {settings.threads} thread(s)"
     )
     captions = [runner.vocab.decode(r) for r in ids]
     scores, per_image = score_captions_per_image(test_recs, captions, data)
@@ -349,10 +353,10 @@ def _record(model: str, recipe: TrialRecipe, bundle_dir: Path, bundle, sparsity,
     }
 
 
-def _test_inputs(data: str, info, limit: int, log, workers: int = 1):
-    """Preprocessed test-split images, the first `limit` of them (0 = all), decoded on `workers`
-    threads, and their records."""
-    images, records = load_split(data, "test", info.input_size, limit, log, workers)
+def _test_inputs(data: str, info, limit: int, log, workers: int = 1, split: str = "test"):
+    """Preprocessed images of a split (the test split's by default), the first `limit` of them
+    (0 = all), decoded on `workers` threads, and their records."""
+    images, records = load_split(data, split, info.input_size, limit, log, workers)
     return preprocess(images, info.preprocess), records
 
 

@@ -127,7 +127,8 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
     for model_dir, trial in plan:
         path = _record_path(out, model_dir, trial)
         done = _read_record(path, log)
-        if done and done.get("built_for") == built_for[model_dir]:  # by an earlier run
+        # by an earlier run, with every score this version records (dev scores are newer)
+        if done and done.get("built_for") == built_for[model_dir] and _complete(done["record"]):
             records[(model_dir, trial)] = done["record"]
         else:
             stale += done is not None
@@ -199,6 +200,11 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
         "report": str(report),
         "gallery": str(gallery) if gallery else None,
     }
+
+
+def _complete(record: dict) -> bool:
+    """A record this version would write: a failed one, or one with its dev scores."""
+    return record.get("status") != "ok" or "dev_bleu4" in record
 
 
 def _sensitivity(records: list[dict]) -> list[dict]:
