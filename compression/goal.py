@@ -35,7 +35,12 @@ from capfleet.compression.recipes import TrialRecipe, parse_trial
 from capfleet.compression.records import BASELINE, pareto
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
 
-OBJECTIVES = {"latency": "e2e_ms", "size": "size_mb", "gzip_size": "gzip_mb"}
+OBJECTIVES = {
+    "latency": "e2e_ms",
+    "size": "size_mb",
+    "gzip_size": "gzip_mb",
+    "cost": "cost_per_million",  # measured by a real caption job (jobs/compress/search.py)
+}
 QUALITY = {"max_delta_bleu4": "dev_bleu4", "max_delta_cider": "dev_cider_d"}  # decided on dev
 PTQ_WAVE = ("fp32", "dynamic", "int8")
 MAX_FLOAT_OPS = 16  # mixed precision's search stops doubling K here
@@ -48,10 +53,13 @@ class Goal:
 
     max_delta_bleu4: float | None = None  # BLEU-4 lost against fp32 at most (0.01 = a point)
     max_delta_cider: float | None = None  # CIDEr-D lost at most
-    minimize: str = "latency"  # latency (e2e ms/image) | size (MB) | gzip_size (download MB)
+    # latency (e2e ms/image) | size (MB) | gzip_size (download MB) | cost (per million images)
+    minimize: str = "latency"
     max_size_mb: float | None = None
     max_ms: float | None = None  # e2e milliseconds per image at the job's bench batch
     max_trials: int = 16  # the search's budget, the baseline included
+    price_per_cpu_hour: float | None = None  # minimize = "cost": what a CPU-hour costs
+    images: int = 1_000_000  # minimize = "cost": the fleet's job size, for choice.md's table
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -70,7 +78,11 @@ class Goal:
         for key in ("max_size_mb", "max_ms"):
             if getattr(self, key) == 0:
                 raise CapfleetError(f"{key}: must be > 0 (leave it out for no bound)")
-        check_range(self, {"max_trials": (2, 1000)})
+        check_range(self, {"max_trials": (2, 1000), "images": (1, 10**12)})
+        if self.minimize == "cost" and self.price_per_cpu_hour is None:
+            raise CapfleetError('minimize = "cost" needs price_per_cpu_hour in [compress.goal]')
+        if self.price_per_cpu_hour is not None and not 0 < self.price_per_cpu_hour < 10**6:
+            raise CapfleetError(f"price_per_cpu_hour: must be > 0, got {self.price_per_cpu_hour}")
 
     @property
     def objective(self) -> str:
@@ -165,6 +177,7 @@ class Search:
         """The candidate that meets the goal with the lowest objective (then the best BLEU-4)."""
         ok = self.meeting()
         col = self.goal.objective
+        ok = [r for r in ok if r.get(col) is not None]  # a cost not (yet) measured: no choice
         return min(ok, key=lambda r: (r[col], -(r.get("dev_bleu4") or 0.0))) if ok else None
 
     def next_wave(self) -> tuple[str, list[str]]:
@@ -182,19 +195,19 @@ class Search:
             return "post-training quantization", first
         if self.baseline.get("status") != "ok":
             return "the fp32 baseline failed: nothing to compare with", []
-        best, col = self.best(), self.goal.objective
+        best = self.best()
         int8 = self.records.get("int8:int8", {})
         qat = parse_trial("qat-int8").name
         int8_missed_quality = int8.get("status") == "ok" and any(
             w.split()[0] in QUALITY.values() for w in misses(self.goal, int8, self.baseline)
         )
-        int8_would_win = int8_missed_quality and (best is None or int8[col] < best[col])
+        int8_would_win = int8_missed_quality and (best is None or self._lower(int8, best))
         if int8_would_win:
             wave = self._mixed_wave()
             if wave:
                 return wave
             best = self.best()
-            int8_would_win = best is None or int8[col] < best[col]
+            int8_would_win = best is None or self._lower(int8, best)
         if qat not in self.records and int8_would_win:
             return "quantization-aware training (int8 lost too much)", [qat]
         if best is None:
@@ -211,6 +224,14 @@ class Search:
                 if misses(self.goal, self.records[t], self.baseline):
                     break
         return "converged", []
+
+    def _lower(self, a: dict, b: dict) -> bool:
+        """Whether `a`'s objective is below `b`'s; a cost is measured only for candidates that
+        meet the goal, so where either has none, by latency (what a job's cost grows with)."""
+        col = self.goal.objective
+        if a.get(col) is None or b.get(col) is None:
+            col = "e2e_ms"
+        return a[col] < b[col]
 
     def _mixed_wave(self) -> tuple[str, list[str]] | None:
         """int8 with each part's K most sensitive ops float: K doubling from 1 until a
@@ -264,7 +285,9 @@ class Search:
         ok = [
             r
             for r in (self.records.get(self._shrunk(base, part, lv)) for lv in range(1, 100))
-            if r is not None and not misses(self.goal, r, self.baseline)
+            if r is not None
+            and not misses(self.goal, r, self.baseline)
+            and r.get(self.goal.objective) is not None
         ]
         return min(ok, key=lambda r: r[self.goal.objective], default=None)
 
@@ -307,7 +330,11 @@ def choice_document(search: Search, model: str) -> dict:
         why = misses(goal, r, base) if base.get("status") == "ok" else ["no baseline"]
         rows.append({**r, "wave": search.waves.get(name, ""), "meets": not why, "misses": why})
     best = search.best()
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("dev_bleu4") is not None]
+    ok = [
+        r
+        for r in rows
+        if r.get("status") == "ok" and r.get("dev_bleu4") is not None and r.get(col) is not None
+    ]
     front = [ok[i]["trial"] for i in pareto([(r[col], r["dev_bleu4"]) for r in ok])]
     closest = []
     if best is None:
@@ -334,7 +361,13 @@ def _cell(v, fmt: str) -> str:
 def render_choice(doc: dict, machine: str) -> str:
     """OUT/choice.md."""
     col = doc["objective"]
-    unit = {"e2e_ms": "ms/image", "size_mb": "MB", "gzip_mb": "MB gzip"}[col]
+    unit = {
+        "e2e_ms": "ms/image",
+        "size_mb": "MB",
+        "gzip_mb": "MB gzip",
+        "cost_per_million": "per million images",
+    }[col]
+    cost = col == "cost_per_million"
     lines = [f"# Choice for {doc['model']}", "", f"Goal: {doc['goal_text']}.", ""]
     rows = doc["candidates"]
     by = {r["trial"]: r for r in rows}
@@ -365,8 +398,10 @@ def render_choice(doc: dict, machine: str) -> str:
         + ".",
         "",
         "| wave | trial | dev BLEU-4 | dev CIDEr-D | test BLEU-4 | test dBLEU-4 | test CIDEr-D "
-        "| MB | MB gzip | ms/image | meets | why not |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MB | MB gzip | ms/image (one batch) |"
+        + (" job images/s | cost per million |" if cost else "")
+        + " meets | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cost else "") + "---|---|",
     ]
     for r in rows:
         lines.append(
@@ -374,9 +409,24 @@ def render_choice(doc: dict, machine: str) -> str:
             f"| {_cell(r.get('dev_cider_d'), '.3f')} | {_cell(r.get('bleu4'), '.4f')} "
             f"| {_cell(r.get('delta_bleu4'), '+.4f')} | {_cell(r.get('cider_d'), '.3f')} "
             f"| {_cell(r.get('size_mb'), '.3f')} "
-            f"| {_cell(r.get('gzip_mb'), '.3f')} | {_cell(r.get('e2e_ms'), '.3f')} "
-            f"| {'yes' if r['meets'] else 'no'} | {'; '.join(r['misses'])} |"
+            f"| {_cell(r.get('gzip_mb'), '.3f')} | {_cell(r.get('e2e_ms'), '.3f')} |"
+            + (
+                f" {_cell(r.get('job_img_s'), '.1f')} | {_cell(r.get(col), '.4g')} |"
+                if cost
+                else ""
+            )
+            + f" {'yes' if r['meets'] else 'no'} | {'; '.join(r['misses'])} |"
         )
+    if cost:
+        lines += [
+            "",
+            "ms/image is a single-batch timing of the bundle alone; job images/s and the cost "
+            "are measured by a real caption job of the bundle (the planner's calibration, on "
+            f"the job's cluster), at {doc['goal']['price_per_cpu_hour']:g} per CPU-hour.",
+        ]
+        if doc.get("fleet"):
+            lines += ["", f"The winner's fleet for {doc['goal']['images']:,} images:", ""]
+            lines += doc["fleet"]
     lines += [
         "",
         "How the search works: post-training quantizations first; where int8 lost too much "

@@ -4,6 +4,8 @@ trials, and an interrupted search resumes); then OUT/best/, OUT/choice.md and ch
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -14,20 +16,23 @@ from capfleet.compression.goal import (
     Search,
     choice_document,
     choice_json,
+    misses,
     render_choice,
 )
 from capfleet.compression.records import read_trials
 from capfleet.compression.settings import slug
-from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic
+from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.compress.trials import run_compress_job
 from capfleet.jobs.skeleton import JobRun
 from capfleet.model.encoders import encoder_info
-from capfleet.model.modeldir import read_model_manifest
+from capfleet.model.modeldir import model_data, read_model_manifest
 
 BEST_DIR = "best"
 CHOICE_FILE = "choice.md"
+COSTS_FILE = "costs.json"  # minimize = "cost": each measured candidate's caption job
+COST_SAMPLE = 1024  # images of the model's training split each candidate's job captions
 
 
 def run_goal_search(
@@ -74,12 +79,16 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
             wave = replace(cfg, trials=tuple(tried), goal=None, gallery=0)
             job = run_compress_job(wave, address, log=log, nested=True)
             search.records = {r["trial"]: r for r in read_trials(out)}
+            costs = _measure_costs(cfg, search, address, log)
         # the last pass has nothing left to run: it writes the gallery of every candidate
         last = replace(cfg, trials=tuple(tried), goal=None)
         job = run_compress_job(last, address, log=log, nested=True)
     search.records = {r["trial"]: r for r in read_trials(out)}
+    costs = _measure_costs(cfg, search, address, log)
     search.waves.setdefault("fp32:fp32", "post-training quantization")
     doc = choice_document(search, Path(model).name)
+    if doc["winner"] in costs:
+        doc["fleet"] = costs[doc["winner"]]["fleet"]
     cpu = cpu_info()
     text = render_choice(doc, f"{cpu['cpu']}, {cpu['cores']} cores, int8: {cpu['int8_kind']}")
     write_bytes_atomic(out / CHOICE_FILE, text.encode())
@@ -99,6 +108,54 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
         "best": str(best) if best else None,
         "choice": str(out / CHOICE_FILE),
     }
+
+
+def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
+    """minimize = "cost": every candidate meeting the goal's bounds measured by a real caption
+    job of its bundle (the planner's calibration, on the job's cluster, on COST_SAMPLE images of
+    the model's training split), its cost per million images and job images/s added to its
+    record. Kept in OUT/costs.json by the bundle's manifest, so a rerun measures only what
+    changed. Returns {trial: measurement}."""
+    goal, out = cfg.goal, Path(cfg.out)
+    if goal.minimize != "cost":
+        return {}
+    from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
+    from capfleet.jobs.caption.planner import calibrate, plan_table, render_plan
+
+    path = out / COSTS_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    model = cfg.models[0]
+    data = model_data(model, read_model_manifest(model), cfg.data)
+    price = goal.price_per_cpu_hour
+    for name, rec in search.records.items():
+        if rec.get("status") != "ok" or misses(goal, rec, search.baseline):
+            continue
+        bundle = Path(rec["bundle"])
+        identity = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+        measured = known.get(name)
+        if not measured or measured["bundle"] != identity:
+            log(f"search: {name} meets the bounds; measuring its cost by a real caption job")
+            spec = CaptionConfig(
+                bundles=(str(bundle),),
+                input=data,
+                split="train",
+                out=str(out / ".costs" / slug(name)),
+                address=address or "",
+            )
+            cal = calibrate(spec, COST_SAMPLE, log=log)
+            rows = plan_table(cal, goal.images, PLAN_CPUS, price)
+            measured = {
+                "bundle": identity,
+                "job_img_s": round(cal.rate, 2),
+                "cpus": cal.cpus,
+                # CPU-hours a million images take at the measured rate, start-up left out
+                "cost_per_million": 1e6 * cal.cpus / cal.rate / 3600 * price,
+                "fleet": render_plan(cal, goal.images, rows, price).splitlines(),
+            }
+            known[name] = measured
+            write_json_atomic(path, known)
+        rec.update(job_img_s=measured["job_img_s"], cost_per_million=measured["cost_per_million"])
+    return known
 
 
 def _recorded(out: Path, model: str) -> list[dict]:

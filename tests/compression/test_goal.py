@@ -146,6 +146,27 @@ def test_the_goal_is_decided_on_dev_and_test_is_only_reported():
     assert "never used to choose" in text
 
 
+def test_a_cost_goal_picks_the_lowest_measured_cost_not_the_fastest_batch():
+    s = Search(Goal(max_delta_bleu4=0.01, minimize="cost", price_per_cpu_hour=0.05), False, {}, {})
+    for t in ("fp32:fp32", "dynamic:dynamic", "int8:int8"):
+        s.records[t] = measured(t)
+    assert s.best() is None  # meeting the bounds is not enough: no cost measured yet
+    # int8 is the fastest single batch, but its caption job is the slowest (as on CPUs
+    # without int8 instructions): the measured cost decides
+    s.records["fp32:fp32"].update(cost_per_million=0.9, job_img_s=150.0)
+    s.records["dynamic:dynamic"].update(cost_per_million=1.1, job_img_s=120.0)
+    s.records["int8:int8"].update(cost_per_million=1.4, job_img_s=95.0)
+    assert s.records["int8:int8"]["e2e_ms"] < s.records["fp32:fp32"]["e2e_ms"]
+    assert s.best()["trial"] == "fp32:fp32"
+    doc = choice_document(s, "m")
+    doc["fleet"] = ["| CPUs | wall |", "|---|---|", "| 8 | 1 h |"]
+    text = render_choice(doc, "test cpu")
+    assert "| job images/s | cost per million |" in text and "| 150.0 | 0.9 |" in text
+    assert "single-batch timing" in text and "The winner's fleet for 1,000,000 images" in text
+    with pytest.raises(CapfleetError, match="price_per_cpu_hour"):
+        Goal(max_delta_bleu4=0.01, minimize="cost")
+
+
 def test_misses_says_which_bound_and_by_how_much():
     base = measured("fp32")
     worse = {**measured("int8"), "dev_bleu4": base["dev_bleu4"] - 0.02}

@@ -1,5 +1,5 @@
-"""The goal search and the planner on a real local Ray: waves of real trials, OUT/best/ and
-OUT/choice.md; a goal nothing meets."""
+"""The goal search on a real local Ray: waves of real trials, OUT/best/ and OUT/choice.md; a
+goal nothing meets; a cost goal whose candidates are measured by real caption jobs."""
 
 import json
 
@@ -83,3 +83,31 @@ def test_publishing_recovers_from_a_run_killed_while_publishing(tmp_path):
     assert _publish(tmp_path, bundle) == tmp_path / BEST_DIR
     assert [p.name for p in (tmp_path / BEST_DIR).iterdir()] == ["manifest.json"]
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_a_cost_goal_measures_each_candidate_by_a_real_caption_job(local_ray, tiny_model, tmp_path):
+    out = tmp_path / "cost"
+    goal = Goal(max_delta_bleu4=1.0, minimize="cost", price_per_cpu_hour=0.05, max_trials=3)
+    cfg = CompressConfig(
+        models=(str(tiny_model),), out=str(out), settings=SETTINGS, gallery=0, goal=goal
+    )
+    lines: list = []
+    done = api.compress(cfg, log=lines.append)
+    doc = json.loads((out / "choice.json").read_text())
+    measured = [c for c in doc["candidates"] if c.get("cost_per_million") is not None]
+    assert {c["trial"] for c in measured} == {"fp32:fp32", "dynamic:dynamic", "int8:int8"}
+    for c in measured:  # cost = the CPU-hours a million images take at the job's rate
+        assert c["job_img_s"] > 0
+        cpus = json.loads((out / "costs.json").read_text())[c["trial"]]["cpus"]
+        expected = 1e6 * cpus / c["job_img_s"] / 3600 * 0.05
+        assert c["cost_per_million"] == pytest.approx(expected, rel=1e-3)
+    cheapest = min(measured, key=lambda c: c["cost_per_million"])
+    assert done.met and done.winner == cheapest["trial"]
+    choice = (out / "choice.md").read_text()
+    assert "job images/s" in choice and "The winner's fleet for 1,000,000 images" in choice
+    assert sum("measuring its cost" in line for line in lines) == 3
+
+    lines.clear()  # a rerun measures nothing again: the bundles are the same
+    api.compress(cfg, log=lines.append)
+    assert not any("measuring its cost" in line for line in lines)
