@@ -109,6 +109,15 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def ray_imported() -> bool:
+    """Import Ray and Ray Data now (so that nothing timed after pays for it); returns whether
+    this process is already connected to a Ray (a shared session that later jobs reuse)."""
+    import ray
+    import ray.data  # noqa: F401
+
+    return ray.is_initialized()
+
+
 def cluster_cpus(address: str | None) -> float:
     """The CPUs jobs run on: this machine's for the embedded Ray (no address), the cluster's
     when one is named."""

@@ -421,8 +421,9 @@ def render_choice(doc: dict, machine: str) -> str:
         lines += [
             "",
             "ms/image is a single-batch timing of the bundle alone; job images/s and the cost "
-            "are measured by a real caption job of the bundle (the planner's calibration, on "
-            f"the job's cluster), at {doc['goal']['price_per_cpu_hour']:g} per CPU-hour.",
+            "are measured by a real caption job of the bundle on the job's cluster (its own "
+            "throughput, start-up excluded), at "
+            f"{doc['goal']['price_per_cpu_hour']:g} per CPU-hour.",
         ]
         if doc.get("fleet"):
             lines += ["", f"The winner's fleet for {doc['goal']['images']:,} images:", ""]

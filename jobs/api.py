@@ -220,11 +220,10 @@ Config = TrainConfig | TrainGrid | CompressConfig | CaptionConfig | PipelineConf
 class PlanResult:
     """A caption job's estimated time and cost per cluster size (capfleet plan)."""
 
-    table: list[dict]  # per cluster size: cpus, wall_s, wall_range_s, images_per_s, cpu_hours,
-    # and cost with a price
+    table: list[dict]  # per cluster size: cpus, wall_s, images_per_s, cpu_hours[, cost]
     text: str  # the table as Markdown, with what was measured and what is assumed
     json: str  # everything, for other tools
-    calibration: object  # jobs.caption.planner.Calibration: what the calibration measured
+    calibration: object  # jobs.caption.planner.Calibration: what the calibration runs measured
 
 
 def plan(
@@ -233,7 +232,7 @@ def plan(
     images: int,
     cpus: Sequence[float] = PLAN_CPUS,
     price_per_cpu_hour: float | None = None,
-    sample: int = 1024,
+    sample: int = 4096,
     log: Log = print,
 ) -> PlanResult:
     """Calibrate a caption spec on a sample of its input, here, and estimate the job of

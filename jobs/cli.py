@@ -342,8 +342,8 @@ def _add_plan(sub) -> None:
     pl.add_argument(
         "--sample",
         type=int,
-        default=1024,
-        help="calibrate on the first this many images (default 1024)",
+        default=4096,
+        help="calibrate on the first this many images and on a quarter of them (default 4096)",
     )
     pl.add_argument("--json", help="also write the plan as JSON to this file")
     pl.set_defaults(func=_plan)

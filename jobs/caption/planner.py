@@ -1,22 +1,20 @@
 """`capfleet plan`: how long a caption job of N images takes, and what it costs, on clusters of
-several sizes, from one short calibration run of the spec on the machine it runs on.
+several sizes, from a short calibration run of the spec on the machine it runs on.
 
-The calibration runs the spec's own caption job, as a user would (starting or joining Ray,
-reading, decoding and captioning with every bundle, writing parts and the summary), on the first
-`sample` listed images (into a folder beside the spec's output, removed after), cut into shards
-small enough that every worker does several one after another. What each worker does between
-the ends of its consecutive shards is the steady cost of an image (reading, decoding, every
-model, writing, waiting for the next shard); what the run took beyond that is what every job
-pays once (Ray's start, loading the models, the first shards' warm-up, the summary):
+The calibration runs the spec's own caption job twice, as a user would (each starting or
+joining Ray, reading, decoding and captioning with every bundle, writing parts and the
+summary), on the first quarter of `sample` and on the first `sample` listed images (into a
+folder beside the spec's output, removed after); too few images for that are refused before
+the first run. Each run starts its own embedded Ray, as a job
+does; in a session already connected to Ray a short warm-up job runs first, so that the
+first timed run does not pay for starting what the others reuse. Two sizes separate what
+every job pays once (Ray's start, the actors' model loading, the summary and gallery) from
+what each image costs:
 
-    per_image = sum(gaps between a worker's shard ends) / sum(their images)   seconds
-    rate      = workers / per_image                                          images/s here
-    fixed     = wall - sample / rate                                         seconds
+    rate  = (n2 - n1) / (wall2 - wall1)       images/s on the CPUs calibrated on
+    (both runs in shards of n1 / CPUs at most, so that every CPU has work from the start)
+    fixed = wall1 - n1 / rate                 seconds
     wall(N, C CPUs) = fixed + N / (rate x C / cpus)
-
-The range is the rate's 95% interval from the spread of those gaps' per-image times (mean +- 2
-standard errors). Too small a sample (fewer than MIN_WAVES shards per worker of MIN_SHARD
-images) is refused before anything runs.
 
 Assumptions, written out with every plan: the cluster's CPUs are like these (the same model,
 the same int8 instructions), the job scales with CPUs at the efficiency measured here (no
@@ -28,155 +26,145 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfleet.cluster.connect import cluster_cpus
+from capfleet.cluster.connect import cluster_cpus, ray_imported
 from capfleet.core.artifacts import cpu_info
 from capfleet.core.errors import CapfleetError
 from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
 from capfleet.jobs.caption.job import duration, run_caption_job
 from capfleet.jobs.caption.listing import list_inputs
-from capfleet.jobs.caption.parts import part_stats, parts
 
-DEFAULT_SAMPLE = 1024  # images the calibration captions
-MIN_SHARD = 8  # images in a calibration shard, at least
-MIN_WAVES = 4  # shards per worker, at least: three gaps between their ends
+DEFAULT_SAMPLE = 4096  # images in the second calibration run; the first has a quarter of them
+MIN_FIRST = 16  # images in the first run, at least
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the calibration job measured."""
+    """What the two calibration jobs measured."""
 
-    images: int
-    shard_size: int
-    wall_s: float
-    cpus: float  # the CPUs the calibration ran on
-    workers: int  # the workers that captioned its shards
+    images: tuple[int, int]  # n1, n2
+    shard_size: int  # the calibration's shards (sample / CPUs, at most the spec's)
+    wall_s: tuple[float, float]
+    cpus: float  # the CPUs the calibration jobs ran on
     rate: float  # images/s on those CPUs, start-up excluded
-    rate_range: tuple[float, float]  # its 95% interval
     fixed_s: float  # what a job pays once
     stages_ms: dict  # per model: mean read, decode, encoder and decoder ms per image
     machine: dict
 
-    def wall(self, images: int, cpus: float, rate: float | None = None) -> float:
-        return self.fixed_s + images / ((rate or self.rate) * cpus / self.cpus)
-
-    def wall_range(self, images: int, cpus: float) -> tuple[float, float]:
-        """The estimate's range: the fastest and slowest rate of the interval."""
-        lo, hi = self.rate_range
-        return self.wall(images, cpus, hi), self.wall(images, cpus, lo)
-
-
-def shard_size_for(sample: int, cpus: float, largest: int) -> int:
-    """Shards that give every worker MIN_WAVES, of MIN_SHARD images or more: as large as that
-    allows, since a job's shards (the spec's size) pay their fixed costs over more images."""
-    return max(MIN_SHARD, min(largest, sample // (MIN_WAVES * math.ceil(cpus))))
+    def wall(self, images: int, cpus: float) -> float:
+        return self.fixed_s + images / (self.rate * cpus / self.cpus)
 
 
 def calibrate(
     cfg: CaptionConfig, sample: int = DEFAULT_SAMPLE, log: Callable[[str], None] = print
 ) -> Calibration:
-    """Run the spec's caption job on its first `sample` images and measure (see the module's
-    text); too few images for that is refused before the job starts."""
+    """Run the spec's caption job on the first quarter of `sample` images and on `sample`, and
+    measure. Both runs cut their images into shards of at most n1 / CPUs, so that the first run
+    already gives every CPU a shard (a job of fewer shards than CPUs leaves CPUs idle). Too
+    few images are refused before the first run."""
+    if sample < 4 * MIN_FIRST:
+        raise CapfleetError(f"--sample: at least {4 * MIN_FIRST} images, got {sample}")
     cpus = cluster_cpus(cfg.address)
     listed = list_inputs(cfg.input, cfg.split, cfg.shard_size, cfg.image_column).images
-    n = min(sample, listed)
-    need = MIN_WAVES * MIN_SHARD * math.ceil(cpus)
-    if n < need:
+    n2 = min(sample, listed)
+    n1 = n2 // 4
+    if n1 < MIN_FIRST:
         raise CapfleetError(
-            f"plan: calibrating on {math.ceil(cpus)} CPUs needs at least {need} images "
-            f"({MIN_WAVES} shards of {MIN_SHARD} for each CPU's worker); "
-            + (f"--sample is {sample}" if sample < listed else f"{cfg.input} lists {listed}")
+            f"plan: {cfg.input} lists {listed} images; calibrating needs at least "
+            f"{4 * MIN_FIRST} (two runs of the job, on the first quarter and on all of them)"
         )
-    shard = shard_size_for(n, cpus, cfg.shard_size)
-    run = replace(cfg, shard_size=shard, limit=n)
+    shard = min(cfg.shard_size, max(16, math.ceil(n1 / cpus)))
+    cfg = replace(cfg, shard_size=shard)
+    walls = []
     # beside the spec's output (on a cluster, storage every node writes to), removed after
     parent = Path(cfg.out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
+    shared = ray_imported()  # the driver's imports, before anything is timed
     with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
-        run = replace(run, out=str(Path(tmp) / "run"))
-        log(f"plan: calibrating on {n} images in shards of {shard}")
-        t0 = time.perf_counter()
-        run_caption_job(run, log=lambda _: None)
-        wall = time.perf_counter() - t0
+        if shared:  # a shared session: its first job starts what later ones reuse
+            run_caption_job(replace(cfg, out=str(Path(tmp) / "warm-up"), limit=16), log=str)
+        for n in (n1, n2):
+            run = replace(cfg, out=str(Path(tmp) / f"run-{n}"), limit=n)
+            log(f"plan: calibrating on {n} images")
+            t0 = time.perf_counter()
+            run_caption_job(run, log=lambda _: None)
+            walls.append(time.perf_counter() - t0)
         summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
-        ends = shard_ends(run.out, [s["model"] for s in summary])
-    workers, per_image, spread = steady_cost(ends)
-    rate = workers / per_image
-    lo, hi = (workers / (per_image + 2 * spread), workers / max(per_image - 2 * spread, 1e-9))
+    if walls[1] <= walls[0]:
+        raise CapfleetError(
+            f"calibration too short to measure ({n1} images took {walls[0]:.1f} s, {n2} took "
+            f"{walls[1]:.1f} s): give a larger --sample"
+        )
+    rate = (n2 - n1) / (walls[1] - walls[0])
     stages = {
         s["model"]: {k: s.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
         for s in summary
     }
     return Calibration(
-        n,
+        (n1, n2),
         shard,
-        round(wall, 2),
+        (round(walls[0], 2), round(walls[1], 2)),
         cpus,
-        workers,
         rate,
-        (lo, hi),
+        max(0.0, walls[0] - n1 / rate),
+        stages,
+        cpu_info(),
+    )
+
+
+def measure_job(
+    cfg: CaptionConfig, sample: int = 1024, log: Callable[[str], None] = print
+) -> Calibration:
+    """One real caption job of the spec on its first `sample` images (into a folder beside its
+    output, removed after), read as a calibration: the job's own throughput (images captioned
+    per second from its first part begun to its last finished: start-up excluded) as the rate,
+    what its wall took beyond that as the fixed part. A single job, for comparing bundles
+    (the goal search's cost); `calibrate` separates the two by two runs, for a plan."""
+    cpus = cluster_cpus(cfg.address)
+    parent = Path(cfg.out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
+        run = replace(cfg, out=str(Path(tmp) / "run"), limit=sample)
+        t0 = time.perf_counter()
+        run_caption_job(run, log=lambda _: None)
+        wall = time.perf_counter() - t0
+        summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
+    if len(summary) != 1 or not summary[0]["throughput_img_s"]:
+        raise CapfleetError(f"{cfg.bundles}: the caption job captioned nothing to measure")
+    row = summary[0]
+    rate, n = row["throughput_img_s"], row["ok"]
+    stages = {
+        row["model"]: {k: row.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
+    }
+    return Calibration(
+        (n, n),
+        cfg.shard_size,
+        (round(wall, 2), round(wall, 2)),
+        cpus,
+        rate,
         max(0.0, wall - n / rate),
         stages,
         cpu_info(),
     )
 
 
-def shard_ends(out: str | Path, models: Sequence[str]) -> dict[str, list[tuple[float, int]]]:
-    """Per worker, (when it finished a shard with every model, the shard's images)."""
-    done: dict[int, list] = {}
-    for model in models:
-        for path in parts(out, model):
-            stats = part_stats(path)
-            first = pq.read_table(path, columns=["worker", "shard"]).slice(0, 1).to_pylist()
-            if stats is None or stats.retry or not first:
-                continue
-            shard = first[0]["shard"]
-            worker, end, rows = done.get(shard, (first[0]["worker"], 0.0, stats.rows))
-            done[shard] = (worker, max(end, stats.finished), rows)
-    by_worker: dict[str, list] = defaultdict(list)
-    for worker, end, rows in done.values():
-        by_worker[worker].append((end, rows))
-    return {w: sorted(ends) for w, ends in by_worker.items()}
-
-
-def steady_cost(ends: dict[str, list[tuple[float, int]]]) -> tuple[int, float, float]:
-    """(workers, seconds per image per worker, that figure's standard error) from the gaps
-    between each worker's consecutive shard ends."""
-    gaps = [
-        (b - a, rows)
-        for worker_ends in ends.values()
-        for (a, _), (b, rows) in zip(worker_ends, worker_ends[1:], strict=False)
-    ]
-    if len(gaps) < 2:
-        raise CapfleetError(
-            "plan: the calibration's workers each finished fewer than two shards; "
-            "give a larger --sample"
-        )
-    per_image = sum(g for g, _ in gaps) / sum(r for _, r in gaps)
-    spread = statistics.stdev(g / r for g, r in gaps) / math.sqrt(len(gaps))
-    return len(ends), per_image, spread
-
-
 def plan_table(
     cal: Calibration, images: int, cpus: Sequence[float] = PLAN_CPUS, price: float | None = None
 ) -> list[dict]:
-    """One row per cluster size: estimated wall time (and its range), images/s and cost."""
+    """One row per cluster size: estimated wall time, images/s and cost."""
     rows = []
     for c in sorted({cal.cpus, *cpus}):
         wall = cal.wall(images, c)
         row = {
             "cpus": c,
             "wall_s": round(wall, 1),
-            "wall_range_s": [round(w, 1) for w in cal.wall_range(images, c)],
             "images_per_s": round(images / wall, 1),
             "cpu_hours": round(wall * c / 3600, 3),
         }
@@ -192,24 +180,22 @@ def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | 
         f"Plan for {images:,} images "
         f"(calibrated on {m['cpu']}, {cal.cpus:g} CPUs, int8: {m['int8_kind']}):",
         "",
-        "| CPUs | wall | range (95%) | images/s | CPU-hours |"
-        + (" cost |" if price is not None else ""),
-        "|---|---|---|---|---|" + ("---|" if price is not None else ""),
+        "| CPUs | wall | images/s | CPU-hours |" + (" cost |" if price is not None else ""),
+        "|---|---|---|---|" + ("---|" if price is not None else ""),
     ]
     for r in rows:
         cost = f" {r['cost']:,.2f} |" if price is not None else ""
-        lo, hi = r["wall_range_s"]
         lines.append(
-            f"| {r['cpus']:g} | {duration(r['wall_s'])} | {duration(lo)} - {duration(hi)} "
-            f"| {r['images_per_s']:,.0f} | {r['cpu_hours']:,.2f} |{cost}"
+            f"| {r['cpus']:g} | {duration(r['wall_s'])} | {r['images_per_s']:,.0f} "
+            f"| {r['cpu_hours']:,.2f} |{cost}"
         )
-    lo, hi = cal.rate_range
+    n1, n2 = cal.images
     lines += [
         "",
-        f"Measured: {cal.images} images in {cal.wall_s:.1f} s (shards of {cal.shard_size}, "
-        f"{cal.workers} workers): {cal.rate:.1f} images/s on {cal.cpus:g} CPUs "
-        f"({lo:.1f} - {hi:.1f}, from the spread of the workers' shard times) after a fixed "
-        f"{cal.fixed_s:.1f} s (Ray's start, loading the models, the summary and gallery).",
+        f"Measured: {n1} images in {cal.wall_s[0]:.1f} s, {n2} in {cal.wall_s[1]:.1f} s "
+        f"(shards of {cal.shard_size}): "
+        f"{cal.rate:.1f} images/s on {cal.cpus:g} CPUs after a fixed {cal.fixed_s:.1f} s "
+        "(Ray's start, loading the models, the summary and gallery).",
         "Per image, ms (mean): "
         + "; ".join(
             f"{model}: read {_ms(s['read_ms'])}, decode {_ms(s['decode_ms'])}, encoder "
@@ -238,9 +224,7 @@ def plan_json(cal: Calibration, images: int, rows: list[dict], price: float | No
             "shard_size": cal.shard_size,
             "wall_s": cal.wall_s,
             "cpus": cal.cpus,
-            "workers": cal.workers,
             "images_per_s": round(cal.rate, 2),
-            "images_per_s_range": [round(r, 2) for r in cal.rate_range],
             "fixed_s": round(cal.fixed_s, 2),
             "stages_ms": cal.stages_ms,
             "machine": cal.machine,

@@ -112,15 +112,15 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
 
 def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
     """minimize = "cost": every candidate meeting the goal's bounds measured by a real caption
-    job of its bundle (the planner's calibration, on the job's cluster, on COST_SAMPLE images of
-    the model's training split), its cost per million images and job images/s added to its
-    record. Kept in OUT/costs.json by the bundle's manifest, so a rerun measures only what
-    changed. Returns {trial: measurement}."""
+    job of its bundle (on the job's cluster, on COST_SAMPLE images of the model's training
+    split: the job's own throughput, start-up excluded), its cost per million images and job
+    images/s added to its record. Kept in OUT/costs.json by the bundle's manifest, so a rerun
+    measures only what changed. Returns {trial: measurement}."""
     goal, out = cfg.goal, Path(cfg.out)
     if goal.minimize != "cost":
         return {}
     from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
-    from capfleet.jobs.caption.planner import calibrate, plan_table, render_plan
+    from capfleet.jobs.caption.planner import measure_job, plan_table, render_plan
 
     path = out / COSTS_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
@@ -142,7 +142,7 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
                 out=str(out / ".costs" / slug(name)),
                 address=address or "",
             )
-            cal = calibrate(spec, COST_SAMPLE, log=log)
+            cal = measure_job(spec, COST_SAMPLE, log=log)
             rows = plan_table(cal, goal.images, PLAN_CPUS, price)
             measured = {
                 "bundle": identity,
