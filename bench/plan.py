@@ -1,10 +1,11 @@
 """`capfleet plan` against the job it plans, same machine, same run: a caption spec of a
 20,000-row manifest of real-sized photo JPEGs (bench/photos.py) with the small-CNN fp32 bundle
-of bench/caption.py, default sizing. The planner calibrates on the first 1,024 and 4,096 rows;
+of bench/caption.py, default sizing. The planner calibrates on the first 1,024 and 4,096 rows
+(and the 1,024 again, for its range);
 then the 20,000-row job runs as `capfleet caption` with the same (default) flags, as a
 subprocess: its wall includes the interpreter's start, which the estimate leaves out.
-Recorded: the estimate for this machine, the measured wall, their ratio (target: within 20%),
-and the plan's table."""
+Recorded: the estimate for this machine and its range, the measured wall, their ratio (target:
+within 20%), whether the measured wall lies in the range, and the plan's table."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def run() -> None:
             "rows": ROWS,
             "plan_seconds": round(plan_s, 1),
             "estimate_s": here["wall_s"],
+            "estimate_range_s": here["wall_range_s"],
+            "in_range": here["wall_range_s"][0] <= measured <= here["wall_range_s"][1],
             "measured_s": round(measured, 1),
             "estimate_vs_measured": round(here["wall_s"] / measured, 3),
             "within_20pct": abs(here["wall_s"] / measured - 1) <= 0.20,

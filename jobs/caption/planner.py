@@ -1,18 +1,19 @@
 """`capfleet plan`: how long a caption job of N images takes, and what it costs, on clusters of
-several sizes, from a short calibration run of the spec on the machine it runs on.
+several sizes, from short calibration runs of the spec on the machine it runs on.
 
-The calibration runs the spec's own caption job twice, as a user would (each starting or
-joining Ray, reading, decoding and captioning with every bundle, writing parts and the
-summary), on the first quarter of `sample` and on the first `sample` listed images (into a
-folder beside the spec's output, removed after); too few images for that are refused before
-the first run. Each run starts its own embedded Ray, as a job
-does; in a session already connected to Ray a short warm-up job runs first, so that the
-first timed run does not pay for starting what the others reuse. Two sizes separate what
-every job pays once (Ray's start, the actors' model loading, the summary and gallery) from
-what each image costs:
+The calibration runs the spec's own caption job as a user would (each run starting or joining
+Ray, reading, decoding and captioning with every bundle, writing parts and the summary), on the
+first quarter of `sample` listed images, on all `sample` of them, then on the quarter again
+(into a folder beside the spec's output, removed after); too few images for that are refused
+before the first run. In a session already connected to Ray a short warm-up job runs first, so
+that the first timed run does not pay for starting what the others reuse. Two sizes separate
+what every job pays once (Ray's start, the actors' model loading, the summary and gallery)
+from what each image costs; the repeated run says how much a run's wall moves by itself:
 
+    wall1 = the mean of the two n1 runs; moved = their difference
     rate  = (n2 - n1) / (wall2 - wall1)       images/s on the CPUs calibrated on
-    (both runs in shards of n1 / CPUs at most, so that every CPU has work from the start)
+    range = (n2 - n1) / (wall2 - wall1 -+ moved)
+    (every run in shards of n1 / CPUs at most, so that every CPU has work from the start)
     fixed = wall1 - n1 / rate                 seconds
     wall(N, C CPUs) = fixed + N / (rate x C / cpus)
 
@@ -57,9 +58,18 @@ class Calibration:
     fixed_s: float  # what a job pays once
     stages_ms: dict  # per model: mean read, decode, encoder and decoder ms per image
     machine: dict
+    # the rate with the wall difference moved by how much the first run's wall moved when run
+    # again (inf: that much could explain the whole difference)
+    rate_range: tuple[float, float] = (0.0, math.inf)
 
-    def wall(self, images: int, cpus: float) -> float:
-        return self.fixed_s + images / (self.rate * cpus / self.cpus)
+    def wall(self, images: int, cpus: float, rate: float | None = None) -> float:
+        return self.fixed_s + images / ((rate or self.rate) * cpus / self.cpus)
+
+    def wall_range(self, images: int, cpus: float) -> tuple[float, float]:
+        """The estimate at the fastest and the slowest rate of the range."""
+        lo, hi = self.rate_range
+        fastest = self.fixed_s if math.isinf(hi) else self.wall(images, cpus, hi)
+        return fastest, self.wall(images, cpus, lo)
 
 
 def calibrate(
@@ -90,19 +100,27 @@ def calibrate(
     with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
         if shared:  # a shared session: its first job starts what later ones reuse
             run_caption_job(replace(cfg, out=str(Path(tmp) / "warm-up"), limit=16), log=str)
-        for n in (n1, n2):
-            run = replace(cfg, out=str(Path(tmp) / f"run-{n}"), limit=n)
-            log(f"plan: calibrating on {n} images")
+        # the first size again last: how much a run's wall moves by itself gives the range
+        for k, n in enumerate((n1, n2, n1)):
+            run = replace(cfg, out=str(Path(tmp) / f"run-{k}"), limit=n)
+            log(f"plan: calibrating on {n} images" + (" again" if k == 2 else ""))
             t0 = time.perf_counter()
             run_caption_job(run, log=lambda _: None)
             walls.append(time.perf_counter() - t0)
-        summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
-    if walls[1] <= walls[0]:
+            if k == 1:
+                summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
+    small = (walls[0] + walls[2]) / 2
+    if walls[1] <= small:
         raise CapfleetError(
-            f"calibration too short to measure ({n1} images took {walls[0]:.1f} s, {n2} took "
-            f"{walls[1]:.1f} s): give a larger --sample"
+            f"calibration too short to measure ({n1} images took {walls[0]:.1f} and "
+            f"{walls[2]:.1f} s, {n2} took {walls[1]:.1f} s): give a larger --sample"
         )
-    rate = (n2 - n1) / (walls[1] - walls[0])
+    diff, moved = walls[1] - small, abs(walls[0] - walls[2])
+    rate = (n2 - n1) / diff
+    rate_range = (
+        (n2 - n1) / (diff + moved),
+        (n2 - n1) / (diff - moved) if diff > moved else math.inf,
+    )
     stages = {
         s["model"]: {k: s.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
         for s in summary
@@ -110,12 +128,13 @@ def calibrate(
     return Calibration(
         (n1, n2),
         shard,
-        (round(walls[0], 2), round(walls[1], 2)),
+        tuple(round(w, 2) for w in walls),
         cpus,
         rate,
-        max(0.0, walls[0] - n1 / rate),
+        max(0.0, small - n1 / rate),
         stages,
         cpu_info(),
+        rate_range,
     )
 
 
@@ -144,14 +163,15 @@ def measure_job(
         row["model"]: {k: row.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
     }
     return Calibration(
-        (n, n),
+        (n,),
         cfg.shard_size,
-        (round(wall, 2), round(wall, 2)),
+        (round(wall, 2),),
         cpus,
         rate,
         max(0.0, wall - n / rate),
         stages,
         cpu_info(),
+        (rate, rate),  # one job: no range
     )
 
 
@@ -165,6 +185,7 @@ def plan_table(
         row = {
             "cpus": c,
             "wall_s": round(wall, 1),
+            "wall_range_s": [round(w, 1) for w in cal.wall_range(images, c)],
             "images_per_s": round(images / wall, 1),
             "cpu_hours": round(wall * c / 3600, 3),
         }
@@ -180,22 +201,37 @@ def render_plan(cal: Calibration, images: int, rows: list[dict], price: float | 
         f"Plan for {images:,} images "
         f"(calibrated on {m['cpu']}, {cal.cpus:g} CPUs, int8: {m['int8_kind']}):",
         "",
-        "| CPUs | wall | images/s | CPU-hours |" + (" cost |" if price is not None else ""),
-        "|---|---|---|---|" + ("---|" if price is not None else ""),
+        "| CPUs | wall | range | images/s | CPU-hours |" + (" cost |" if price is not None else ""),
+        "|---|---|---|---|---|" + ("---|" if price is not None else ""),
     ]
     for r in rows:
         cost = f" {r['cost']:,.2f} |" if price is not None else ""
+        lo, hi = r["wall_range_s"]
         lines.append(
-            f"| {r['cpus']:g} | {duration(r['wall_s'])} | {r['images_per_s']:,.0f} "
-            f"| {r['cpu_hours']:,.2f} |{cost}"
+            f"| {r['cpus']:g} | {duration(r['wall_s'])} | {duration(lo)} - {duration(hi)} "
+            f"| {r['images_per_s']:,.0f} | {r['cpu_hours']:,.2f} |{cost}"
         )
-    n1, n2 = cal.images
+    lo, hi = cal.rate_range
+    top = "no bound" if math.isinf(hi) else f"{hi:.1f}"
+    if len(cal.images) == 1:  # measure_job
+        measured = (
+            f"Measured: one caption job of {cal.images[0]} images in {cal.wall_s[0]:.1f} s: "
+            f"{cal.rate:.1f} images/s on {cal.cpus:g} CPUs (its own throughput, start-up "
+            f"excluded) after a fixed {cal.fixed_s:.1f} s."
+        )
+    else:
+        n1, n2 = cal.images
+        measured = (
+            f"Measured: {n1} images in {cal.wall_s[0]:.1f} s and again in "
+            f"{cal.wall_s[2]:.1f} s, {n2} in {cal.wall_s[1]:.1f} s (shards of "
+            f"{cal.shard_size}): {cal.rate:.1f} images/s on {cal.cpus:g} CPUs ({lo:.1f} to "
+            f"{top}: the difference moved by as much as the {n1}-image run's wall moved when "
+            f"repeated) after a fixed {cal.fixed_s:.1f} s (Ray's start, loading the models, "
+            "the summary and gallery)."
+        )
     lines += [
         "",
-        f"Measured: {n1} images in {cal.wall_s[0]:.1f} s, {n2} in {cal.wall_s[1]:.1f} s "
-        f"(shards of {cal.shard_size}): "
-        f"{cal.rate:.1f} images/s on {cal.cpus:g} CPUs after a fixed {cal.fixed_s:.1f} s "
-        "(Ray's start, loading the models, the summary and gallery).",
+        measured,
         "Per image, ms (mean): "
         + "; ".join(
             f"{model}: read {_ms(s['read_ms'])}, decode {_ms(s['decode_ms'])}, encoder "
@@ -225,6 +261,10 @@ def plan_json(cal: Calibration, images: int, rows: list[dict], price: float | No
             "wall_s": cal.wall_s,
             "cpus": cal.cpus,
             "images_per_s": round(cal.rate, 2),
+            "images_per_s_range": [
+                round(cal.rate_range[0], 2),
+                None if math.isinf(cal.rate_range[1]) else round(cal.rate_range[1], 2),
+            ],
             "fixed_s": round(cal.fixed_s, 2),
             "stages_ms": cal.stages_ms,
             "machine": cal.machine,
