@@ -211,8 +211,10 @@ def _sensitivity(records: list[dict]) -> list[dict]:
     """Every built trial's layer sensitivity, from its bundle's manifest."""
     rows = []
     for rec in records:
-        manifest = Path(rec["bundle"] or "") / "manifest.json"
-        if rec["status"] == "ok" and manifest.is_file():
+        if rec.get("status") != "ok" or not rec.get("bundle"):
+            continue  # a failed trial has no bundle
+        manifest = Path(rec["bundle"]) / "manifest.json"
+        if manifest.is_file():
             rows += sensitivity_rows(rec, json.loads(manifest.read_text()))
     return rows
 
