@@ -29,7 +29,8 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Calibration:
     machine: dict
     # the rate with the wall difference moved by how much the first run's wall moved when run
     # again (inf: that much could explain the whole difference)
-    rate_range: tuple[float, float] = (0.0, math.inf)
+    rate_range: tuple[float, float]
 
     def wall(self, images: int, cpus: float, rate: float | None = None) -> float:
         return self.fixed_s + images / ((rate or self.rate) * cpus / self.cpus)
@@ -93,22 +94,17 @@ def calibrate(
     shard = min(cfg.shard_size, max(16, math.ceil(n1 / cpus)))
     cfg = replace(cfg, shard_size=shard)
     walls = []
-    # beside the spec's output (on a cluster, storage every node writes to), removed after
-    parent = Path(cfg.out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
     shared = ray_imported()  # the driver's imports, before anything is timed
-    with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
+    with _scratch(cfg) as tmp:
         if shared:  # a shared session: its first job starts what later ones reuse
-            run_caption_job(replace(cfg, out=str(Path(tmp) / "warm-up"), limit=16), log=str)
+            run_caption_job(replace(cfg, out=str(tmp / "warm-up"), limit=16), log=str)
         # the first size again last: how much a run's wall moves by itself gives the range
         for k, n in enumerate((n1, n2, n1)):
-            run = replace(cfg, out=str(Path(tmp) / f"run-{k}"), limit=n)
             log(f"plan: calibrating on {n} images" + (" again" if k == 2 else ""))
-            t0 = time.perf_counter()
-            run_caption_job(run, log=lambda _: None)
-            walls.append(time.perf_counter() - t0)
+            wall, run_summary = _timed_run(cfg, tmp / f"run-{k}", n)
+            walls.append(wall)
             if k == 1:
-                summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
+                summary = run_summary
     small = (walls[0] + walls[2]) / 2
     if walls[1] <= small:
         raise CapfleetError(
@@ -121,10 +117,6 @@ def calibrate(
         (n2 - n1) / (diff + moved),
         (n2 - n1) / (diff - moved) if diff > moved else math.inf,
     )
-    stages = {
-        s["model"]: {k: s.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
-        for s in summary
-    }
     return Calibration(
         (n1, n2),
         shard,
@@ -132,36 +124,49 @@ def calibrate(
         cpus,
         rate,
         max(0.0, small - n1 / rate),
-        stages,
+        _stages(summary),
         cpu_info(),
         rate_range,
     )
 
 
-def measure_job(
-    cfg: CaptionConfig, sample: int = 1024, log: Callable[[str], None] = print
-) -> Calibration:
+@contextmanager
+def _scratch(cfg: CaptionConfig) -> Iterator[Path]:
+    """A temporary folder for calibration runs beside the spec's output (on a cluster, storage
+    every node writes to), removed after."""
+    parent = Path(cfg.out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as name:
+        yield Path(name)
+
+
+def _timed_run(cfg: CaptionConfig, out: Path, images: int) -> tuple[float, list[dict]]:
+    """The spec's caption job on its first `images` images into `out`: its wall seconds and
+    its summary rows."""
+    t0 = time.perf_counter()
+    run_caption_job(replace(cfg, out=str(out), limit=images), log=lambda _: None)
+    wall = time.perf_counter() - t0
+    return wall, pq.read_table(out / "summary.parquet").to_pylist()
+
+
+def _stages(summary: list[dict]) -> dict:
+    """Per model: mean read, decode, encoder and decoder ms per image."""
+    keys = ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")
+    return {s["model"]: {k: s.get(k) for k in keys} for s in summary}
+
+
+def measure_job(cfg: CaptionConfig, sample: int = 1024) -> Calibration:
     """One real caption job of the spec on its first `sample` images (into a folder beside its
     output, removed after), read as a calibration: the job's own throughput (images captioned
     per second from its first part begun to its last finished: start-up excluded) as the rate,
     what its wall took beyond that as the fixed part. A single job, for comparing bundles
     (the goal search's cost); `calibrate` separates the two by two runs, for a plan."""
     cpus = cluster_cpus(cfg.address)
-    parent = Path(cfg.out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as tmp:
-        run = replace(cfg, out=str(Path(tmp) / "run"), limit=sample)
-        t0 = time.perf_counter()
-        run_caption_job(run, log=lambda _: None)
-        wall = time.perf_counter() - t0
-        summary = pq.read_table(Path(run.out) / "summary.parquet").to_pylist()
+    with _scratch(cfg) as tmp:
+        wall, summary = _timed_run(cfg, tmp / "run", sample)
     if len(summary) != 1 or not summary[0]["throughput_img_s"]:
         raise CapfleetError(f"{cfg.bundles}: the caption job captioned nothing to measure")
-    row = summary[0]
-    rate, n = row["throughput_img_s"], row["ok"]
-    stages = {
-        row["model"]: {k: row.get(k) for k in ("read_ms", "decode_ms", "encoder_ms", "decoder_ms")}
-    }
+    rate, n = summary[0]["throughput_img_s"], summary[0]["ok"]
     return Calibration(
         (n,),
         cfg.shard_size,
@@ -169,7 +174,7 @@ def measure_job(
         cpus,
         rate,
         max(0.0, wall - n / rate),
-        stages,
+        _stages(summary),
         cpu_info(),
         (rate, rate),  # one job: no range
     )

@@ -79,7 +79,7 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
             wave = replace(cfg, trials=tuple(tried), goal=None, gallery=0)
             job = run_compress_job(wave, address, log=log, nested=True)
             search.records = {r["trial"]: r for r in read_trials(out)}
-            costs = _measure_costs(cfg, search, address, log)
+            _measure_costs(cfg, search, address, log)  # the next wave compares costs
         # the last pass has nothing left to run: it writes the gallery of every candidate
         last = replace(cfg, trials=tuple(tried), goal=None)
         job = run_compress_job(last, address, log=log, nested=True)
@@ -142,7 +142,7 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
                 out=str(out / ".costs" / slug(name)),
                 address=address or "",
             )
-            cal = measure_job(spec, COST_SAMPLE, log=log)
+            cal = measure_job(spec, COST_SAMPLE)
             rows = plan_table(cal, goal.images, PLAN_CPUS, price)
             measured = {
                 "bundle": identity,
