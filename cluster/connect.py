@@ -9,6 +9,7 @@ from pathlib import Path
 
 import capfleet
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath
 
 # Ray maps loopback to the machine's interface address unless this is set; an embedded,
 # single-machine instance has no reason to listen beyond loopback (docs/stack.md).
@@ -79,12 +80,20 @@ def ray_messages_to(path: Path, verbose: bool = False):
     if verbose:
         yield
         return
+    import tempfile
     import warnings
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    store = isinstance(path, StorePath)  # no appends in an object store: a local file, then
+    if store:  # the log object rewritten with it added at the end
+        fd, name = tempfile.mkstemp(prefix="capfleet-log-")
+        os.close(fd)
+        file = Path(name)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = path
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(path, "ab") as f:
+    with open(file, "ab") as f:
         os.dup2(f.fileno(), 2)
     try:
         with warnings.catch_warnings():
@@ -94,6 +103,12 @@ def ray_messages_to(path: Path, verbose: bool = False):
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        if store:
+            try:
+                before = path.read_bytes() if path.exists() else b""
+                path.write_bytes(before + file.read_bytes())
+            finally:
+                file.unlink(missing_ok=True)
 
 
 def failure_text(e: Exception) -> str:

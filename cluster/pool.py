@@ -33,7 +33,7 @@ from capfleet.cluster.watchdog import (
     WORKER_DIED,
     WORKER_ERROR,
     WorkerFailure,
-    clear_note,
+    clear_notes,
     end_try,
     note_failure,
     read_note,
@@ -103,8 +103,7 @@ def run_units(
     ctx.print_on_execution_start = verbose
     ctx.max_errored_blocks = -1  # a unit that fails is dropped, not the whole job
     ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
-    for u in units:
-        clear_note(pool.notes, int(u["unit"]))  # a fresh start: no note, no tries used
+    clear_notes(pool.notes, [int(u["unit"]) for u in units])  # a fresh start: no tries used
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     if pool.prepare is not None:  # as tasks of their own, tried as often as the actors' units
         ds = ds.map_batches(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from capfleet.core.artifacts import write_bytes_atomic
+from capfleet.core.storage import StorePath, place
 
 # OUT/_failed/shard-NNNNNN.json: why a shard's last attempt ended; shard-NNNNNN.MODEL.tries:
 # how often a model's worker started it (removed once its part is written)
@@ -28,7 +29,7 @@ EXIT_CODE = 70
 
 
 def note_path(out: str | Path, shard: int) -> Path:
-    return Path(out) / FAILED_DIR / f"shard-{shard:06d}.json"
+    return place(out) / FAILED_DIR / f"shard-{shard:06d}.json"
 
 
 def read_note(out: str | Path, shard: int) -> dict | None:
@@ -50,7 +51,7 @@ def note_failure(out: str | Path, shard: int, reason: str, detail: str) -> None:
 
 
 def tries_path(out: str | Path, shard: int, stage: str) -> Path:
-    return Path(out) / FAILED_DIR / f"shard-{shard:06d}.{stage}.tries"
+    return place(out) / FAILED_DIR / f"shard-{shard:06d}.{stage}.tries"
 
 
 class OutOfTries(RuntimeError):
@@ -62,6 +63,14 @@ def start_try(out: str | Path, shard: int, stage: str, tries: int) -> None:
     before the work starts, so a crash right after still counts); raises OutOfTries once it
     has been started `tries` times."""
     path = tries_path(out, shard, stage)
+    if isinstance(path, StorePath):  # no appends in an object store: one object per start
+        import secrets
+
+        used = len(_store_tries(path))
+        if used >= tries:
+            raise OutOfTries(f"shard {shard}: {stage} started {used} times, its limit")
+        (path.parent / f"{path.name}.{secrets.token_hex(8)}").write_bytes(b".")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
         used = os.fstat(f.fileno()).st_size
@@ -74,14 +83,30 @@ def start_try(out: str | Path, shard: int, stage: str, tries: int) -> None:
 
 def end_try(out: str | Path, shard: int, stage: str) -> None:
     """The shard's part is written: its count is no longer needed."""
-    tries_path(out, shard, stage).unlink(missing_ok=True)
+    path = tries_path(out, shard, stage)
+    for p in _store_tries(path) if isinstance(path, StorePath) else [path]:
+        p.unlink(missing_ok=True)
+
+
+def _store_tries(path: StorePath) -> list[StorePath]:
+    return list(path.parent.glob(f"{path.name}.*"))
 
 
 def clear_note(out: str | Path, shard: int) -> None:
     """A fresh start for the shard: no note, no tries used."""
     note_path(out, shard).unlink(missing_ok=True)
-    for path in (Path(out) / FAILED_DIR).glob(f"shard-{shard:06d}.*.tries"):
+    for path in (place(out) / FAILED_DIR).glob(f"shard-{shard:06d}.*.tries*"):
         path.unlink(missing_ok=True)
+
+
+def clear_notes(out: str | Path, shards) -> None:
+    """clear_note for many shards, from one listing of the notes (an object store answers
+    each request in milliseconds, not microseconds)."""
+    wanted = {f"shard-{s:06d}" for s in shards}
+    folder = place(out) / FAILED_DIR
+    for path in folder.glob("shard-*") if wanted else ():
+        if path.name.split(".", 1)[0] in wanted:
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

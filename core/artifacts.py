@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, place
 
 TMP_PREFIX = ".tmp-"  # a writer's file before its rename; one left behind is a killed writer's
 
@@ -38,7 +39,11 @@ _IMPORT_UMASK = _umask_at_import()  # where /proc cannot tell (not Linux)
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write under a temporary name in the same folder, flush it to disk, then rename: a reader
     (or a rerun after a crash or power loss) sees the whole file or none. The file gets the
-    permissions an ordinary new file gets (umask), not mkstemp's private 0600."""
+    permissions an ordinary new file gets (umask), not mkstemp's private 0600. An object in a
+    store (core.storage) is one upload, which the store publishes whole."""
+    if isinstance(place(path), StorePath):
+        place(path).write_bytes(data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
@@ -71,7 +76,10 @@ def _fsync_dir(folder: Path) -> None:
 
 def remove_leftovers(folder: str | Path) -> int:
     """Delete the temporary files that killed writers left under `folder`; returns how many.
-    Call it only while holding the folder's OutputLock (a live writer's file looks the same)."""
+    Call it only while holding the folder's OutputLock (a live writer's file looks the same).
+    An object store holds none: its uploads appear whole or not at all."""
+    if isinstance(place(folder), StorePath):
+        return 0
     removed = 0
     for p in Path(folder).rglob(f"{TMP_PREFIX}*"):
         if p.is_file():
@@ -107,18 +115,20 @@ OTHER_KIND_HINTS = {
 }
 
 
-def read_manifest_json(path: Path, fmt: str, error: type[CapfleetError], what: str) -> dict:
+def read_manifest_json(
+    path: Path | StorePath, fmt: str, error: type[CapfleetError], what: str
+) -> dict:
     """A manifest written by capfleet, checked for its format; `error` names the problem and,
     for a folder of capfleet's other kind (a model directory given as a bundle), what to run."""
     if not path.parent.exists():
         raise error(f"{path.parent}: no such folder (expected a capfleet {what})")
-    if not path.parent.is_dir():
+    if not isinstance(path, StorePath) and not path.parent.is_dir():
         raise error(f"{path.parent}: a file, not a folder (expected a capfleet {what})")
     if not path.is_file():
         raise error(f"{path.parent}: not a capfleet {what} (no {path.name})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise error(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         got = manifest.get("format") if isinstance(manifest, dict) else None
@@ -130,6 +140,7 @@ def read_manifest_json(path: Path, fmt: str, error: type[CapfleetError], what: s
 LOCK_FILE = ".capfleet.lock"
 LOCK_HEARTBEAT_S = 20.0  # the holder touches the lock this often...
 LOCK_STALE_S = 120.0  # ...so one untouched for this long was left by a killed job
+STORE_SETTLE_S = 1.0  # an object-store lock is read back this long after it is written
 
 
 class OutputLock:
@@ -151,13 +162,18 @@ class OutputLock:
       with `nested=True`: held once, released by the outermost. Without it, a second lock on
       a folder this process holds is refused like any other writer.
 
-    On an object store or a file system without atomic O_EXCL and rename (some NFS setups),
-    the lock is best effort."""
+    On an object store (a StorePath) there is no atomic create through pyarrow's filesystems:
+    the lock is written, then read back after STORE_SETTLE_S; of two jobs that start within
+    that time, the one whose write landed last enters and the other is refused, but one whose
+    write lands later than that after the other's check can enter beside it. So it keeps out
+    a second job started while one runs, not two started in the same second. On a file system
+    without atomic O_EXCL and rename (some NFS setups) it is best effort too."""
 
     _held: dict[str, int] = {}  # resolved lock path -> depth, this process
 
     def __init__(self, folder: str | Path, what: str = "job", log=print, nested: bool = False):
-        self.path = Path(folder) / LOCK_FILE
+        self.path = place(folder) / LOCK_FILE
+        self.store = isinstance(self.path, StorePath)
         self.what, self.log, self.nested = what, log, nested
         self._stop = None
         self.lost: str | None = None
@@ -168,7 +184,7 @@ class OutputLock:
         import threading
         import time
 
-        key = str(self.path.resolve())
+        key = str(self.path.resolve())  # a StorePath resolves to itself
         if self.nested and key in OutputLock._held:
             OutputLock._held[key] += 1
             self._key = key
@@ -213,6 +229,8 @@ class OutputLock:
 
     def _create(self, me: dict) -> bool:
         """Create the lock if there is none (link is atomic create-if-absent)."""
+        if self.store:
+            return not self.path.exists() and self._store_write(me)
         tmp = self._write_tmp(me)
         try:
             os.link(tmp, self.path)
@@ -227,6 +245,8 @@ class OutputLock:
         lock now (read back), False when another job's is (it got there first: look again)."""
         import time
 
+        if self.store:
+            return self._holder().get("token") == stale.get("token") and self._store_write(me)
         mutex = self.path.with_name(f"{LOCK_FILE}.takeover")
         try:
             if time.time() - mutex.stat().st_mtime > LOCK_STALE_S:
@@ -247,6 +267,31 @@ class OutputLock:
         finally:
             mutex.unlink(missing_ok=True)
 
+    def _store_write(self, me: dict) -> bool:
+        """Write the lock object, wait, read it back: True when it is still ours."""
+        import time
+
+        self.path.write_bytes(json.dumps(me).encode())
+        time.sleep(STORE_SETTLE_S)
+        return self._holder().get("token") == me["token"]
+
+    def _age(self) -> float:
+        """Seconds since the holder's last heartbeat; FileNotFoundError when there is no lock."""
+        import time
+
+        if self.store:
+            mtime = self.path.mtime() if self.path.exists() else None
+            if mtime is None:
+                raise FileNotFoundError(str(self.path))
+            return time.time() - mtime
+        return time.time() - self.path.stat().st_mtime
+
+    def _touch(self) -> None:
+        if self.store:
+            self.path.write_bytes(json.dumps(self._me).encode())  # a new object: a new mtime
+        else:
+            os.utime(self.path)
+
     def _holder(self) -> dict:
         try:
             holder = json.loads(self.path.read_text(encoding="utf-8"))
@@ -255,10 +300,9 @@ class OutputLock:
             return {}
 
     def _stale(self, holder: dict) -> bool:
-        import time
 
         try:
-            age = time.time() - self.path.stat().st_mtime
+            age = self._age()
         except FileNotFoundError:
             return True
         if age > LOCK_STALE_S:
@@ -281,7 +325,7 @@ class OutputLock:
             try:
                 token = json.loads(self.path.read_text(encoding="utf-8")).get("token")
                 if token == self._me["token"]:
-                    os.utime(self.path)
+                    self._touch()
                     last_ok = time.time()
                     continue
                 self.lost = "its lock was taken by another job"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from capfleet.core.artifacts import write_bytes_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place
 from capfleet.model.images import MAX_PIXELS, ImageError, open_image
 
 GALLERY_FILE = "gallery.html"
@@ -344,6 +345,6 @@ def write_gallery(
     ({model: {"caption", "status" ("ok"/"error"), "error", "scores": {name: float}}}).
     models: the columns, in order (default: every model of the items, as first seen).
     At most MAX_GALLERY_IMAGES items: sample a large job with `sample_ids` first."""
-    path = Path(path)
+    path = place(path)
     write_bytes_atomic(path, render_gallery(items, models, title).encode("utf-8"))
     return path

@@ -12,6 +12,7 @@ import numpy as np
 
 from capfleet.core.artifacts import write_bytes_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place
 
 # matplotlib's "tab10" colours: one per model, the same order in every plot.
 PALETTE = (
@@ -128,6 +129,6 @@ def plot_latency(
 ) -> Path:
     """Write each model's latency distribution ({model: ms per image, one value per image or
     per model call}) as a PNG at `path`."""
-    path = Path(path)
+    path = place(path)
     write_bytes_atomic(path, render_latency(latencies_ms, title, counted))
     return path

@@ -26,6 +26,7 @@ from capfleet.core.artifacts import (
     write_json_atomic,
 )
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import local
 
 JOB_FILE = "job.json"
 LOG_FILE = "capfleet.log"  # Ray's own messages go here, not to the console
@@ -45,7 +46,7 @@ class JobRun:
         steps: Sequence[str] = (),
         nested: bool = False,
     ):
-        self.kind, self.out, self.spec, self.log = kind, Path(out), spec, log
+        self.kind, self.out, self.spec, self.log = kind, local(out), spec, log
         self.versions = tuple(versions)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()

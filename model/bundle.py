@@ -26,6 +26,7 @@ from capfleet.core.artifacts import (
     write_json_atomic,
 )
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, place
 from capfleet.model.decoding import decode
 from capfleet.model.images import preprocess
 from capfleet.model.text import Vocabulary
@@ -112,14 +113,18 @@ def write_bundle(
 
 
 def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
-    """The bundle's manifest; with `verify`, every file's size and sha256 is checked."""
+    """The bundle's manifest; with `verify`, every file's size and sha256 is checked (which
+    reads every file; without, only the manifest is read)."""
+    if not verify:
+        d = place(bundle_dir)
+        return read_manifest_json(d / MANIFEST_FILE, BUNDLE_FORMAT, BundleError, "bundle")
     return load_bundle_files(bundle_dir, verify)[0]
 
 
 def load_bundle_files(bundle_dir: str | Path, verify: bool = True) -> tuple[dict, dict]:
     """(manifest, {file name: bytes}) with every required file checked against the manifest,
-    so that what runs is exactly what was hashed."""
-    d = Path(bundle_dir)
+    so that what runs is exactly what was hashed. The bundle may be in an object store."""
+    d = place(bundle_dir)
     manifest = read_manifest_json(d / MANIFEST_FILE, BUNDLE_FORMAT, BundleError, "bundle")
     files = manifest.get("files")
     missing = [n for n in REQUIRED_FILES if not isinstance(files, dict) or n not in files]
@@ -150,7 +155,7 @@ def check_bundle(bundle_dir: str | Path) -> dict:
     that does not cover the decoder's output. Returns the manifest."""
     from ai_edge_litert.interpreter import Interpreter
 
-    d = Path(bundle_dir)
+    d = place(bundle_dir)
     manifest, models = load_bundle_files(d)
     try:
         size = int(manifest["encoder"]["input_size"])
@@ -171,7 +176,7 @@ def check_bundle(bundle_dir: str | Path) -> dict:
             f"{d}/{ENCODER_FILE}: takes {image[1:]} -> {proj[-1]}, but the manifest says "
             f"[{size}, {size}, 3] -> {units}"
         )
-    vocab = Vocabulary.load(d / VOCAB_FILE)
+    vocab = Vocabulary.from_bytes(models[VOCAB_FILE], d / VOCAB_FILE)
     logits = int(shapes[DECODER_FILE][1][-1])
     if len(vocab) != logits:
         raise BundleError(
@@ -198,9 +203,9 @@ class BundleRunner:
         self._interpreter = Interpreter
         if beam_width < 1:
             raise CapfleetError(f"beam_width must be >= 1, got {beam_width}")
-        self.dir = Path(bundle_dir)
+        self.dir = place(bundle_dir)
         self.manifest, self._models = load_bundle_files(self.dir)
-        self.vocab = Vocabulary.load(self.dir / VOCAB_FILE)
+        self.vocab = Vocabulary.from_bytes(self._models[VOCAB_FILE], self.dir / VOCAB_FILE)
         self.num_threads = num_threads
         self.beam_width = beam_width
         try:
@@ -262,3 +267,66 @@ class BundleRunner:
         ids = decode(self.step, proj, self.max_len, self.beam_width)
         captions = [self.vocab.decode(row) for row in ids]
         return captions, t1 - t0, time.perf_counter() - t1
+
+
+# Bundles a worker fetched (from an object store, or shipped by the driver) are kept on its
+# node under the temporary folder, one folder per manifest's sha256: every actor on the node
+# loads the same copy, and a bundle whose files changed has another manifest, so another folder.
+BUNDLE_CACHE = "capfleet-bundles"
+
+
+def manifest_sha(bundle_dir: str | Path) -> str:
+    """The sha256 of a bundle's manifest.json: the manifest lists every file's sha256, so this
+    names the whole bundle's content."""
+    try:
+        return hashlib.sha256((place(bundle_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    except OSError as e:
+        raise BundleError(f"{bundle_dir}: not a capfleet bundle (no {MANIFEST_FILE}: {e})") from e
+
+
+def bundle_here(path: str, sha: str, shipped=None) -> Path:
+    """The bundle as a folder on this node, with the content `sha` names (manifest_sha):
+    `path` itself where this node sees it (a shared disk, the driver's node); else the node's
+    cached copy; else fetched into that cache from the object store `path` names, or from
+    `shipped` (an object whose `read(name)` returns a file's bytes: cluster.shipping). Every
+    file fetched is checked against the manifest's sha256 before the copy is published."""
+    import os
+    import shutil
+    import tempfile
+
+    where = place(path)
+    if isinstance(where, Path) and (where / MANIFEST_FILE).is_file():
+        if manifest_sha(where) == sha:
+            return where
+    cache = Path(tempfile.gettempdir()) / BUNDLE_CACHE / sha
+    if (cache / MANIFEST_FILE).is_file():
+        return cache
+    if isinstance(where, StorePath):
+        read = lambda name: (where / name).read_bytes()  # noqa: E731
+    elif shipped is not None:
+        read = shipped.read
+    else:
+        import socket
+
+        raise BundleError(
+            f"{path}: not on this node ({socket.gethostname()}) and not shipped to it; give "
+            "the bundle as an object-store URI or a folder every node sees"
+        )
+    manifest_bytes = read(MANIFEST_FILE)
+    if hashlib.sha256(manifest_bytes).hexdigest() != sha:
+        raise BundleError(f"{path}: its manifest changed since the job started")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{sha[:12]}-"))
+    try:
+        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        for name in REQUIRED_FILES:
+            (tmp / name).write_bytes(read(name))
+        load_bundle_files(tmp)  # every file against the manifest's sizes and sha256
+        try:
+            os.rename(tmp, cache)  # published whole; another actor may have been first
+        except OSError:
+            if not (cache / MANIFEST_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache

@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capfleet.core.errors import DataError
+from capfleet.core.errors import CapfleetError, DataError
+from capfleet.core.storage import StorePath, is_uri, open_parquet, place, read_parquet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "dev", "test")
@@ -270,20 +271,21 @@ class PrefixReader:
     def records(self, include_missing: bool = False) -> list[ImageRecord]:
         import pyarrow.fs as pafs
 
-        scheme = self.uri.split("://", 1)[0]
+        root = place(self.uri)
         try:
-            filesystem, root = pafs.FileSystem.from_uri(self.uri)
-            infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        except (OSError, ValueError) as e:
+            if isinstance(root, StorePath):  # options in the URI stay on every image's URI
+                keys = root.files()
+            else:  # file://
+                filesystem, base = pafs.LocalFileSystem(), str(Path(root).resolve())
+                infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+                keys = [i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File]
+        except (OSError, ValueError, CapfleetError) as e:
             raise DataError(f"{self.uri}: cannot list ({e})") from e
-        keys = sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS
-        )
-        root = root.rstrip("/")
-        head = "file://" if scheme == "file" else f"{scheme}://"
-        out = [ImageRecord(k[len(root) + 1 :], head + k) for k in keys]
+        keys = sorted(k for k in keys if Path(k).suffix.lower() in IMAGE_EXTENSIONS)
+        if isinstance(root, StorePath):
+            out = [ImageRecord(k, str(root / k)) for k in keys]
+        else:
+            out = [ImageRecord(k, f"file://{Path(root).resolve() / k}") for k in keys]
         self.stats = ReadStats(records=len(out))
         return out
 
@@ -306,7 +308,7 @@ class ManifestReader:
     LIST_COLUMNS = ("captions",)  # a list of references per row
 
     def __init__(self, path: str | Path, image_column: str = "", caption_column: str = ""):
-        self.path = Path(path)
+        self.path = place(path)  # a local file, or an object (a StorePath)
         self.image_column, self.caption_column = image_column, caption_column
         self.stats = ReadStats()
 
@@ -333,13 +335,12 @@ class ManifestReader:
 
     def _table(self):
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         suffix = self.path.suffix.lower()
         try:
             if suffix == ".parquet":
-                roles = self._columns(pq.read_schema(self.path).names)
-                return pq.read_table(self.path, columns=[c for c in roles.values() if c])
+                roles = self._columns(open_parquet(self.path).schema_arrow.names)
+                return read_parquet(self.path, columns=[c for c in roles.values() if c])
             if suffix in (".csv", ".tsv"):
                 return self._csv("\t" if suffix == ".tsv" else ",")
         except (OSError, pa.ArrowInvalid) as e:
@@ -353,13 +354,13 @@ class ManifestReader:
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
-        with open(self.path, "rb") as f:
-            head = f.readline().decode("utf-8-sig", errors="strict").rstrip("\r\n")
+        data = self.path.read_bytes()
+        head = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="strict").rstrip("\r\n")
         names = next(csv.reader([head], delimiter=delimiter), [])
         if not names:
             return pa.table({})
         return pacsv.read_csv(
-            self.path,
+            pa.BufferReader(data),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(
@@ -445,8 +446,10 @@ def open_reader(
 
 
 def _reader(path: str | Path, split: str | None):
-    if isinstance(path, str) and "://" in path:
-        return PrefixReader(path)
+    if is_uri(path) and place(path).suffix.lower() in (".parquet", ".csv", ".tsv"):
+        return ManifestReader(path)  # a manifest in an object store
+    if "://" in str(path):  # a prefix of images: an object store's, or file://
+        return PrefixReader(str(path))
     p = Path(path)
     if p.is_dir():
         has_tokens = (p / FLICKR_TOKEN_FILE).is_file() or (

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from capfleet.core.errors import DataError
+from capfleet.core.storage import place
 
 PAD = "<pad>"  # id 0: right padding, ignored by the loss
 UNK = "<unk>"  # id 1: words below the vocabulary's minimum count
@@ -98,7 +99,16 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         """Load a vocabulary saved with `save`; a malformed file is a DataError naming it."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = place(path).read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: not a capfleet vocabulary ({e})") from e
+        return cls.from_bytes(data, path)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path) -> Vocabulary:
+        """A vocabulary from a vocab.json's bytes (`path` names it in errors)."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
             tokens = tuple(data["tokens"])
             if not all(isinstance(t, str) for t in tokens) or tokens[:4] != SPECIALS:
                 raise ValueError("tokens must be strings starting with " + ", ".join(SPECIALS))

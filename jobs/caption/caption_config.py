@@ -10,9 +10,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from capfleet.core.errors import CapfleetError, check_at_least, check_numbers, check_range
+from capfleet.core.storage import is_uri, place
 from capfleet.jobs.caption.web import UrlPolicy
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
-from capfleet.model.bundle import read_manifest
+from capfleet.model.bundle import MANIFEST_FILE, read_manifest
 
 # Upper bounds that no job needs to pass (and the outputs' int32 columns store).
 CAPTION_LIMITS = {
@@ -99,11 +100,11 @@ class CaptionConfig:
             raise CapfleetError(
                 f"shard_timeout_s: must be in (0, 604800] seconds, got {self.shard_timeout_s}"
             )
-        if not self.names and all(Path(b).is_dir() for b in self.bundles):
+        if not self.names and all(_present(b) for b in self.bundles):
             # bundles that do not exist yet (a spec loaded before its pipeline made them)
             # get their names when the job starts; run_caption_job refuses missing ones
             names = tuple(
-                str(read_manifest(b, verify=False).get("name") or Path(b).name)
+                str(read_manifest(b, verify=False).get("name") or place(b).name)
                 for b in self.bundles
             )
             object.__setattr__(self, "names", names)
@@ -112,6 +113,12 @@ class CaptionConfig:
             raise CapfleetError(f"bundle name {bad[0]!r}: use letters, digits, '.', '_', '-'")
         if len(set(self.names)) != len(self.names):
             raise CapfleetError(f"two bundles share a name: {', '.join(self.names)}")
+
+
+def _present(bundle: str) -> bool:
+    """A bundle folder (or object-store prefix) that holds a manifest."""
+    where = place(bundle)
+    return (where / MANIFEST_FILE).is_file() if is_uri(bundle) else Path(bundle).is_dir()
 
 
 def expand_bundles(bundles: tuple[str, ...], strict: bool = True) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 
+from capfleet.core.storage import is_uri, place
 from capfleet.jobs.caption.web import (
     DEFAULT_POLICY,
     HTTP_ATTEMPTS,
@@ -45,7 +46,8 @@ def read_uri(
     from pyarrow import fs
 
     try:
-        filesystem, path = fs.FileSystem.from_uri(uri)
+        where = place(uri)  # options written in the URI (endpoint_override...) kept
+        filesystem, path = where.fs, where.path
         info = filesystem.get_file_info(path)
         if info.type == fs.FileType.NotFound:
             return ImageError(MISSING, f"{uri}: no such object")
@@ -98,8 +100,9 @@ def open_binary(uri: str, seekable: bool = False):
     """A file object for a local path or filesystem URI (seekable for listing a tar)."""
     from pyarrow import fs
 
-    if "://" in uri and not uri.startswith("file://"):
-        filesystem, path = fs.FileSystem.from_uri(uri)
+    if is_uri(uri):
+        where = place(uri)
+        filesystem, path = where.fs, where.path
     else:
         filesystem, path = fs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     return filesystem.open_input_file(path) if seekable else filesystem.open_input_stream(path)

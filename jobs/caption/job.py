@@ -11,7 +11,10 @@ once; an actor's memory is the sum of its models'. With `decode_cpus` equal to `
 per CPU that reads, decodes and captions its own shards; nothing else in the job needs a CPU
 (the driver lists the shards, the actors write the parts), which keeps a pool that takes every
 CPU from starving other stages (docs/stack.md).
-With an address, OUT must be a filesystem that the driver and every worker see.
+OUT may be a local folder or a filesystem URI (s3://...): the workers write the parts there
+themselves. With a cluster whose nodes share no disk, OUT must be an object store (or a shared
+file system): after the shards ran, every (shard, model) must have a part the driver can read,
+or the job fails naming that cause rather than summarising what it happens to see.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from capfleet.cluster.connect import ray_messages_to, ray_session
 from capfleet.cluster.pool import Pool, pool_size, run_units
+from capfleet.cluster.shipping import ship
 from capfleet.cluster.watchdog import WORKER_ERROR, clear_note
 from capfleet.core.artifacts import (
     write_parquet_atomic,
 )
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import is_uri, local, read_parquet
 from capfleet.jobs.caption.caption_config import CaptionConfig, expand_bundles, url_policy
 from capfleet.jobs.caption.listing import (
     Listing,
@@ -49,6 +52,7 @@ from capfleet.jobs.caption.parts import (
     part_done,
     part_path,
     part_stats,
+    parts,
     upgrade_layout,
     write_part,
 )
@@ -56,7 +60,7 @@ from capfleet.jobs.caption.report import gallery_sample, write_reports
 from capfleet.jobs.caption.summary import summarize
 from capfleet.jobs.caption.worker import CaptionWorker
 from capfleet.jobs.skeleton import LOG_FILE, JobRun
-from capfleet.model.bundle import check_bundle
+from capfleet.model.bundle import MANIFEST_FILE, REQUIRED_FILES, check_bundle, manifest_sha
 from capfleet.model.data import open_reader
 
 PROGRESS_EVERY_S = 5.0
@@ -84,7 +88,7 @@ def run_caption_job(
     run.spec = asdict(cfg)
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
     listing = _listing(cfg, log)
-    out = Path(cfg.out)
+    out = local(cfg.out)
     with run:
         upgrade_layout(out)
         check_plan(
@@ -144,19 +148,64 @@ def run_caption_job(
     return job
 
 
+def _bundle_source(bundle: str, cluster: bool) -> dict:
+    """How a worker finds a bundle (model.bundle.bundle_here): its path or URI and content;
+    a local bundle on a cluster is also shipped through Ray's object store, for the nodes that
+    do not share the driver's disk (a node that does loads it where it is)."""
+    where = local(bundle)
+    shipped = None
+    if cluster and not is_uri(bundle):
+        shipped = ship(where, [MANIFEST_FILE, *REQUIRED_FILES])
+    return {"path": str(where), "sha": manifest_sha(where), "shipped": shipped}
+
+
+def _written(out, names) -> set[tuple[str, int]]:
+    """(model, shard) of every part file present, from one listing per model."""
+    found = set()
+    for m in names:
+        for p in parts(out, m):
+            found.add((m, int(p.stem.removeprefix("part-"))))
+    return found
+
+
+def _check_parts_seen(out, names, shards: list[int]) -> None:
+    """Every shard a worker reported done must have a part the driver reads, for every model:
+    parts written where the driver cannot see them (a local OUT on nodes that share no disk)
+    would otherwise leave a short summary and a job that seems to have succeeded."""
+    seen = _written(out, names)
+    missing = [
+        (m, s)
+        for s in shards
+        for m in names
+        if (m, s) not in seen or part_stats(part_path(out, m, s)) is None
+    ]
+    if missing:
+        m, s = missing[0]
+        raise CapfleetError(
+            f"{out}: {len(missing)} part(s) that workers reported written are not readable here "
+            f"(first: {part_path(out, m, s)}): the output folder is not shared by every node "
+            "of the cluster; write to an object store (--out s3://bucket/prefix) or a file "
+            "system every node mounts"
+        )
+
+
 def _todo(out: Path, names, shards: list[Shard], retry_errors: bool) -> list[Shard]:
     """The shards to run: those with a model's part missing (whole); with `retry_errors` also
-    those whose parts hold error rows (only those rows)."""
+    those whose parts hold error rows (only those rows). The parts present are listed once,
+    so a missing one costs no request to an object store."""
     todo = []
+    seen = _written(out, names)
     for s in shards:
-        stats = [part_stats(part_path(out, m, s.shard)) for m in names]
+        stats = [
+            part_stats(part_path(out, m, s.shard)) if (m, s.shard) in seen else None for m in names
+        ]
         if any(st is None or st.retry for st in stats):
             todo.append(s)
         elif retry_errors and any(st.errors for st in stats):
             bad: set[int] = set()
             for m, st in zip(names, stats, strict=True):
                 if st.errors:
-                    status = pq.read_table(part_path(out, m, s.shard), columns=["status"])
+                    status = read_parquet(part_path(out, m, s.shard), columns=["status"])
                     bad |= {i for i, v in enumerate(status.column(0).to_pylist()) if v != OK}
             todo.append(s.subset(sorted(bad)))
     return todo
@@ -219,7 +268,7 @@ def _run_shards(
         kwargs={
             # every actor hosts every bundle and captions each shard with each in turn
             "bundles": {
-                name: str(Path(bundle).resolve())
+                name: _bundle_source(bundle, bool(cfg.address))
                 for bundle, name in zip(cfg.bundles, cfg.names, strict=True)
             },
             "out": str(out.resolve()),
@@ -248,6 +297,7 @@ def _run_shards(
     log(f"caption: {len(todo)} shards; {size} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
     failed = run_units(units, pool, lambda r: progress.add(int(r["rows"])), verbose)
     progress.done()
+    _check_parts_seen(out, cfg.names, [s.shard for s in todo if s.shard not in failed])
     return {
         shard: why + (f" (a bug: see {LOG_FILE})" if why.startswith(WORKER_ERROR) else "")
         for shard, why in failed.items()

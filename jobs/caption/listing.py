@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capfleet.core.errors import DataError
+from capfleet.core.storage import is_uri, place
 from capfleet.jobs.caption.fetch import list_tar, open_binary
 from capfleet.model.data import ImageRecord, open_reader
 
@@ -258,25 +259,31 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _is_tar(name: str) -> bool:
-    return name.lower().endswith((".tar", ".tar.gz", ".tgz"))
+    return _file_name(name).lower().endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _file_name(name: str) -> str:
+    """A path's, or a URI's without its options (?endpoint_override=...)."""
+    return place(name).name if is_uri(name) else name
 
 
 def _matching(pattern: str, keep) -> list[str]:
     """Files matching a glob (local or a filesystem URI), sorted; or the path itself."""
-    if not any(c in pattern for c in "*?["):
-        return [pattern]
-    if "://" not in pattern or pattern.startswith("file://"):
+    if not is_uri(pattern):
+        if not any(c in pattern for c in "*?["):
+            return [pattern]
         return sorted(glob.glob(pattern.removeprefix("file://")))
-    import pyarrow.fs as pafs
-
-    scheme = pattern.split("://", 1)[0]
-    filesystem, path = pafs.FileSystem.from_uri(pattern.split("*", 1)[0].rsplit("/", 1)[0])
-    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-    wanted = pattern.split("://", 1)[1]
+    # in a URI, `?` starts the options (kept on every name listed), so only * and [ glob
+    where = place(pattern)
+    if not any(c in where.key for c in "*["):
+        return [pattern]
+    head = where.key.split("*", 1)[0].split("[", 1)[0]
+    prefix = head.rsplit("/", 1)[0] if "/" in head else ""
+    base = where.with_key(prefix)
     return sorted(
-        f"{scheme}://{i.path}"
-        for i in infos
-        if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, wanted) and keep(i.path)
+        str(base / rel)
+        for rel in base.files()
+        if fnmatch.fnmatch(f"{prefix}/{rel}" if prefix else rel, where.key) and keep(rel)
     )
 
 
@@ -318,7 +325,7 @@ def parquet_paths(input: str) -> list[str]:
     if os.path.isdir(input):
         return sorted(str(p) for p in Path(input).iterdir() if p.suffix.lower() == ".parquet")
     names = [n for pattern in expand_braces(input) for n in _matching(pattern, lambda p: True)]
-    return [n for n in names if n.lower().endswith(".parquet")]
+    return [n for n in names if _file_name(n).lower().endswith(".parquet")]
 
 
 def _image_columns(path: str) -> list[str]:
@@ -413,8 +420,9 @@ def file_stamp(uri: str) -> str:
     another identity (its contents are read by the workers, not listed)."""
     import pyarrow.fs as pafs
 
-    if "://" in uri and not uri.startswith("file://"):
-        filesystem, path = pafs.FileSystem.from_uri(uri)
+    if is_uri(uri):
+        where = place(uri)
+        filesystem, path = where.fs, where.path
     else:
         filesystem, path = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     info = filesystem.get_file_info(path)

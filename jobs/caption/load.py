@@ -14,6 +14,7 @@ import numpy as np
 
 from capfleet.cluster.watchdog import WorkerFailure, deadline
 from capfleet.core.artifacts import write_bytes_atomic
+from capfleet.core.storage import place
 from capfleet.jobs.caption.fetch import (
     MAX_IMAGE_BYTES,
     image_bytes,
@@ -158,7 +159,7 @@ THUMBS_DIR = "_thumbs"  # OUT/_thumbs/: the gallery sample's thumbnails, kept as
 
 
 def thumbnail_path(folder: str | Path, image_id: str) -> Path:
-    return Path(folder) / f"{hashlib.sha1(image_id.encode()).hexdigest()[:24]}.jpg"
+    return place(folder) / f"{hashlib.sha1(image_id.encode()).hexdigest()[:24]}.jpg"
 
 
 def keep_thumbnail(thumbs: dict, image_id: str, data: bytes) -> None:

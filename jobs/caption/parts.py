@@ -27,6 +27,7 @@ from nltk.translate.bleu_score import brevity_penalty, closest_ref_length, modif
 
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, parquet_metadata, place, read_parquet
 from capfleet.model.metrics import _ZERO, BLEU_WEIGHTS
 
 # One row per (image, model).
@@ -250,7 +251,7 @@ def check_plan(out: str | Path, plan: dict) -> None:
     """Resume is by part files, so it is only sound for the same cut of the same inputs into
     the same models. The first run writes OUT/plan.json; a rerun that differs in anything is
     refused naming it, except that new bundle names may be added."""
-    path = Path(out) / PLAN_FILE
+    path = place(out) / PLAN_FILE
     plan = {"format": PLAN_FORMAT, **plan}
     if path.is_file():
         try:
@@ -291,13 +292,15 @@ CAPTIONS_DIR = "captions"
 
 
 def part_path(out: str | Path, model: str, shard: int) -> Path:
-    return Path(out) / CAPTIONS_DIR / model / f"part-{shard:06d}.parquet"
+    return place(out) / CAPTIONS_DIR / model / f"part-{shard:06d}.parquet"
 
 
 def upgrade_layout(out: str | Path) -> int:
     """Move an earlier version's OUT/captions/model=NAME folders to OUT/captions/NAME, so that
     a rerun resumes them; returns how many moved."""
     moved = 0
+    if isinstance(place(out), StorePath):
+        return 0  # the earlier layout was never written to an object store
     for old in sorted((Path(out) / CAPTIONS_DIR).glob("model=*")):
         new = old.with_name(old.name.removeprefix("model="))
         if old.is_dir() and not new.exists():
@@ -318,7 +321,7 @@ def part_stats(path: Path) -> PartStats | None:
     """A part's statistics from its footer; None when the part is absent or does not read
     (0 bytes, truncated, no footer): such a part is not done."""
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        meta = parquet_metadata(path).metadata or {}
         return PartStats.from_json(json.loads(meta[STATS_KEY]))
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
         return None
@@ -362,13 +365,13 @@ def failed_part(shard, model: str, error: str) -> tuple[pa.Table, PartStats]:
 
 
 def parts(out: str | Path, model: str) -> Iterator[Path]:
-    yield from sorted((Path(out) / CAPTIONS_DIR / model).glob("part-*.parquet"))
+    yield from sorted((place(out) / CAPTIONS_DIR / model).glob("part-*.parquet"))
 
 
 def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa.Table:
     """Every caption row written so far (all models, or one), of parts that read whole (a
     failed shard's error rows included)."""
-    root = Path(out) / CAPTIONS_DIR
+    root = place(out) / CAPTIONS_DIR
     pattern = f"{model}/part-*.parquet" if model else "*/part-*.parquet"
     found = [
         p
@@ -381,4 +384,4 @@ def read_captions(out: str | Path, model: str | None = None, columns=None) -> pa
     )
     if not found:
         return schema.empty_table()
-    return pa.concat_tables(pq.read_table(p, columns=columns).cast(schema) for p in found)
+    return pa.concat_tables(read_parquet(p, columns=columns).cast(schema) for p in found)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from capfleet.core.storage import read_parquet
 from capfleet.jobs.caption.fetch import read_uri
 from capfleet.jobs.caption.listing import Listing
 from capfleet.jobs.caption.load import THUMBS_DIR, thumbnail_path
@@ -62,7 +62,7 @@ def write_reports(
             path = part_path(out, model, shard)
             if part_stats(path) is None:
                 continue
-            t = pq.read_table(path).replace_schema_metadata(None)
+            t = read_parquet(path).replace_schema_metadata(None)
             t = t.filter(pc.is_in(t["image_id"], pa.array(sorted(wanted))))
             for r in t.to_pylist():
                 r["cider_d"] = extras[model]["cider_d"].get(r["image_id"])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from capfleet.core.storage import read_parquet
 from capfleet.jobs.caption.parts import SUMMARY_SCHEMA, merge, part_stats, parts, read_captions
 from capfleet.model.bundle import read_manifest
 from capfleet.model.metrics import cider_d
@@ -96,7 +96,7 @@ def call_latencies(paths: list[Path]) -> np.ndarray:
     rather than once per image, which would weigh a figure by its batch's size."""
     values = []
     for p in paths:
-        t = pq.read_table(p, columns=["latency_ms", "batch_size"]).drop_null()
+        t = read_parquet(p, columns=["latency_ms", "batch_size"]).drop_null()
         if t.num_rows:
             pairs = np.stack(
                 [t.column(0).to_numpy(), t.column(1).to_numpy().astype(np.float64)], axis=1

@@ -9,9 +9,9 @@ import socket
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfleet.cluster.watchdog import WorkerFailure, deadline
+from capfleet.core.storage import read_parquet
 from capfleet.jobs.caption.load import load_shard
 from capfleet.jobs.caption.parts import (
     CAPTION_SCHEMA,
@@ -22,7 +22,7 @@ from capfleet.jobs.caption.parts import (
     stats_of,
     write_part,
 )
-from capfleet.model.bundle import BundleRunner
+from capfleet.model.bundle import BundleRunner, bundle_here
 from capfleet.model.metrics import rouge_l, sentence_bleu4
 from capfleet.model.text import clean_caption
 
@@ -53,9 +53,12 @@ class CaptionWorker:
     ):
         if not bundles:
             raise ValueError("CaptionWorker needs at least one bundle")
+        # each bundle where this node sees it, or fetched to it (bundle_here): {name: source}
         self.runners = {
-            name: BundleRunner(d, num_threads=num_threads, beam_width=beam_width)
-            for name, d in bundles.items()
+            name: BundleRunner(
+                bundle_here(**source), num_threads=num_threads, beam_width=beam_width
+            )
+            for name, source in bundles.items()
         }
         self.out = out
         self.batch_size = batch_size
@@ -94,7 +97,7 @@ class CaptionWorker:
         if stats is None or stats.retry:  # not done: the batch holds the whole shard
             table = self.caption_rows(shard, item, list(range(len(item["image_id"]))), name)
         elif self.repair:
-            old = pq.read_table(path).replace_schema_metadata(None).to_pylist()
+            old = read_parquet(path).replace_schema_metadata(None).to_pylist()
             positions = [int(r) for r in item["rows"]]
             redo = [j for j, pos in enumerate(positions) if old[pos]["status"] != OK]
             if not redo:

@@ -1,0 +1,267 @@
+"""Where a job reads and writes: a local path, or a filesystem URI (s3://, gs://, abfs://,
+hdfs://...) through pyarrow's filesystems.
+
+`place(loc)` gives a `pathlib.Path` for a local path (or file://) and a `StorePath` for a URI.
+A StorePath answers the few pathlib calls the jobs use (`/`, name, parent, exists, is_file,
+read_bytes, write_bytes, glob, unlink, open), so a job's code reads the same for both.
+
+- Options written in the URI (`?endpoint_override=...&region=...`) are kept verbatim in every
+  path joined from it, so the driver and every worker reach the same store.
+- Credentials and endpoints come the way the cloud SDKs take them: AWS_ENDPOINT_URL,
+  AWS_PROFILE, AWS_ACCESS_KEY_ID..., GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY.
+- An object is published whole: `write_bytes` is one upload, visible only once complete (an
+  object store has no rename, and needs none). A local file is written under a temporary name
+  and renamed (core.artifacts.write_bytes_atomic).
+
+Why pyarrow's filesystems rather than fsspec: pyarrow is already every worker's Parquet
+reader, its S3, GCS and Azure clients are native (no event loop in each actor), and it reads
+the standard SDK settings; `pyarrow.fs.FileSystem.from_uri` names the schemes it serves.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+from pathlib import Path
+
+from capfleet.core.errors import CapfleetError
+
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(loc) -> bool:
+    """A filesystem URI other than file:// (which is a local path)."""
+    if isinstance(loc, StorePath):
+        return True
+    s = str(loc)
+    return bool(URI.match(s)) and not s.startswith("file://")
+
+
+def place(loc: str | Path | StorePath) -> Path | StorePath:
+    """The path object for a location a user gave: Path for local files, StorePath for URIs."""
+    if isinstance(loc, (StorePath, Path)):
+        return loc
+    s = str(loc)
+    if s.startswith("file://"):
+        return Path(s.removeprefix("file://"))
+    return StorePath(s) if URI.match(s) else Path(s)
+
+
+def local(loc) -> Path | StorePath:
+    """`place`, with a local path made absolute (what a worker on another process needs)."""
+    p = place(loc)
+    return p if isinstance(p, StorePath) else Path(p).resolve()
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str):
+    """One filesystem object per store root and options (creating an S3 client costs)."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except (ValueError, OSError) as e:
+        raise CapfleetError(f"{root}: not a filesystem pyarrow can open ({e})") from None
+
+
+class StorePath:
+    """A file or folder in an object store or other pyarrow filesystem, named by its URI."""
+
+    def __init__(self, uri: str):
+        head, _, self.query = uri.partition("?")
+        self.scheme, _, rest = head.partition("://")
+        rest = rest.rstrip("/")
+        self.authority, _, self.key = rest.partition("/")  # bucket (or container@account), key
+        if not self.authority:
+            raise CapfleetError(f"{uri}: no bucket or host in this URI")
+
+    # naming -------------------------------------------------------------------------------
+    def with_key(self, key: str) -> StorePath:
+        q = f"?{self.query}" if self.query else ""
+        return StorePath(f"{self.scheme}://{self.authority}/{key.strip('/')}{q}")
+
+    def __truediv__(self, name) -> StorePath:
+        name = str(name).strip("/")
+        return self.with_key(f"{self.key}/{name}" if self.key else name)
+
+    def __str__(self) -> str:
+        q = f"?{self.query}" if self.query else ""
+        tail = f"/{self.key}" if self.key else ""
+        return f"{self.scheme}://{self.authority}{tail}{q}"
+
+    def __repr__(self) -> str:
+        return f"StorePath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StorePath) and str(self) == str(other)
+
+    def __lt__(self, other) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def parent(self) -> StorePath:
+        return self.with_key(self.key.rsplit("/", 1)[0] if "/" in self.key else "")
+
+    def with_name(self, name: str) -> StorePath:
+        return self.parent / name
+
+    def resolve(self) -> StorePath:
+        return self
+
+    # the filesystem ------------------------------------------------------------------------
+    @property
+    def fs(self):
+        q = f"?{self.query}" if self.query else ""
+        return _filesystem(f"{self.scheme}://{self.authority}{q}")[0]
+
+    @property
+    def path(self) -> str:
+        """The path inside the filesystem (bucket/key)."""
+        q = f"?{self.query}" if self.query else ""
+        root = _filesystem(f"{self.scheme}://{self.authority}{q}")[1].rstrip("/")
+        return f"{root}/{self.key}" if self.key else root
+
+    def _info(self):
+        try:
+            return self.fs.get_file_info(self.path)
+        except OSError as e:
+            raise CapfleetError(f"{self}: {e}") from None
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info().type == pafs.FileType.Directory
+
+    def mtime(self) -> float | None:
+        info = self._info()
+        return info.mtime.timestamp() if info.mtime is not None else None
+
+    def size(self) -> int | None:
+        return self._info().size
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.readall()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_bytes(self, data: bytes) -> None:
+        """One upload: the object appears whole when it completes, never in part."""
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(text.encode(encoding))
+
+    def open(self, mode: str = "rb"):
+        """A random-access file (Parquet footers, ranges)."""
+        if mode != "rb":
+            raise ValueError("StorePath.open reads only; write with write_bytes")
+        return self.fs.open_input_file(self.path)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: an object store has no folders, its keys make them."""
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def files(self, recursive: bool = True):
+        """The paths of the files under this folder, relative to it."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise CapfleetError(f"{self}: cannot list ({e})") from None
+        base = self.path.rstrip("/") + "/"
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.startswith(base):
+                yield info.path[len(base) :]
+
+    def glob(self, pattern: str):
+        """Files under this folder whose path relative to it matches (fnmatch; `*` stays
+        within one folder level, as pathlib's does)."""
+        depth = pattern.count("/")
+        for rel in sorted(self.files(recursive=depth > 0 or "**" in pattern)):
+            if "**" in pattern or rel.count("/") == depth:
+                if _match(rel, pattern):
+                    yield self / rel
+
+    def rglob(self, pattern: str):
+        for rel in sorted(self.files(recursive=True)):
+            if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern):
+                yield self / rel
+
+    def iterdir(self):
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
+        for info in self.fs.get_file_info(sel):
+            yield self / info.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _match(rel: str, pattern: str) -> bool:
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(rel, pattern.replace("**/", "*"))
+    return all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(rel.split("/"), pattern.split("/"), strict=True)
+    )
+
+
+def open_parquet(path: Path | StorePath):
+    """A pyarrow.parquet.ParquetFile of a local file or an object."""
+    import pyarrow.parquet as pq
+
+    p = place(path)
+    return pq.ParquetFile(p.open() if isinstance(p, StorePath) else str(p))
+
+
+def read_parquet(path: Path | StorePath, columns=None):
+    import pyarrow.parquet as pq
+
+    p = place(path)
+    if isinstance(p, StorePath):
+        return pq.read_table(p.path, filesystem=p.fs, columns=columns)
+    return pq.read_table(p, columns=columns)
+
+
+def parquet_metadata(path: Path | StorePath):
+    import pyarrow.parquet as pq
+
+    p = place(path)
+    if isinstance(p, StorePath):
+        with p.open() as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(p)

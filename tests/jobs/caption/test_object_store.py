@@ -1,0 +1,105 @@
+"""The caption job against a real S3 API server (moto, on loopback): every input kind, the
+bundle and every output in the store, options in the URI carried to every worker, resume
+from what the store holds."""
+
+import csv
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from capfleet.jobs.caption.caption_config import CaptionConfig
+from capfleet.jobs.caption.job import run_caption_job
+from capfleet.jobs.caption.listing import list_inputs
+from capfleet.jobs.caption.load import load_shard
+from capfleet.model.data import Flickr8kReader
+
+
+def _put(s3, key: str, data: bytes) -> str:
+    with s3.fs.open_output_stream(f"{s3.bucket}/{key}") as f:
+        f.write(data)
+    return s3.uri(key)
+
+
+def test_a_caption_job_reads_and_writes_only_the_object_store(
+    local_ray, tiny_bundle, shapes_dir, s3
+):
+    records = Flickr8kReader(shapes_dir, "train").records()[:24]
+    for r in records:
+        _put(s3, f"images/{r.image_id}", open(r.uri, "rb").read())
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(["path", "caption"])  # paths relative to the manifest, as a user writes them
+    w.writerows([f"images/{r.image_id}", r.captions[0]] for r in records)
+    manifest = _put(s3, "train.csv", rows.getvalue().encode())
+    s3.upload(tiny_bundle, "bundles/tiny")
+    out = s3.uri("runs/caption")
+    cfg = CaptionConfig(
+        bundles=(s3.uri("bundles/tiny"),), input=manifest, out=out, shard_size=8, batch_size=8
+    )
+    job = run_caption_job(cfg, log=lambda _: None)
+
+    (model,) = job["rows"]
+    assert job["rows"][model] == len(records)
+    keys = s3.keys("runs/caption")
+    parts = [k for k in keys if k.startswith(f"captions/{model}/part-")]
+    assert len(parts) == job["shards"]["total"] >= 2
+    for name in ("summary.parquet", "plan.json", "job.json", "gallery.html", "latency.png"):
+        assert name in keys, (name, keys)
+    assert ".capfleet.lock" not in keys  # released
+    assert not [k for k in keys if "_failed/" in k and k.endswith(".tries")]
+    # other tools read the captions straight from the store
+    table = ds.dataset(f"{s3.bucket}/runs/caption/captions/{model}", filesystem=s3.fs).to_table()
+    assert table.num_rows == len(records)
+    assert set(table["status"].to_pylist()) == {"ok"}
+    assert all(table["caption"].to_pylist())
+    assert all("endpoint_override=" in u for u in table["uri"].to_pylist())  # options kept
+    assert sorted(len(r) for r in table["references"].to_pylist()) == [1] * len(records)
+    summary = pq.read_table(f"{s3.bucket}/runs/caption/summary.parquet", filesystem=s3.fs)
+    assert summary["images"].to_pylist() == [len(records)]
+    with s3.fs.open_input_stream(f"{s3.bucket}/runs/caption/job.json") as f:
+        assert json.loads(f.read())["rows"] == job["rows"]
+
+    # a rerun resumes from what the store holds: nothing to do
+    again = run_caption_job(cfg, log=lambda _: None)
+    assert again["shards"]["run"] == 0 and again["rows"] == job["rows"]
+
+
+def test_every_input_kind_lists_and_reads_from_the_store_with_its_options(shapes_dir, s3):
+    """A prefix, a tar glob and Parquet of image bytes in the store: listed on the driver,
+    read as a worker reads them, each URI still naming the store's endpoint."""
+    records = Flickr8kReader(shapes_dir, "test").records()[:6]
+    blobs = {f"{r.image_id}.jpg": open(r.uri, "rb").read() for r in records}
+    for i, data in blobs.items():
+        _put(s3, f"prefix/{i}", data)
+    for n in range(2):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in list(blobs)[n * 3 : n * 3 + 3]:
+                info = tarfile.TarInfo(i)
+                info.size = len(blobs[i])
+                tar.addfile(info, io.BytesIO(blobs[i]))
+        _put(s3, f"tars/shard-{n}.tar", buf.getvalue())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image_id": list(blobs), "image": list(blobs.values())}), sink)
+    _put(s3, "bytes/images.parquet", sink.getvalue().to_pybytes())
+
+    inputs = {
+        "prefix": s3.uri("prefix/"),
+        "tars": s3.uri("tars/shard-*.tar"),
+        "parquet": s3.uri("bytes/images.parquet"),
+    }
+    for kind, uri in inputs.items():
+        listing = list_inputs(uri, shard_size=4)
+        assert listing.images == len(blobs), kind
+        loaded = [load_shard(s.item(), sizes=[32]) for s in listing.shards]
+        errors = [e for item in loaded for e in item["error"]]
+        assert errors == [""] * len(blobs), (kind, errors)
+        sources = {str(s.item()["source"]) for s in listing.shards}
+        for s in listing.shards:
+            for u in list(s.uri) + [str(s.item()["source"])]:
+                if u.startswith("s3://"):
+                    assert "endpoint_override=" in u, (kind, u, sources)
