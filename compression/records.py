@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfleet.core.artifacts import write_parquet_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place, read_parquet
 from capfleet.model.data import ImageRecord
 from capfleet.model.text import clean_caption
 
@@ -93,15 +93,15 @@ def with_deltas(records: Sequence[dict]) -> list[dict]:
 
 def write_trials(out: str | Path, records: Sequence[dict]) -> pa.Table:
     table = pa.Table.from_pylist(with_deltas(records), schema=TRIAL_SCHEMA)
-    write_parquet_atomic(Path(out) / TRIALS_FILE, table)
+    write_parquet_atomic(place(out) / TRIALS_FILE, table)
     return table
 
 
 def read_trials(out: str | Path) -> list[dict]:
-    p = Path(out) / TRIALS_FILE
+    p = place(out) / TRIALS_FILE
     if not p.is_file():
         raise CapfleetError(f"{out}: no {TRIALS_FILE} (run `capfleet compress` into it first)")
-    return pq.read_table(p).to_pylist()
+    return read_parquet(p).to_pylist()
 
 
 def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -210,7 +210,7 @@ def sensitivity_rows(record: dict, manifest: dict) -> list[dict]:
 
 def write_sensitivity(out: str | Path, rows: Sequence[dict]) -> Path | None:
     """OUT/sensitivity.parquet, or none (an earlier run's removed) when no trial has rows."""
-    path = Path(out) / SENSITIVITY_FILE
+    path = place(out) / SENSITIVITY_FILE
     if not rows:
         path.unlink(missing_ok=True)
         return None

@@ -210,6 +210,18 @@ class StorePath:
             if info.type == pafs.FileType.File and info.path.startswith(base):
                 yield info.path[len(base) :]
 
+    def listing(self) -> dict[str, tuple[int, int]]:
+        """{path relative to this folder: (size, mtime in ns)} of every file under it."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        base = self.path.rstrip("/") + "/"
+        return {
+            i.path[len(base) :]: (i.size, i.mtime_ns)
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File and i.path.startswith(base)
+        }
+
     def glob(self, pattern: str):
         """Files under this folder whose path relative to it matches (fnmatch; `*` stays
         within one folder level, as pathlib's does)."""
@@ -265,3 +277,96 @@ def parquet_metadata(path: Path | StorePath):
         with p.open() as f:
             return pq.read_metadata(f)
     return pq.read_metadata(p)
+
+
+MIRROR_DIR = "capfleet-mirror"  # under the node's temporary folder: store folders copied here
+
+
+def mirror(loc: str | Path | StorePath) -> Path:
+    """A local folder with the content of `loc`: `loc` itself when local; for a store folder
+    (a model directory, a data set) a copy on this node, made once per content (named by the
+    listing's names, sizes and times) and published whole by a rename, so that the tasks on a
+    node share one copy."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    where = place(loc)
+    if not isinstance(where, StorePath):
+        return Path(where)
+    listing = sorted((rel, *stat) for rel, stat in where.listing().items())
+    if not listing:
+        raise CapfleetError(f"{loc}: nothing there (an empty or missing prefix)")
+    key = hashlib.sha256(json_bytes([str(where), listing])).hexdigest()[:32]
+    cache = Path(tempfile.gettempdir()) / MIRROR_DIR / key
+    named = cache / (where.name or where.authority)
+    if (cache / ".complete").is_file():
+        return named
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{key[:12]}-"))
+    try:
+        for rel, _, _ in listing:
+            target = tmp / named.name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((where / rel).read_bytes())
+        (tmp / ".complete").write_bytes(b"")
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not (cache / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return named
+
+
+def json_bytes(value) -> bytes:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+def publish(folder: Path, loc: str | StorePath, last: tuple[str, ...] = ("manifest.json",)):
+    """Upload every file under a local folder to the store folder `loc`, the files named in
+    `last` (a bundle's or model's manifest) after all the others: a reader that finds the
+    manifest finds every file it lists."""
+    where = place(loc)
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    rel = [p.relative_to(folder).as_posix() for p in files]
+    order = sorted(zip(rel, files, strict=True), key=lambda rf: rf[0] in last)
+    for name, path in order:
+        (where / name).write_bytes(path.read_bytes())
+
+
+class staging:  # noqa: N801  used as a context manager, like tempfile's
+    """`with staging(loc) as path:` a local path to write to: `loc` itself when local; for a
+    store location a temporary one of the same name, published to `loc` when the block ends
+    without an error (a folder's files with its manifest last; a file in one upload), then
+    removed."""
+
+    def __init__(self, loc, last: tuple[str, ...] = ("manifest.json",)):
+        self.where, self.last = place(loc), last
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        if not isinstance(self.where, StorePath):
+            return Path(self.where)
+        self.tmp = Path(tempfile.mkdtemp(prefix="capfleet-stage-"))
+        return self.tmp / self.where.name
+
+    def __exit__(self, exc_type, *exc) -> None:
+        import shutil
+
+        if self.tmp is None:
+            return
+        try:
+            made = self.tmp / self.where.name
+            if exc_type is None and made.is_dir():
+                publish(made, self.where, self.last)
+            elif exc_type is None and made.is_file():
+                self.where.write_bytes(made.read_bytes())
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place, read_parquet
 from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.pipeline import PipelineConfig
@@ -32,7 +32,7 @@ Log = Callable[[str], None]
 class CaptionResult:
     """A finished caption job: OUT, its captions/ folder, summary.parquet and job.json."""
 
-    out: Path
+    out: Path  # or a StorePath (core.storage) for an object store
     captions: Path  # OUT/captions/NAME/part-*.parquet
     summary: pa.Table  # one row per model
     job: dict  # job.json
@@ -48,7 +48,7 @@ class CaptionResult:
 class CompressResult:
     """A finished compress job: one trials.parquet row per (model, trial), and the report."""
 
-    out: Path
+    out: Path  # or a StorePath (core.storage) for an object store
     trials: pa.Table
     report: Path  # OUT/report.md (report.png beside it)
     ok: int
@@ -76,7 +76,7 @@ class TrainResult:
 class PipelineResult:
     """A finished pipeline: the tables of its steps and the best bundle."""
 
-    out: Path
+    out: Path  # or a StorePath (core.storage) for an object store
     variants: pa.Table
     trials: pa.Table
     summary: pa.Table
@@ -124,8 +124,8 @@ def caption(
     if address:
         cfg = dataclasses.replace(cfg, address=address)
     job = run_caption_job(cfg, log=log, verbose=verbose, retry_errors=retry_errors)
-    out = Path(cfg.out)
-    return CaptionResult(out, out / "captions", pq.read_table(out / "summary.parquet"), job)
+    out = place(cfg.out)
+    return CaptionResult(out, out / "captions", read_parquet(out / "summary.parquet"), job)
 
 
 def compress(
@@ -139,13 +139,13 @@ def compress(
 
     cfg = _config(CompressConfig, config, fields)
     job = (run_goal_search if cfg.goal else run_compress_job)(cfg, address, log=log)
-    out = Path(cfg.out)
-    trials = pq.read_table(out / TRIALS_FILE)
-    path = lambda key: Path(job[key]) if job.get(key) else None  # noqa: E731
+    out = place(cfg.out)
+    trials = read_parquet(out / TRIALS_FILE)
+    path = lambda key: place(job[key]) if job.get(key) else None  # noqa: E731
     return CompressResult(
         out,
         trials,
-        Path(job["report"]),
+        place(job["report"]),
         job["ok"],
         job["failed"],
         path("gallery"),
@@ -170,12 +170,12 @@ def train(
     cfg = config if isinstance(config, TrainGrid) else _config(TrainConfig, config, fields)
     if isinstance(cfg, TrainConfig) and not address:
         from capfleet.core.artifacts import OutputLock
-        from capfleet.model.training import train as train_model
+        from capfleet.jobs.train.variants import train_anywhere
 
         with OutputLock(cfg.out, "train job", log):  # one writer per model directory
-            row = variant_row(Path(cfg.out).name, cfg, train_model(cfg, log=log), None)
+            row = variant_row(place(cfg.out).name, cfg, train_anywhere(cfg, log), None)
         table = pa.Table.from_pylist([row], schema=VARIANT_SCHEMA)
-        out = Path(cfg.out)
+        out = place(cfg.out)
     else:
         if isinstance(cfg, TrainGrid):
             table = run_train_job(cfg, address, log=log)
@@ -184,14 +184,14 @@ def train(
 
             with OutputLock(cfg.out, "train job", log):
                 table = run_train_job(_single_grid(cfg), address, log=log, frame=False)
-        out = Path(cfg.out)
+        out = place(cfg.out)
     ok = table.column("status").to_pylist().count("ok")
     return TrainResult(out, table, ok, len(table) - ok)
 
 
 def _single_grid(cfg: TrainConfig) -> TrainGrid:
     """One model as a one-variant grid: on a cluster it trains as one Ray task."""
-    return TrainGrid(str(Path(cfg.out).parent), (cfg,), (Path(cfg.out).name,))
+    return TrainGrid(str(place(cfg.out).parent), (cfg,), (place(cfg.out).name,))
 
 
 def pipeline(
@@ -201,9 +201,9 @@ def pipeline(
     from capfleet.jobs.pipeline import run_pipeline
 
     done = run_pipeline(config, address, log=log)
-    out = Path(config.out)
+    out = place(config.out)
     tables = [
-        pq.read_table(p)
+        read_parquet(p)
         for p in (
             out / "train" / "variants.parquet",
             out / "compress" / "trials.parquet",

@@ -20,6 +20,7 @@ from pathlib import Path
 from capfleet.compression.recipes import parse_trial
 from capfleet.core.artifacts import write_json_atomic
 from capfleet.core.errors import SEED_RANGE, CapfleetError, check_numbers, check_range
+from capfleet.core.storage import is_uri, local, place, read_parquet, staging
 from capfleet.jobs.caption.caption_config import CAPTION_DEFAULTS, CAPTION_LIMITS
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.skeleton import JobRun
@@ -94,15 +95,16 @@ def _data(cfg: PipelineConfig, log) -> str:
         return cfg.data.path
     from capfleet.model import shapes
 
-    root = Path(cfg.out) / "data"
+    root = place(cfg.out) / "data"
     marker = root / "capfleet-data.json"
     want = {"generator": "shapes", "images": cfg.data.images, "seed": cfg.data.seed}
     if _read_marker(marker, log) == want:
         log(f"data: {root} already holds {cfg.data.images} shapes images (seed {cfg.data.seed})")
         return str(root)
     t0 = time.perf_counter()
-    counts = shapes.generate(root, cfg.data.images, cfg.data.seed)
-    write_json_atomic(marker, want)
+    with staging(root, last=(marker.name,)) as folder:  # in a store: published, marker last
+        counts = shapes.generate(folder, cfg.data.images, cfg.data.seed)
+        write_json_atomic(Path(folder) / marker.name, want)
     log(f"data: {sum(counts.values())} shapes images {counts} in {time.perf_counter() - t0:.0f} s")
     return str(root)
 
@@ -152,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable 
     run = JobRun("pipeline", cfg.out, asdict(cfg), log)
     with run:
         with run.ray(address):  # one Ray for every step; its messages to OUT/capfleet.log
-            result = _steps(cfg, Path(cfg.out), address, log)
+            result = _steps(cfg, local(cfg.out), address, log)
         run.finish(**{k: v for k, v in result.items() if k != "wall_seconds"})
     return result
 
@@ -184,7 +186,7 @@ def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -
         trials = [r for r in read_trials(compress.out) if r["status"] == "ok"]
         if not trials:
             raise CapfleetError(f"every trial failed; see {compress.out}/report.md")
-        best = Path(best_variant["model_dir"]).name
+        best = place(best_variant["model_dir"]).name
         names = [parse_trial(t).name for t in cfg.caption.trials]
         chosen = {r["trial"]: r for r in trials if r["model"] == best and r["trial"] in names}
         if not chosen:
@@ -205,12 +207,12 @@ def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -
         try:
             run_caption_job(caption, log=log)
         except PlanMismatch as e:  # retrained variants, new trials or new data: caption again
+            if is_uri(caption.out):  # an object store renames nothing
+                raise CapfleetError(f"{e}; give the pipeline a new out") from None
             kept = _set_aside(Path(caption.out))
             log(f"pipeline: {e}; the earlier captions are kept in {kept}, captioning again")
             run_caption_job(caption, log=log)
-    import pyarrow.parquet as pq
-
-    summary = pq.read_table(out / "caption" / "summary.parquet").to_pylist()
+    summary = read_parquet(out / "caption" / "summary.parquet").to_pylist()
     top = max(trials, key=lambda r: r["bleu4"])
     lines = _study_table(trials, summary)
     wall = time.perf_counter() - t0
@@ -227,7 +229,7 @@ def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -
         "wall_seconds": round(wall, 1),
         "best": {"model": top["model"], "trial": top["trial"], "bleu4": top["bleu4"]},
         "table": lines,
-        "report": str(Path(compress.out) / "report.md"),
+        "report": str(place(compress.out) / "report.md"),
     }
 
 

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place
 from capfleet.jobs.caption.caption_config import CaptionConfig
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.pipeline import CaptionStep, DataStep, PipelineConfig
@@ -107,7 +108,7 @@ def expand_grid(base: dict, grid: dict, where: str) -> TrainGrid:
         name = "-".join(f"{k}={_format(v)}" for k, v in values.items() if len(grid[k]) > 1)
         # a folder name: no separators or '..' from values such as weights paths
         name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).replace("..", "_") or "base"
-        table = {**base, **values, "out": str(Path(base["out"]) / name)}
+        table = {**base, **values, "out": str(place(base["out"]) / name)}
         variants.append(build(TrainConfig, table, f"{where} variant {name}"))
         names.append(name)
     if len(set(names)) != len(names):
@@ -128,7 +129,7 @@ def build_pipeline(table: dict, where: str) -> PipelineConfig:
     for step in ("data", "train", "grid", "compress", "caption"):
         if not isinstance(table.get(step, {}), dict):
             raise CapfleetError(f"{where}: {step} must be a table [pipeline.{step}]")
-    out = Path(table["out"])
+    out = place(table["out"])
     data = build(DataStep, table.get("data", {}), f"{where}.data")
     if "goal" in table.get("compress", {}):
         raise CapfleetError(

@@ -73,7 +73,7 @@ class Flickr8kReader:
     def __init__(self, root: str | Path, split: str = "train"):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-        self.root = Path(root)
+        self.root = place(root)  # a folder, or an object-store prefix
         self.split = split
         self.images_dir = self._find(FLICKR_IMAGES_DIRS, is_dir=True)
         self.token_file = self._find((FLICKR_TOKEN_FILE,), is_dir=False)
@@ -448,6 +448,12 @@ def open_reader(
 def _reader(path: str | Path, split: str | None):
     if is_uri(path) and place(path).suffix.lower() in (".parquet", ".csv", ".tsv"):
         return ManifestReader(path)  # a manifest in an object store
+    if is_uri(path):
+        root = place(path)
+        if (root / FLICKR_TOKEN_FILE).is_file() or (
+            root / FLICKR_TEXT_DIR / FLICKR_TOKEN_FILE
+        ).is_file():
+            return Flickr8kReader(root, split or "test")  # a Flickr8k layout in the store
     if "://" in str(path):  # a prefix of images: an object store's, or file://
         return PrefixReader(str(path))
     p = Path(path)
@@ -496,13 +502,18 @@ def data_identity(data: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
+    root = place(data)
+    stored = {str(root / k): v for k, v in root.listing().items()} if is_uri(data) else {}
     for split in SPLITS:
         h.update(f"[{split}]\n".encode())
         for r in read_split(data, split):
             try:
-                st = os.stat(r.uri)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
+                if stored:
+                    size, mtime = stored[r.uri]
+                else:
+                    st = os.stat(r.uri)
+                    size, mtime = st.st_size, st.st_mtime_ns
+            except (OSError, KeyError):
                 size, mtime = -1, -1
             caps = "\t".join(r.captions)
             h.update(f"{r.image_id}\t{r.uri}\t{size}\t{mtime}\t{caps}\n".encode("utf-8", "replace"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from capfleet.core.artifacts import read_manifest_json
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import is_uri, place
 from capfleet.model.captioner import Captioner, CaptionerConfig
 from capfleet.model.encoders import build_encoder, encoder_info
 from capfleet.model.text import Vocabulary
@@ -30,7 +31,7 @@ ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # only for a frozen encoder with ra
 
 def read_model_manifest(model_dir: str | Path) -> dict:
     """A model directory's manifest, checked for its format and its config section."""
-    d = Path(model_dir)
+    d = place(model_dir)
     manifest = read_manifest_json(d / MANIFEST_FILE, MODEL_FORMAT, CapfleetError, "model directory")
     if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("train"), dict):
         raise CapfleetError(f"{d / MANIFEST_FILE}: malformed (no config or train section)")
@@ -62,7 +63,7 @@ def model_data(model_dir: str | Path, manifest: dict, override: str = "") -> str
         if "://" in given or Path(given).is_absolute():
             candidates.append(given)
         rel = manifest.get("data_from_model")
-        if rel:
+        if rel and not is_uri(model_dir):
             candidates.append(str(Path(model_dir) / rel))
         if given not in candidates:
             candidates.append(given)
@@ -79,7 +80,7 @@ def model_data(model_dir: str | Path, manifest: dict, override: str = "") -> str
 def manifest_sha256(model_dir: str | Path) -> str:
     """A trained model's identity: the sha256 of its manifest, which every training rewrites.
     Bundles record it as their source; a compress rerun redoes trials whose model it changed."""
-    return hashlib.sha256((Path(model_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256((place(model_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 def load_trained(model_dir: str | Path):

@@ -4,12 +4,12 @@ checked against the models before any work."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from capfleet.compression.goal import Goal
 from capfleet.compression.recipes import check_for_model, parse_trial
 from capfleet.compression.settings import TrialSettings
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
+from capfleet.core.storage import place
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.encoders import encoder_info
 from capfleet.model.modeldir import model_data, read_model_manifest
@@ -43,7 +43,7 @@ class CompressConfig:
             )
         if not self.trials:
             raise CapfleetError("trials: give at least one trial")
-        names = [Path(m).name for m in self.models]
+        names = [place(m).name for m in self.models]
         nameless = [m for m, n in zip(self.models, names, strict=True) if n in ("", ".", "..")]
         if nameless:  # its bundles and records go in OUT/bundles/<its folder name>/
             raise CapfleetError(

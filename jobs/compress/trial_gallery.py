@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from capfleet.compression.records import TRIAL_CAPTIONS_SCHEMA
+from capfleet.core.storage import place, read_parquet
 from capfleet.jobs.gallery import GALLERY_FILE, check_gallery_size, sample_ids, write_gallery
 
 
@@ -30,8 +29,8 @@ def write_compress_gallery(
     for name, record, path in trials:
         if record.get("status") != "ok":
             kept[name] = None
-        elif Path(path).is_file():
-            kept[name] = pq.read_table(path, schema=TRIAL_CAPTIONS_SCHEMA).to_pylist()
+        elif place(path).is_file():
+            kept[name] = read_parquet(path).cast(TRIAL_CAPTIONS_SCHEMA).to_pylist()
     tables = {n: rows for n, rows in kept.items() if rows is not None}
     if not tables:
         return None
@@ -60,4 +59,4 @@ def write_compress_gallery(
                 "error": None,
                 "scores": {k: r[k] for k in ("cider_d", "rouge_l", "sentence_bleu4")},
             }
-    return write_gallery(Path(out) / GALLERY_FILE, [items[i] for i in ids], list(kept), title)
+    return write_gallery(place(out) / GALLERY_FILE, [items[i] for i in ids], list(kept), title)

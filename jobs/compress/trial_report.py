@@ -12,8 +12,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from capfleet.compression.records import (
     SENSITIVITY_FILE,
     label,
@@ -22,6 +20,7 @@ from capfleet.compression.records import (
     read_trials,
 )
 from capfleet.core.artifacts import write_bytes_atomic
+from capfleet.core.storage import place, read_parquet
 
 REPORT_FILE, PLOT_FILE, SENSITIVITY_PLOT = "report.md", "report.png", "sensitivity.png"
 SHOWN_OPS = 8  # the most sensitive ops per part in report.md and sensitivity.png
@@ -250,16 +249,16 @@ def write_report(out: str | Path) -> Path:
     from capfleet.jobs.gallery import GALLERY_FILE
 
     rows = read_trials(out)
-    write_bytes_atomic(Path(out) / PLOT_FILE, render_plot(rows))
-    path = Path(out) / REPORT_FILE
-    gallery = GALLERY_FILE if (Path(out) / GALLERY_FILE).is_file() else None
+    write_bytes_atomic(place(out) / PLOT_FILE, render_plot(rows))
+    path = place(out) / REPORT_FILE
+    gallery = GALLERY_FILE if (place(out) / GALLERY_FILE).is_file() else None
     text = render_markdown(rows, gallery)
-    sensitivity = Path(out) / SENSITIVITY_FILE
+    sensitivity = place(out) / SENSITIVITY_FILE
     if sensitivity.is_file():
-        found = pq.read_table(sensitivity).to_pylist()
+        found = read_parquet(sensitivity).to_pylist()
         text += render_sensitivity(found)
-        write_bytes_atomic(Path(out) / SENSITIVITY_PLOT, render_sensitivity_plot(found))
+        write_bytes_atomic(place(out) / SENSITIVITY_PLOT, render_sensitivity_plot(found))
     else:
-        (Path(out) / SENSITIVITY_PLOT).unlink(missing_ok=True)
+        (place(out) / SENSITIVITY_PLOT).unlink(missing_ok=True)
     write_bytes_atomic(path, text.encode())
     return path

@@ -26,6 +26,7 @@ from capfleet.compression.records import (
 from capfleet.compression.settings import TrialSettings, slug, tuning_epochs
 from capfleet.compression.trial import measure_bundle, run_trial
 from capfleet.core.artifacts import write_json_atomic
+from capfleet.core.storage import local, mirror, place, staging
 from capfleet.jobs.compress.compress_config import CompressConfig, checked_plan
 from capfleet.jobs.compress.trial_gallery import write_compress_gallery
 from capfleet.jobs.compress.trial_report import write_report
@@ -38,17 +39,28 @@ from capfleet.model.modeldir import manifest_sha256, model_data, read_model_mani
 def _trial_task(
     model_dir: str, trial: str, bundle_dir: str, settings: dict, captions: str, data: str
 ) -> dict:
-    """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record."""
+    """Runs in a Ray worker. Never raises for a trial's own failure: it becomes a record.
+    A model or data set in an object store is read from this node's copy of it (mirror); the
+    bundle and captions are written to local scratch and published to the store (staging)."""
     try:
-        return run_trial(
-            model_dir, trial, bundle_dir, TrialSettings(**settings), print, captions, data
-        )
+        with staging(bundle_dir) as bundle, staging(captions) as kept:
+            record = run_trial(
+                str(mirror(model_dir)),
+                trial,
+                bundle,
+                TrialSettings(**settings),
+                print,
+                kept,
+                str(mirror(data)),
+            )
+        return {**record, "bundle": bundle_dir, "data": data}  # where they are for everyone
     except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
-        return failed_record(Path(model_dir).name, trial, failure_text(e))
+        return failed_record(place(model_dir).name, trial, failure_text(e))
 
 
 def _measure_task(record: dict, settings: dict) -> dict:
-    return {**record, **measure_bundle(record["bundle"], record["data"], TrialSettings(**settings))}
+    bundle, data = mirror(record["bundle"]), mirror(record["data"])
+    return {**record, **measure_bundle(bundle, str(data), TrialSettings(**settings))}
 
 
 def _built_for(model_dir: str, data: str, settings: TrialSettings) -> dict:
@@ -62,7 +74,7 @@ def _built_for(model_dir: str, data: str, settings: TrialSettings) -> dict:
     }
 
 
-def _read_record(path: Path, log) -> dict | None:
+def _read_record(path, log) -> dict | None:
     """A finished trial's record, or None (not run yet, or unreadable: it is run again)."""
     if not path.is_file():
         return None
@@ -77,12 +89,12 @@ def _read_record(path: Path, log) -> dict | None:
 
 
 def _record_path(out: Path, model_dir: str, trial: str) -> Path:
-    return out / "records" / Path(model_dir).name / f"{slug(trial)}.json"
+    return out / "records" / place(model_dir).name / f"{slug(trial)}.json"
 
 
 def _captions_path(out: Path, model_dir: str, trial: str) -> Path:
     """A trial's scored test captions (compression.gallery), kept beside its record."""
-    return out / "records" / Path(model_dir).name / f"{slug(trial)}.captions.parquet"
+    return out / "records" / place(model_dir).name / f"{slug(trial)}.captions.parquet"
 
 
 def _progress(done: int, total: int, r: dict) -> str:
@@ -117,7 +129,7 @@ def run_compress_job(
 
 
 def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[str], None]):
-    out = Path(cfg.out)
+    out = local(cfg.out)
     threads = max(1, int(cfg.cpus_per_trial))
     settings = asdict(replace(cfg.settings, threads=threads))
     records: dict[tuple[str, str], dict] = {}
@@ -150,11 +162,11 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
                 (
                     (model_dir, trial),
                     (
-                        str(Path(model_dir).resolve()),
+                        str(local(model_dir)),
                         trial,
-                        str((out / "bundles" / Path(model_dir).name / slug(trial)).resolve()),
+                        str(out / "bundles" / place(model_dir).name / slug(trial)),
                         settings,
-                        str(_captions_path(out, model_dir, trial).resolve()),
+                        str(_captions_path(out, model_dir, trial)),
                         data[model_dir],
                     ),
                     cfg.cpus_per_trial,
@@ -168,7 +180,7 @@ def _run_trials(cfg: CompressConfig, plan, address: str | None, log: Callable[[s
             for (model_dir, trial), rec, crash in run_tasks(_trial_task, calls, cfg.max_retries):
                 if crash is not None:  # the worker died, retries spent
                     rec = failed_record(
-                        Path(model_dir).name,
+                        place(model_dir).name,
                         trial,
                         f"{crash.kind} after {cfg.max_retries + 1} attempts: {crash.detail}",
                     )
@@ -213,7 +225,7 @@ def _sensitivity(records: list[dict]) -> list[dict]:
     for rec in records:
         if rec.get("status") != "ok" or not rec.get("bundle"):
             continue  # a failed trial has no bundle
-        manifest = Path(rec["bundle"]) / "manifest.json"
+        manifest = place(rec["bundle"]) / "manifest.json"
         if manifest.is_file():
             rows += sensitivity_rows(rec, json.loads(manifest.read_text()))
     return rows
@@ -225,7 +237,7 @@ def _gallery(cfg: CompressConfig, out: Path, plan, records, log) -> Path | None:
     if not cfg.gallery:
         (out / GALLERY_FILE).unlink(missing_ok=True)
         return None
-    many = len({Path(m).name for m, _ in plan}) > 1
+    many = len({place(m).name for m, _ in plan}) > 1
     trials = [
         (f"{r['model']} {r['trial']}" if many else r["trial"], r, _captions_path(out, m, t))
         for (m, t), r in zip(plan, records, strict=True)

@@ -12,20 +12,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from capfleet.cluster.connect import failure_text, ray_session
 from capfleet.cluster.tasks import run_tasks
-from capfleet.core.artifacts import write_parquet_atomic
+from capfleet.core.artifacts import write_json_atomic, write_parquet_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import is_uri, local, mirror, place, staging
 from capfleet.jobs.skeleton import JobRun
 from capfleet.jobs.train.feature_job import compute_features
 from capfleet.model.data import data_identity
 from capfleet.model.encoders import encoder_info
-from capfleet.model.modeldir import read_model_manifest
+from capfleet.model.modeldir import MANIFEST_FILE, read_model_manifest
 from capfleet.model.train_config import TrainConfig, TrainGrid
 from capfleet.model.training import train
 
@@ -85,10 +86,29 @@ def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str |
     }
 
 
+def train_anywhere(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """`train`, for a model directory or data set in an object store too: the data read from
+    this node's copy (mirror), the model written to local scratch and published with its
+    manifest last (staging); the manifest records the spec as given (URIs), not the copies."""
+    if not (is_uri(cfg.out) or is_uri(cfg.data)):
+        return train(cfg, log=log)
+    with staging(cfg.out) as out:
+        manifest = train(replace(cfg, out=str(out), data=str(mirror(cfg.data))), log=log)
+        manifest = {
+            **manifest,
+            "train": asdict(cfg),
+            "data_from_model": None,
+            "data_identity": data_identity(cfg.data),  # the store's, as _trained compares
+        }
+        manifest["test_metrics"] = {**manifest.get("test_metrics", {}), "data": cfg.data}
+        write_json_atomic(Path(out) / MANIFEST_FILE, manifest)
+    return manifest
+
+
 def _train_task(name: str, cfg: TrainConfig) -> dict:
     started = time.time()
     try:
-        row = variant_row(name, cfg, train(cfg), None)
+        row = variant_row(name, cfg, train_anywhere(cfg), None)
     except Exception as e:  # noqa: BLE001  one failed variant must not sink the job
         row = variant_row(name, cfg, None, failure_text(e))
     return {**row, "started": started, "finished": time.time()}
@@ -131,13 +151,13 @@ def run_train_job(
         with run.ray(address):
             table = _train_variants(grid, address, max_retries, log)
         ok = sum(s == "ok" for s in table["status"].to_pylist())
-        log(f"train: {len(table)} variants in {run.wall:.0f} s; {Path(grid.out) / VARIANTS_FILE}")
+        log(f"train: {len(table)} variants in {run.wall:.0f} s; {place(grid.out) / VARIANTS_FILE}")
         run.finish(variants=len(table), ok=ok, failed=len(table) - ok)
     return table
 
 
 def _train_variants(grid: TrainGrid, address, max_retries: int, log) -> pa.Table:
-    out = Path(grid.out)
+    out = local(grid.out)
     frozen = {}
     for cfg in grid.variants:
         if not encoder_info(cfg.encoder).trainable:

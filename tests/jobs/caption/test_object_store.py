@@ -10,6 +10,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
 from capfleet.jobs.caption.caption_config import CaptionConfig
 from capfleet.jobs.caption.job import run_caption_job
@@ -103,3 +104,83 @@ def test_every_input_kind_lists_and_reads_from_the_store_with_its_options(shapes
             for u in list(s.uri) + [str(s.item()["source"])]:
                 if u.startswith("s3://"):
                     assert "endpoint_override=" in u, (kind, u, sources)
+
+
+@pytest.mark.slow
+def test_compress_reads_its_model_and_data_from_the_store_and_publishes_there(
+    local_ray, tiny_model, shapes_dir, s3
+):
+    from capfleet.compression.records import read_trials
+    from capfleet.compression.settings import TrialSettings
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.jobs.compress.trials import run_compress_job
+
+    model = s3.upload(tiny_model, "models/tiny")
+    data = s3.upload(shapes_dir, "data/shapes")
+    cfg = CompressConfig(
+        models=(model,),
+        out=s3.uri("compress"),
+        data=data,
+        trials=("int8",),
+        gallery=4,
+        settings=TrialSettings(eval_images=8, bench_batch=8, bench_repeats=1),
+    )
+    result = run_compress_job(cfg, log=lambda _: None)
+    assert result["ok"] == 2 and result["failed"] == 0
+    keys = s3.keys("compress")
+    for trial in ("fp32_fp32", "int8_int8"):
+        bundle = [k for k in keys if k.startswith(f"bundles/tiny/{trial}/")]
+        assert sorted(k.rsplit("/", 1)[1] for k in bundle) == [
+            "decoder_step.tflite",
+            "encoder.tflite",
+            "manifest.json",
+            "vocab.json",
+        ]
+    for name in ("trials.parquet", "report.md", "report.png", "gallery.html", "job.json"):
+        assert name in keys, (name, keys)
+    records = read_trials(cfg.out)
+    assert all(r["bundle"].startswith("s3://") for r in records)
+    assert all(r["e2e_ms"] > 0 for r in records)
+    # a bundle in the store captions straight from it
+    from capfleet.model.bundle import check_bundle
+
+    assert check_bundle(records[1]["bundle"])["recipe"]
+    lines: list = []
+    run_compress_job(cfg, log=lines.append)  # resume from the records the store holds
+    assert "2 of 2 trials already done" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_pipeline_whose_every_output_is_in_the_store(local_ray, s3, tmp_path, capsys):
+    from capfleet.jobs.cli import main
+
+    spec = tmp_path / "p.toml"
+    spec.write_text(
+        f"""kind = "pipeline"
+[pipeline]
+out = "{s3.uri("run")}"
+[pipeline.data]
+images = 40
+[pipeline.train]
+units = 16
+embed_dim = 8
+epochs = 1
+patience = 0
+threads = 1
+[pipeline.compress]
+trials = ["int8"]
+[pipeline.compress.settings]
+bench_repeats = 1
+eval_images = 8
+[pipeline.caption]
+trials = ["int8"]
+"""
+    )
+    assert main(["run", str(spec)]) == 0, capsys.readouterr().err
+    keys = s3.keys("run")
+    assert "data/capfleet-data.json" in keys and "train/variants.parquet" in keys
+    assert "train/base/manifest.json" in keys and "compress/trials.parquet" in keys
+    assert "caption/summary.parquet" in keys and "job.json" in keys
+    summary = pq.read_table(f"{s3.bucket}/run/caption/summary.parquet", filesystem=s3.fs)
+    assert summary["images"].to_pylist() == summary["ok"].to_pylist() != [0]
+    assert not [p for p in tmp_path.rglob("*") if p.name != "p.toml"]  # nothing written here

@@ -1,0 +1,133 @@
+"""A driver that shares no disk with the cluster's workers: the driver runs in its own mount
+namespace with a private tmpfs over one folder, the workers of a `ray start --head` node run
+outside it. A bundle only the driver holds still captions on the workers (shipped through
+Ray's object store, checked by sha256); a local output only the driver sees fails loudly,
+naming the cause; an output in an object store (moto's S3 server) completes."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import capfleet
+from capfleet.cluster.connect import LOOPBACK_ENV
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).parent
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def _env() -> dict:
+    """The head's and the driver's: loopback, Keras 2, and one token (the session's)."""
+    token = os.environ.get("RAY_AUTH_TOKEN") or TOKEN_FILE.read_text().strip()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    return {**os.environ, **LOOPBACK_ENV, **capfleet.TF_ENV, **auth}
+
+pytestmark = pytest.mark.slow  # make test-slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _can_unshare() -> bool:
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    done = subprocess.run(
+        [unshare, "-rm", "--propagation", "private", "true"], capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
+@pytest.fixture()
+def head(tmp_path):
+    """A one-node Ray cluster on loopback (its own process group, ended by that group)."""
+    gcs = _free_port()
+    env = _env()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            *(
+                f"--{flag}={_free_port()}"
+                for flag in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "ray-client-server-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                )
+            ),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "head.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 90
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text(errors="replace"):
+            if time.time() > deadline or proc.poll() is not None:
+                raise AssertionError((tmp_path / "head.log").read_text()[-3000:])
+            time.sleep(1)
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs user and mount namespaces (unshare -rm)")
+def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes_dir, s3, tmp_path):
+    private = tmp_path / "driver-only"
+    private.mkdir()
+    script = (
+        f'mount -t tmpfs tmpfs "{private}" && exec "{sys.executable}" '
+        f'"{HERE / "unshared_driver.py"}" "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "--propagation", "private", "sh", "-c", script, "driver"]
+        + [head, str(tiny_bundle), str(shapes_dir), str(private), s3.uri("out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    # the bundle only the driver held captioned every image on the workers, into S3
+    assert result["s3"]["rows"] == {"tiny-fp32": 24} or list(result["s3"]["rows"].values()) == [24]
+    assert result["s3"]["shards"]["failed"] == 0
+    parts = [k for k in s3.keys("out") if "/part-" in k]
+    assert len(parts) == result["s3"]["shards"]["total"] == 3
+    # ...and it never was on the workers' side of the disk
+    assert not (private / "bundle").exists()
+
+    # a local output only the driver sees: refused once the workers ran, naming the cause
+    error = result["local"]["error"]
+    assert error and "not shared by every node" in error, error
+    # the workers did write their parts, where the driver could not see them
+    assert len(list((private / "out" / "captions").rglob("part-*.parquet"))) == 3
