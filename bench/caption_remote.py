@@ -1,8 +1,11 @@
 """The caption job on images behind a slow host: the same real-sized photo JPEGs (bench/photos.py,
 ~45 KB, 500x375) read from local disk, then served by a loopback HTTP server that waits 50 ms
-and 200 ms before each answer, with default flags (as `capfleet caption` runs), one after the
-other on this machine. Recorded: each run's images/s (rows over the job's wall time, start-up
-included) and the summary's throughput, and their ratios to local disk.
+and 200 ms before each answer, and from a loopback S3 API server (moto, its own process) with the
+job's output written there too, with default flags (as `capfleet caption` runs), one after the
+other on this machine. Loopback S3 is no real store: its ratio says what the object-store path
+costs in capfleet and pyarrow, not what a distant bucket adds. Recorded: each run's images/s
+(rows over the job's wall time, start-up included) and the summary's throughput, and their
+ratios to local disk.
 
 The bundle is MobileNetV2 int8 with random weights and a Flickr8k-sized decoder (the fastest
 captioner, so the one latency hurts most). CAPFLEET_BENCH_REMOTE_ROWS sets the rows (20,000)."""
@@ -52,6 +55,39 @@ def _serve(folder: str, latency_s: float, port_queue) -> None:
     server.serve_forever()
 
 
+def _serve_s3(port_queue) -> None:
+    """moto's S3 API server on loopback, in its own process (its CPU is the server's, as a real
+    store's would be)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port_queue.put(server.get_host_and_port()[1])
+    while True:
+        time.sleep(3600)
+
+
+def _s3_photos(port: int, photos: list[Path]) -> list[str]:
+    """The photos uploaded to a new bucket; their URIs, with the endpoint in each."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True
+    )
+    fs.create_dir("bench")
+    for p in photos:
+        with fs.open_output_stream(f"bench/photos/{p.name}") as f:
+            f.write(p.read_bytes())
+    return [f"s3://bench/photos/{p.name}?{_options(port)}" for p in photos]
+
+
+def _options(port: int) -> str:
+    return f"endpoint_override=127.0.0.1:{port}&scheme=http"
+
+
 def _manifest(path: Path, uris: list[str]) -> Path:
     """ROWS distinct ids over the photos, cycled; a URL gets a query of its own per row, so
     that no layer can answer a row from a cache of another's."""
@@ -63,9 +99,8 @@ def _manifest(path: Path, uris: list[str]) -> Path:
     return path
 
 
-def _caption(bundle: Path, manifest: Path, out: Path) -> dict:
-    import pyarrow.parquet as pq
-
+def _caption(bundle: Path, manifest: Path, out) -> dict:
+    from capfleet.core.storage import place, read_parquet
     from capfleet.jobs.caption.caption_config import CaptionConfig
     from capfleet.jobs.caption.job import run_caption_job
 
@@ -73,7 +108,7 @@ def _caption(bundle: Path, manifest: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     job = run_caption_job(cfg, log=lambda _: None)
     wall = time.perf_counter() - t0
-    summary = pq.read_table(out / "summary.parquet").to_pylist()[0]
+    summary = read_parquet(place(str(out)) / "summary.parquet").to_pylist()[0]
     assert summary["ok"] == ROWS, summary
     return {
         "rows": ROWS,
@@ -111,6 +146,23 @@ def run() -> None:
             finally:
                 server.terminate()
                 server.join()
+        ports = ctx.Queue()
+        server = ctx.Process(target=_serve_s3, args=(ports,))
+        server.start()
+        try:
+            port = ports.get(timeout=120)
+            os.environ.update(  # test keys for the loopback server; no metadata lookups
+                AWS_ACCESS_KEY_ID="bench",
+                AWS_SECRET_ACCESS_KEY="bench",
+                AWS_EC2_METADATA_DISABLED="true",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
+            uris = _s3_photos(port, photos)
+            out = f"s3://bench/out?{_options(port)}"
+            runs["s3"] = _caption(bundle, _manifest(tmp / "s3.csv", uris), out)
+        finally:
+            server.terminate()
+            server.join()
         local = runs["local"]["images_per_s"]
         for r in runs.values():
             r["ratio_to_local"] = round(r["images_per_s"] / local, 3)
@@ -121,6 +173,7 @@ def run() -> None:
             "rows": ROWS,
             "distinct_photos": DISTINCT,
             "bundle": "mobilenet_v2 int8, random weights, Flickr8k-sized decoder",
+            "s3": "moto server on loopback, input and output in it (a ratio, not a store's speed)",
             "flags": "defaults (autoscaling 1-CPU actors, shard 1024, 64 reads in flight)",
             "runs": runs,
             "targets": targets,

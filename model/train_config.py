@@ -17,6 +17,7 @@ from capfleet.core.errors import (
     check_numbers,
     check_range,
 )
+from capfleet.core.storage import is_uri, place
 from capfleet.model.encoders import ENCODERS, check_weights, encoder_info
 
 
@@ -105,7 +106,17 @@ class TrainConfig:
 
     @property
     def feature_cache(self) -> str:
-        return self.cache_dir or str(Path(self.out).parent / "feature_cache")
+        """Frozen backbones' features: cache_dir, else beside the model; for a model in an
+        object store, a folder under this node's temporary folder (the cache is local)."""
+        if self.cache_dir:
+            return self.cache_dir
+        if is_uri(self.out):
+            import hashlib
+            import tempfile
+
+            key = hashlib.sha256(str(place(self.out).parent).encode()).hexdigest()[:16]
+            return str(Path(tempfile.gettempdir()) / "capfleet-features" / key)
+        return str(Path(self.out).parent / "feature_cache")
 
     @classmethod
     def field_names(cls) -> list[str]:

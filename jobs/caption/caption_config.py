@@ -13,7 +13,7 @@ from capfleet.core.errors import CapfleetError, check_at_least, check_numbers, c
 from capfleet.core.storage import is_uri, place
 from capfleet.jobs.caption.web import UrlPolicy
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
-from capfleet.model.bundle import MANIFEST_FILE, read_manifest
+from capfleet.model.bundle import read_manifest
 
 # Upper bounds that no job needs to pass (and the outputs' int32 columns store).
 CAPTION_LIMITS = {
@@ -101,13 +101,11 @@ class CaptionConfig:
                 f"shard_timeout_s: must be in (0, 604800] seconds, got {self.shard_timeout_s}"
             )
         if not self.names and all(_present(b) for b in self.bundles):
-            # bundles that do not exist yet (a spec loaded before its pipeline made them)
+            # bundles that do not exist yet (a spec loaded before its pipeline made them),
+            # and bundles in an object store (a spec is checked without touching the store),
             # get their names when the job starts; run_caption_job refuses missing ones
-            names = tuple(
-                str(read_manifest(b, verify=False).get("name") or place(b).name)
-                for b in self.bundles
-            )
-            object.__setattr__(self, "names", names)
+            manifests = [read_manifest(b, verify=False) for b in self.bundles]
+            object.__setattr__(self, "names", bundle_names(self.bundles, manifests))
         bad = [n for n in self.names if not n or set(n) - _NAME_OK]
         if bad:
             raise CapfleetError(f"bundle name {bad[0]!r}: use letters, digits, '.', '_', '-'")
@@ -116,9 +114,15 @@ class CaptionConfig:
 
 
 def _present(bundle: str) -> bool:
-    """A bundle folder (or object-store prefix) that holds a manifest."""
-    where = place(bundle)
-    return (where / MANIFEST_FILE).is_file() if is_uri(bundle) else Path(bundle).is_dir()
+    """A local bundle folder (one in a store is looked at when the job starts)."""
+    return not is_uri(bundle) and Path(bundle).is_dir()
+
+
+def bundle_names(bundles, manifests) -> tuple[str, ...]:
+    """Each bundle's name: its manifest's, else its folder's."""
+    return tuple(
+        str(m.get("name") or place(b).name) for b, m in zip(bundles, manifests, strict=True)
+    )
 
 
 def expand_bundles(bundles: tuple[str, ...], strict: bool = True) -> tuple[str, ...]:

@@ -34,7 +34,12 @@ from capfleet.core.artifacts import (
 )
 from capfleet.core.errors import CapfleetError
 from capfleet.core.storage import is_uri, local, read_parquet
-from capfleet.jobs.caption.caption_config import CaptionConfig, expand_bundles, url_policy
+from capfleet.jobs.caption.caption_config import (
+    CaptionConfig,
+    bundle_names,
+    expand_bundles,
+    url_policy,
+)
 from capfleet.jobs.caption.listing import (
     Listing,
     Shard,
@@ -83,8 +88,8 @@ def run_caption_job(
     if bundles != cfg.bundles:
         cfg = replace(cfg, bundles=bundles, names=())
     manifests = [check_bundle(b) for b in cfg.bundles]  # refuse a bad bundle before any work
-    if not cfg.names:  # the spec was loaded before its bundles existed
-        cfg = replace(cfg, names=())
+    if not cfg.names:  # the spec was loaded before its bundles existed, or they are in a store
+        cfg = replace(cfg, names=bundle_names(cfg.bundles, manifests))
     run.spec = asdict(cfg)
     sizes = sorted({int(m["encoder"]["input_size"]) for m in manifests})
     listing = _listing(cfg, log)

@@ -30,6 +30,7 @@ def _env() -> dict:
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     return {**os.environ, **LOOPBACK_ENV, **capfleet.TF_ENV, **auth}
 
+
 pytestmark = pytest.mark.slow  # make test-slow
 
 
