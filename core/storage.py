@@ -20,6 +20,7 @@ the standard SDK settings; `pyarrow.fs.FileSystem.from_uri` names the schemes it
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import re
@@ -65,6 +66,19 @@ def _filesystem(root: str):
         raise CapfleetError(f"{root}: not a filesystem pyarrow can open ({e})") from None
 
 
+class StoreError(CapfleetError, OSError):
+    """An object store refused or failed a request (permissions, a missing bucket, a network
+    error): a clear one-line error for the CLI, still an OSError for callers that retry."""
+
+
+def _failed(what: str, where, e: OSError) -> OSError:
+    """FileNotFoundError stays as it is (callers test for absence); anything else names the
+    store's path and the operation."""
+    if isinstance(e, FileNotFoundError):
+        return e
+    return StoreError(f"{where}: cannot {what} ({e})")
+
+
 class StorePath:
     """A file or folder in an object store or other pyarrow filesystem, named by its URI."""
 
@@ -78,8 +92,11 @@ class StorePath:
 
     # naming -------------------------------------------------------------------------------
     def with_key(self, key: str) -> StorePath:
-        q = f"?{self.query}" if self.query else ""
-        return StorePath(f"{self.scheme}://{self.authority}/{key.strip('/')}{q}")
+        """The same store and options, another key (a key may hold '?': not parsed again)."""
+        other = object.__new__(StorePath)
+        other.scheme, other.authority, other.query = self.scheme, self.authority, self.query
+        other.key = key.strip("/")
+        return other
 
     def __truediv__(self, name) -> StorePath:
         name = str(name).strip("/")
@@ -141,7 +158,7 @@ class StorePath:
         try:
             return self.fs.get_file_info(self.path)
         except OSError as e:
-            raise CapfleetError(f"{self}: {e}") from None
+            raise _failed("look up", self, e) from None
 
     def exists(self) -> bool:
         import pyarrow.fs as pafs
@@ -166,16 +183,22 @@ class StorePath:
         return self._info().size
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
-            return f.readall()
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return f.readall()
+        except OSError as e:
+            raise _failed("read", self, e) from None
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> None:
         """One upload: the object appears whole when it completes, never in part."""
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
+        try:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+        except OSError as e:
+            raise _failed("write", self, e) from None
 
     def write_text(self, text: str, encoding: str = "utf-8") -> None:
         self.write_bytes(text.encode(encoding))
@@ -184,7 +207,10 @@ class StorePath:
         """A random-access file (Parquet footers, ranges)."""
         if mode != "rb":
             raise ValueError("StorePath.open reads only; write with write_bytes")
-        return self.fs.open_input_file(self.path)
+        try:
+            return self.fs.open_input_file(self.path)
+        except OSError as e:
+            raise _failed("open", self, e) from None
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no folders, its keys make them."""
@@ -195,6 +221,8 @@ class StorePath:
         except FileNotFoundError:
             if not missing_ok:
                 raise
+        except OSError as e:
+            raise _failed("delete", self, e) from None
 
     def files(self, recursive: bool = True):
         """The paths of the files under this folder, relative to it."""
@@ -204,7 +232,7 @@ class StorePath:
         try:
             infos = self.fs.get_file_info(sel)
         except OSError as e:
-            raise CapfleetError(f"{self}: cannot list ({e})") from None
+            raise _failed("list", self, e) from None
         base = self.path.rstrip("/") + "/"
         for info in infos:
             if info.type == pafs.FileType.File and info.path.startswith(base):
@@ -216,9 +244,13 @@ class StorePath:
 
         sel = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
         base = self.path.rstrip("/") + "/"
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise _failed("list", self, e) from None
         return {
             i.path[len(base) :]: (i.size, i.mtime_ns)
-            for i in self.fs.get_file_info(sel)
+            for i in infos
             if i.type == pafs.FileType.File and i.path.startswith(base)
         }
 
@@ -240,7 +272,11 @@ class StorePath:
         import pyarrow.fs as pafs
 
         sel = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
-        for info in self.fs.get_file_info(sel):
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise _failed("list", self, e) from None
+        for info in infos:
             yield self / info.path.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -279,6 +315,21 @@ def parquet_metadata(path: Path | StorePath):
     return pq.read_metadata(p)
 
 
+@contextlib.contextmanager
+def node_lock(path: Path):
+    """An exclusive lock among this node's processes (flock on `path`): the actors or tasks of
+    one node that want the same cache entry fetch it once, the others wait and reuse it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 MIRROR_DIR = "capfleet-mirror"  # under the node's temporary folder: store folders copied here
 
 
@@ -288,8 +339,6 @@ def mirror(loc: str | Path | StorePath) -> Path:
     listing's names, sizes and times) and published whole by a rename, so that the tasks on a
     node share one copy."""
     import hashlib
-    import os
-    import shutil
     import tempfile
 
     where = place(loc)
@@ -303,11 +352,22 @@ def mirror(loc: str | Path | StorePath) -> Path:
     named = cache / (where.name or where.authority)
     if (cache / ".complete").is_file():
         return named
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    with node_lock(cache.parent / f".{key}.lock"):
+        if not (cache / ".complete").is_file():  # another process of this node may have
+            _fetch_mirror(where, listing, cache, named.name)
+    return named
+
+
+def _fetch_mirror(where: StorePath, listing, cache: Path, name: str) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    key = cache.name
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{key[:12]}-"))
     try:
         for rel, _, _ in listing:
-            target = tmp / named.name / rel
+            target = tmp / name / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((where / rel).read_bytes())
         (tmp / ".complete").write_bytes(b"")
@@ -318,7 +378,6 @@ def mirror(loc: str | Path | StorePath) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return named
 
 
 def json_bytes(value) -> bytes:

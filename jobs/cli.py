@@ -41,9 +41,10 @@ def _data_rehearsal(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from capfleet.compression.export import export_bundle
     from capfleet.core.artifacts import OutputLock
+    from capfleet.core.storage import mirror, staging
 
-    with OutputLock(args.out, "export"):  # one writer per bundle folder
-        m = export_bundle(args.model, args.out)
+    with OutputLock(args.out, "export"), staging(args.out) as folder:  # one writer per bundle
+        m = export_bundle(str(mirror(args.model)), folder)
     print(f"bundle written to {args.out}: {m['size_mb']:.2f} MB ({m['gzip_size_mb']:.2f} MB gzip)")
     return 0
 

@@ -202,6 +202,7 @@ def _steps(cfg: PipelineConfig, out: Path, address: str | None, log: Callable) -
             actors=cfg.caption.actors,
             actor_cpus=cfg.caption.actor_cpus,
             decode_cpus=cfg.caption.actor_cpus,
+            address=address or "",  # on a cluster, local bundles are shipped to every node
             names=tuple(bundle_name(chosen[n]) for n in names if n in chosen),
         )
         try:

@@ -26,7 +26,7 @@ from capfleet.core.artifacts import (
     write_json_atomic,
 )
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, place
+from capfleet.core.storage import StorePath, node_lock, place
 from capfleet.model.decoding import decode
 from capfleet.model.images import preprocess
 from capfleet.model.text import Vocabulary
@@ -290,8 +290,6 @@ def bundle_here(path: str, sha: str, shipped=None) -> Path:
     cached copy; else fetched into that cache from the object store `path` names, or from
     `shipped` (an object whose `read(name)` returns a file's bytes: cluster.shipping). Every
     file fetched is checked against the manifest's sha256 before the copy is published."""
-    import os
-    import shutil
     import tempfile
 
     where = place(path)
@@ -312,6 +310,17 @@ def bundle_here(path: str, sha: str, shipped=None) -> Path:
             f"{path}: not on this node ({socket.gethostname()}) and not shipped to it; give "
             "the bundle as an object-store URI or a folder every node sees"
         )
+    with node_lock(cache.parent / f".{sha}.lock"):  # one fetch per node
+        if not (cache / MANIFEST_FILE).is_file():
+            _fetch_bundle(path, sha, read, cache)
+    return cache
+
+
+def _fetch_bundle(path: str, sha: str, read, cache: Path) -> None:
+    import os
+    import shutil
+    import tempfile
+
     manifest_bytes = read(MANIFEST_FILE)
     if hashlib.sha256(manifest_bytes).hexdigest() != sha:
         raise BundleError(f"{path}: its manifest changed since the job started")
@@ -329,4 +338,3 @@ def bundle_here(path: str, sha: str, shipped=None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return cache

@@ -177,21 +177,22 @@ def _check_parts_seen(out, names, shards: list[int]) -> None:
     """Every shard a worker reported done must have a part the driver reads, for every model:
     parts written where the driver cannot see them (a local OUT on nodes that share no disk)
     would otherwise leave a short summary and a job that seems to have succeeded."""
-    seen = _written(out, names)
-    missing = [
-        (m, s)
-        for s in shards
-        for m in names
-        if (m, s) not in seen or part_stats(part_path(out, m, s)) is None
-    ]
-    if missing:
-        m, s = missing[0]
+    seen = _written(out, names)  # one listing per model: the footers summarize reads
+    missing = [(m, s) for s in shards for m in names if (m, s) not in seen]
+    if not missing:
+        return
+    m, s = missing[0]
+    if is_uri(out):
         raise CapfleetError(
-            f"{out}: {len(missing)} part(s) that workers reported written are not readable here "
-            f"(first: {part_path(out, m, s)}): the output folder is not shared by every node "
-            "of the cluster; write to an object store (--out s3://bucket/prefix) or a file "
-            "system every node mounts"
+            f"{out}: {len(missing)} part(s) that workers reported written are not in the store "
+            f"(first: {part_path(out, m, s)}); rerun the same command to redo them"
         )
+    raise CapfleetError(
+        f"{out}: {len(missing)} part(s) that workers reported written are not here (first: "
+        f"{part_path(out, m, s)}): the output folder is not shared by every node of the "
+        "cluster; write to an object store (--out s3://bucket/prefix) or a file system every "
+        "node mounts"
+    )
 
 
 def _todo(out: Path, names, shards: list[Shard], retry_errors: bool) -> list[Shard]:

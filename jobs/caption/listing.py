@@ -118,7 +118,11 @@ def list_inputs(
             return _list_parquet(parquets, shard_size, image_column)
     reader = open_reader(input, split or None, image_column, caption_column)
     records = [_absolute(r) for r in reader.records(include_missing=True)]
-    if exclude and "://" not in exclude:
+    if exclude and is_uri(exclude):  # OUT in the store, inside the input's prefix
+        out = place(exclude)
+        head = f"{out.scheme}://{out.authority}/{out.key}/"
+        records = [r for r in records if not r.uri.split("?", 1)[0].startswith(head)]
+    elif exclude and "://" not in exclude:
         inside = os.path.abspath(exclude) + os.sep
         records = [r for r in records if not r.uri.startswith(inside)]
     return Listing(shard_records(records, shard_size), type(reader).__name__)
@@ -385,10 +389,10 @@ def _list_parquet(paths: list[str], shard_size: int, image_column: str) -> Listi
                     part = pf.read_row_group(g, columns=[f"{column}.path"]).column(0)
                     got = [v and v.get("path") for v in part.to_pylist()]
                     ids = [
-                        str(v) if v else f"{Path(uri).name}:{first + i}" for i, v in enumerate(got)
+                        str(v) if v else f"{_file_name(uri)}:{first + i}" for i, v in enumerate(got)
                     ]
                 else:
-                    ids = [f"{Path(uri).name}:{first + i}" for i in range(rows)]
+                    ids = [f"{_file_name(uri)}:{first + i}" for i in range(rows)]
                 for offset in range(0, rows, shard_size):
                     chunk = ids[offset : offset + shard_size]
                     where = {

@@ -34,11 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from capfleet.cluster.connect import cluster_cpus, ray_imported
 from capfleet.core.artifacts import cpu_info
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import is_uri, place, read_parquet
 from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
 from capfleet.jobs.caption.job import duration, run_caption_job
 from capfleet.jobs.caption.listing import list_inputs
@@ -133,7 +132,17 @@ def calibrate(
 @contextmanager
 def _scratch(cfg: CaptionConfig) -> Iterator[Path]:
     """A temporary folder for calibration runs beside the spec's output (on a cluster, storage
-    every node writes to), removed after."""
+    every node writes to; for an output in an object store, a prefix beside it), removed after."""
+    if is_uri(cfg.out):
+        import secrets
+
+        scratch = place(cfg.out).parent / f".capfleet-plan-{secrets.token_hex(6)}"
+        try:
+            yield scratch
+        finally:
+            for key in scratch.listing():
+                (scratch / key).unlink(missing_ok=True)
+        return
     parent = Path(cfg.out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".capfleet-plan-", dir=parent) as name:
@@ -146,7 +155,7 @@ def _timed_run(cfg: CaptionConfig, out: Path, images: int) -> tuple[float, list[
     t0 = time.perf_counter()
     run_caption_job(replace(cfg, out=str(out), limit=images), log=lambda _: None)
     wall = time.perf_counter() - t0
-    return wall, pq.read_table(out / "summary.parquet").to_pylist()
+    return wall, read_parquet(out / "summary.parquet").to_pylist()
 
 
 def _stages(summary: list[dict]) -> dict:

@@ -93,7 +93,10 @@ def train_anywhere(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict
     if not (is_uri(cfg.out) or is_uri(cfg.data)):
         return train(cfg, log=log)
     with staging(cfg.out) as out:
-        manifest = train(replace(cfg, out=str(out), data=str(mirror(cfg.data))), log=log)
+        local_cfg = replace(  # the features' cache stays where the job computed it
+            cfg, out=str(out), data=str(mirror(cfg.data)), cache_dir=cfg.feature_cache
+        )
+        manifest = train(local_cfg, log=log)
         manifest = {
             **manifest,
             "train": asdict(cfg),
@@ -176,7 +179,7 @@ def _train_variants(grid: TrainGrid, address, max_retries: int, log) -> pa.Table
         if frozen:
             log(f"train: computing features of {len(frozen)} frozen backbone(s) once")
             for c in frozen.values():  # each across every CPU of the cluster
-                compute_features(c, address, log=log)
+                compute_features(replace(c, data=str(mirror(c.data))), address, log=log)
         if todo:
             log(f"train: {len(todo)} variants on Ray into {out}")
         calls = [((name, cfg), (name, cfg), max(1, cfg.threads)) for name, cfg in todo]

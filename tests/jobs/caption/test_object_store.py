@@ -184,3 +184,38 @@ trials = ["int8"]
     summary = pq.read_table(f"{s3.bucket}/run/caption/summary.parquet", filesystem=s3.fs)
     assert summary["images"].to_pylist() == summary["ok"].to_pylist() != [0]
     assert not [p for p in tmp_path.rglob("*") if p.name != "p.toml"]  # nothing written here
+
+
+def test_an_output_inside_the_input_prefix_is_not_read_as_input(shapes_dir, s3):
+    records = Flickr8kReader(shapes_dir, "test").records()[:3]
+    for r in records:
+        _put(s3, f"photos/{r.image_id}.jpg", open(r.uri, "rb").read())
+    _put(s3, "photos/run1/_thumbs/0123.jpg", b"a thumbnail the job wrote")
+    listing = list_inputs(s3.uri("photos/"), exclude=s3.uri("photos/run1"))
+    assert listing.images == 3
+
+
+def test_store_paths_that_cannot_work_are_refused_before_any_work(tiny_model, s3, tmp_path):
+    from capfleet.compression.goal import Goal
+    from capfleet.core.artifacts import OutputLock
+    from capfleet.core.errors import CapfleetError
+    from capfleet.jobs.cli import main
+    from capfleet.jobs.compress.compress_config import CompressConfig
+
+    with pytest.raises(CapfleetError, match="renaming folders"):
+        CompressConfig(
+            models=(str(tiny_model),), out=s3.uri("search"), goal=Goal(max_delta_bleu4=0.01)
+        )
+    # a bucket that is not there: one clear error, not a traceback
+    missing = s3.uri("x").replace(s3.bucket, "no-such-bucket", 1)
+    with pytest.raises(CapfleetError, match="cannot write"):
+        OutputLock(missing, "caption job", log=lambda _: None).__enter__()
+    # export publishes a bundle into the store
+    assert main(["export", str(tiny_model), "--out", s3.uri("bundles/tiny")]) == 0
+    assert s3.keys("bundles/tiny") == [
+        "decoder_step.tflite",
+        "encoder.tflite",
+        "manifest.json",
+        "vocab.json",
+    ]
+    assert not [p for p in tmp_path.rglob("*")]

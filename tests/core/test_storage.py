@@ -1,0 +1,96 @@
+"""core.storage against a real S3 API server (moto, on loopback): paths joined with their
+options kept, objects published whole, listing, a store folder copied per node, staging, and
+the output lock on a store."""
+
+import pytest
+
+from capfleet.core.artifacts import LOCK_FILE, OutputLock, write_json_atomic
+from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, mirror, place, read_parquet, staging
+
+
+def test_a_uri_keeps_its_options_on_every_path_joined_from_it():
+    root = place("s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert isinstance(root, StorePath)
+    part = root / "captions" / "m" / "part-000001.parquet"
+    assert str(part) == (
+        "s3://bucket/run/captions/m/part-000001.parquet"
+        "?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert part.name == "part-000001.parquet" and part.stem == "part-000001"
+    assert part.parent.parent == root / "captions"
+    assert str(place("s3://bucket")) == "s3://bucket" and place("s3://bucket/").key == ""
+    assert place("file:///tmp/x").__class__.__name__ == "PosixPath"  # file:// is local
+    with pytest.raises(CapfleetError, match="no bucket"):
+        place("s3:///key")
+
+
+def test_objects_list_read_and_glob_by_level(s3):
+    root = place(s3.uri("r"))
+    for key in ("a/part-1.parquet", "a/part-2.parquet", "a/deeper/part-3.parquet", "b.json"):
+        (root / key).write_bytes(key.encode())
+    assert [p.name for p in (root / "a").glob("part-*.parquet")] == [
+        "part-1.parquet",
+        "part-2.parquet",
+    ]
+    assert [p.key.removeprefix("r/") for p in root.glob("*/part-*.parquet")] == [
+        "a/part-1.parquet",
+        "a/part-2.parquet",
+    ]
+    assert (root / "a" / "part-1.parquet").read_bytes() == b"a/part-1.parquet"
+    assert (root / "a").is_dir() and (root / "b.json").is_file()
+    assert not (root / "nothing").exists()
+    (root / "b.json").unlink()
+    (root / "b.json").unlink(missing_ok=True)
+    assert sorted(root.listing()) == [
+        "a/deeper/part-3.parquet",
+        "a/part-1.parquet",
+        "a/part-2.parquet",
+    ]
+
+
+def test_a_store_folder_is_mirrored_once_and_staging_publishes_the_manifest_last(s3, tmp_path):
+    import pyarrow as pa
+
+    from capfleet.core.artifacts import write_parquet_atomic
+
+    target = s3.uri("model")
+    with staging(target) as folder:
+        assert folder.name == "model" and not str(folder).startswith("s3:")
+        folder.mkdir(parents=True)
+        (folder / "weights.h5").write_bytes(b"w" * 10)
+        write_json_atomic(folder / "manifest.json", {"format": "x"})
+    assert s3.keys("model") == ["manifest.json", "weights.h5"]
+    copy = mirror(target)
+    assert copy.name == "model" and (copy / "weights.h5").read_bytes() == b"w" * 10
+    assert mirror(target) == copy  # once per content
+    (place(target) / "weights.h5").write_bytes(b"changed")
+    assert mirror(target) != copy and (mirror(target) / "weights.h5").read_bytes() == b"changed"
+    with pytest.raises(CapfleetError, match="nothing there"):
+        mirror(s3.uri("absent"))
+
+    table = pa.table({"x": [1, 2]})
+    write_parquet_atomic(place(s3.uri("t.parquet")), table)
+    assert read_parquet(s3.uri("t.parquet")).equals(table)
+
+
+def test_the_lock_on_a_store_refuses_a_second_job_and_is_released(s3):
+    out = s3.uri("locked")
+    with OutputLock(out, "caption job", log=lambda _: None):
+        assert LOCK_FILE in s3.keys("locked")
+        with pytest.raises(CapfleetError, match="another caption job is writing here"):
+            OutputLock(out, "caption job", log=lambda _: None).__enter__()
+    assert LOCK_FILE not in s3.keys("locked")
+    # a dead holder's lock (this host, this namespace, a pid that is gone) is taken over
+    import json
+    import os
+
+    from capfleet.core.artifacts import _host, _namespace
+
+    gone = {"host": _host(), "pid": 2**22 + 7, "token": "old", "namespace": _namespace()}
+    assert not os.path.exists(f"/proc/{gone['pid']}")
+    (place(out) / LOCK_FILE).write_bytes(json.dumps(gone).encode())
+    lines: list = []
+    with OutputLock(out, "caption job", log=lines.append):
+        pass
+    assert any("taking over" in x for x in lines)
