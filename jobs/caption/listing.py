@@ -267,8 +267,8 @@ def _is_tar(name: str) -> bool:
 
 
 def _file_name(name: str) -> str:
-    """A path's, or a URI's without its options (?endpoint_override=...)."""
-    return place(name).name if is_uri(name) else name
+    """A path's file name, or a URI's, without its options (?endpoint_override=...)."""
+    return place(name).name if is_uri(name) else Path(name).name
 
 
 def _matching(pattern: str, keep) -> list[str]:

@@ -2,11 +2,8 @@
 caption spec submitted through `capfleet submit`, followed to success, its Parquet checked."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,23 +13,17 @@ import capfleet
 from capfleet.cluster.connect import LOOPBACK_ENV
 from capfleet.jobs.caption.parts import read_captions
 from capfleet.jobs.cli import main
+from tests.cluster.heads import free_port, started_head
 
-BIN = Path(sys.executable).parent
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
 pytestmark = pytest.mark.slow  # make test-slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_head(tmp_path, monkeypatch):
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Token authentication on, with the token this process already uses (Ray reads it once per
     # process): the user's ~/.ray/auth_token, or the one tests/conftest.py made for a machine
     # that has none (Ray turns auth on by itself only where that file exists).
@@ -53,57 +44,26 @@ def ray_head(tmp_path, monkeypatch):
         "PATH": f"{decoy}{os.pathsep}{os.environ['PATH']}",
         **capfleet.TF_ENV,
     }
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            # ports of its own: the test session's Ray may hold the default agent ports
-            *(
-                f"--{flag}={_free_port()}"
-                for flag in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                    "ray-client-server-port",
-                )
-            ),
-        ],
-        env=env,
-        start_new_session=True,  # its own process group: ended below by that group's id
-        stdout=open(tmp_path / "head.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
     address = f"http://127.0.0.1:{dash}"
-    try:
+
+    def answering() -> bool:
         from capfleet.cluster.submit import list_jobs
 
-        deadline = time.time() + 90
-        while True:
-            try:
-                list_jobs(address)
-                break
-            except Exception:
-                if time.time() > deadline or head.poll() is not None:
-                    raise AssertionError((tmp_path / "head.log").read_text()[-3000:]) from None
-                time.sleep(1)
+        try:
+            list_jobs(address)
+            return True
+        except Exception:
+            return False
+
+    flags = [
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+    ]
+    with started_head(tmp_path / "head.log", env, flags, answering):
         yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:  # `ray start --block` outlived 30 s of SIGTERM in each run seen: then kill the group
-            head.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
 
 
 def test_submit_a_caption_spec_and_follow_it(ray_head, tiny_bundle, shapes_dir, tmp_path, capsys):

@@ -7,19 +7,16 @@ naming the cause; an output in an object store (moto's S3 server) completes."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import capfleet
 from capfleet.cluster.connect import LOOPBACK_ENV
+from tests.cluster.heads import free_port, started_head
 
-BIN = Path(sys.executable).parent
 HERE = Path(__file__).parent
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
@@ -34,12 +31,6 @@ def _env() -> dict:
 pytestmark = pytest.mark.slow  # make test-slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _can_unshare() -> bool:
     unshare = shutil.which("unshare")
     if not unshare:
@@ -52,52 +43,18 @@ def _can_unshare() -> bool:
 
 @pytest.fixture()
 def head(tmp_path):
-    """A one-node Ray cluster on loopback (its own process group, ended by that group)."""
-    gcs = _free_port()
-    env = _env()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            *(
-                f"--{flag}={_free_port()}"
-                for flag in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                    "ray-client-server-port",
-                    "node-manager-port",
-                    "object-manager-port",
-                )
-            ),
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=open(tmp_path / "head.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 90
-        while "Ray runtime started" not in (tmp_path / "head.log").read_text(errors="replace"):
-            if time.time() > deadline or proc.poll() is not None:
-                raise AssertionError((tmp_path / "head.log").read_text()[-3000:])
-            time.sleep(1)
+    """A one-node Ray cluster on loopback."""
+    gcs, log = free_port(), tmp_path / "head.log"
+    flags = [
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]
+    started = lambda: "Ray runtime started" in log.read_text(errors="replace")  # noqa: E731
+    with started_head(log, _env(), flags, started):
         yield f"127.0.0.1:{gcs}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs user and mount namespaces (unshare -rm)")
