@@ -25,8 +25,8 @@ from capfleet.compression.records import (
 )
 from capfleet.compression.settings import TrialSettings, slug, tuning_epochs
 from capfleet.compression.trial import measure_bundle, run_trial
-from capfleet.core.artifacts import write_json_atomic
-from capfleet.core.storage import local, mirror, place, staging
+from capfleet.core.artifacts import write_json_atomic, write_parquet_atomic
+from capfleet.core.storage import is_uri, local, mirror, place, read_parquet, staging
 from capfleet.jobs.compress.compress_config import CompressConfig, checked_plan
 from capfleet.jobs.compress.trial_gallery import write_compress_gallery
 from capfleet.jobs.compress.trial_report import write_report
@@ -43,19 +43,47 @@ def _trial_task(
     A model or data set in an object store is read from this node's copy of it (mirror); the
     bundle and captions are written to local scratch and published to the store (staging)."""
     try:
+        model_copy, data_copy = mirror(model_dir), mirror(data)
         with staging(bundle_dir) as bundle, staging(captions) as kept:
             record = run_trial(
-                str(mirror(model_dir)),
+                str(model_copy),
                 trial,
                 bundle,
                 TrialSettings(**settings),
                 print,
                 kept,
-                str(mirror(data)),
+                str(data_copy),
             )
-        return {**record, "bundle": bundle_dir, "data": data}  # where they are for everyone
+            if is_uri(model_dir) or is_uri(data):  # name what everyone sees, not this node's copies
+                _as_given(bundle, kept, {str(model_copy): model_dir, str(data_copy): data})
+        return {**record, "bundle": bundle_dir, "data": data}
     except Exception as e:  # noqa: BLE001  one failed trial must not sink the job
         return failed_record(place(model_dir).name, trial, failure_text(e))
+
+
+def _as_given(bundle: Path, captions: Path, copies: dict[str, str]) -> None:
+    """Before publishing: the bundle's source model and the captions' image URIs named as the
+    job was given them (store URIs), not as this node's mirror copies of them."""
+    import pyarrow as pa
+
+    def given(path: str) -> str:
+        for copy, where in copies.items():
+            if path == copy or path.startswith(copy + "/"):
+                rel = path[len(copy) :].strip("/")
+                return str(place(where) / rel) if rel else where
+        return path
+
+    manifest_file = Path(bundle) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    source = manifest.get("source_model", {})
+    if "path" in source:
+        source["path"] = given(source["path"])
+        write_json_atomic(manifest_file, manifest)
+    if Path(captions).is_file():
+        table = read_parquet(captions)
+        uris = pa.array([given(u) for u in table["uri"].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index("uri"), "uri", uris)
+        write_parquet_atomic(captions, table)
 
 
 def _measure_task(record: dict, settings: dict) -> dict:

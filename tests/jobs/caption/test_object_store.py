@@ -144,7 +144,12 @@ def test_compress_reads_its_model_and_data_from_the_store_and_publishes_there(
     # a bundle in the store captions straight from it
     from capfleet.model.bundle import check_bundle
 
-    assert check_bundle(records[1]["bundle"])["recipe"]
+    manifest = check_bundle(records[1]["bundle"])
+    assert manifest["source_model"]["path"] == model  # the store's, not a node's copy
+    captions = pq.read_table(
+        f"{s3.bucket}/compress/records/tiny/int8_int8.captions.parquet", filesystem=s3.fs
+    )
+    assert all(u.startswith(f"s3://{s3.bucket}/data/shapes/") for u in captions["uri"].to_pylist())
     lines: list = []
     run_compress_job(cfg, log=lines.append)  # resume from the records the store holds
     assert "2 of 2 trials already done" in lines[0], lines
