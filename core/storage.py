@@ -179,9 +179,6 @@ class StorePath:
         info = self._info()
         return info.mtime.timestamp() if info.mtime is not None else None
 
-    def size(self) -> int | None:
-        return self._info().size
-
     def read_bytes(self) -> bytes:
         try:
             with self.fs.open_input_stream(self.path) as f:
@@ -350,34 +347,38 @@ def mirror(loc: str | Path | StorePath) -> Path:
     key = hashlib.sha256(json_bytes([str(where), listing])).hexdigest()[:32]
     cache = Path(tempfile.gettempdir()) / MIRROR_DIR / key
     named = cache / (where.name or where.authority)
-    if (cache / ".complete").is_file():
-        return named
-    with node_lock(cache.parent / f".{key}.lock"):
-        if not (cache / ".complete").is_file():  # another process of this node may have
-            _fetch_mirror(where, listing, cache, named.name)
+
+    def fill(tmp: Path) -> None:
+        for rel, _, _ in listing:
+            target = tmp / named.name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((where / rel).read_bytes())
+        (tmp / ".complete").write_bytes(b"")
+
+    node_cache(cache, ".complete", fill)
     return named
 
 
-def _fetch_mirror(where: StorePath, listing, cache: Path, name: str) -> None:
+def node_cache(cache: Path, ready: str, fill) -> Path:
+    """`cache`, made once on this node: unless it holds `ready` already, one process (the
+    others wait on node_lock) has `fill(folder)` write a temporary folder beside it, which is
+    then renamed into place, so that no reader sees it in part."""
     import os
     import shutil
     import tempfile
 
-    key = cache.name
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{key[:12]}-"))
-    try:
-        for rel, _, _ in listing:
-            target = tmp / name / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((where / rel).read_bytes())
-        (tmp / ".complete").write_bytes(b"")
+    if (cache / ready).is_file():
+        return cache
+    with node_lock(cache.parent / f".{cache.name}.lock"):
+        if (cache / ready).is_file():  # another process of this node made it meanwhile
+            return cache
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{cache.name[:12]}-"))
         try:
+            fill(tmp)
             os.rename(tmp, cache)
-        except OSError:
-            if not (cache / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
 
 
 def json_bytes(value) -> bytes:

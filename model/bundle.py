@@ -26,7 +26,7 @@ from capfleet.core.artifacts import (
     write_json_atomic,
 )
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, node_lock, place
+from capfleet.core.storage import StorePath, node_cache, place
 from capfleet.model.decoding import decode
 from capfleet.model.images import preprocess
 from capfleet.model.text import Vocabulary
@@ -310,31 +310,14 @@ def bundle_here(path: str, sha: str, shipped=None) -> Path:
             f"{path}: not on this node ({socket.gethostname()}) and not shipped to it; give "
             "the bundle as an object-store URI or a folder every node sees"
         )
-    with node_lock(cache.parent / f".{sha}.lock"):  # one fetch per node
-        if not (cache / MANIFEST_FILE).is_file():
-            _fetch_bundle(path, sha, read, cache)
-    return cache
 
-
-def _fetch_bundle(path: str, sha: str, read, cache: Path) -> None:
-    import os
-    import shutil
-    import tempfile
-
-    manifest_bytes = read(MANIFEST_FILE)
-    if hashlib.sha256(manifest_bytes).hexdigest() != sha:
-        raise BundleError(f"{path}: its manifest changed since the job started")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".tmp-{sha[:12]}-"))
-    try:
+    def fill(tmp: Path) -> None:
+        manifest_bytes = read(MANIFEST_FILE)
+        if hashlib.sha256(manifest_bytes).hexdigest() != sha:
+            raise BundleError(f"{path}: its manifest changed since the job started")
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
         for name in REQUIRED_FILES:
             (tmp / name).write_bytes(read(name))
         load_bundle_files(tmp)  # every file against the manifest's sizes and sha256
-        try:
-            os.rename(tmp, cache)  # published whole; another actor may have been first
-        except OSError:
-            if not (cache / MANIFEST_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return node_cache(cache, MANIFEST_FILE, fill)  # one fetch per node
