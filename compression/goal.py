@@ -6,7 +6,8 @@ waves and looks at each wave's records before choosing the next:
   1. post-training quantization: fp32 (the baseline), dynamic, int8;
   2. when full int8 missed the quality bound but would otherwise beat the best recipe so far:
      mixed precision, int8 with each part's K most sensitive ops kept float (mixed-int8-K, the
-     ops in their layer-sensitivity order), K = 1, 2, 4, ... until a candidate meets the goal,
+     ops in their layer-sensitivity order; with fallback = "int16x8", kept in int16x8:
+     mixed-int16x8-K), K = 1, 2, 4, ... until a candidate meets the goal,
      then bisection between the last K that missed and the first that met (fewer float ops:
      a smaller, faster bundle), as OpenVINO NNCF's accuracy control reverts layers in order;
      then quantization-aware training (qat-int8) on the same condition;
@@ -31,7 +32,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
-from capfleet.compression.recipes import TrialRecipe, parse_trial
+from capfleet.compression.mixed import FALLBACKS
+from capfleet.compression.recipes import MIXED, TrialRecipe, parse_trial
 from capfleet.compression.records import BASELINE, pareto
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
 
@@ -60,6 +62,7 @@ class Goal:
     max_trials: int = 16  # the search's budget, the baseline included
     price_per_cpu_hour: float | None = None  # minimize = "cost": what a CPU-hour costs
     images: int = 1_000_000  # minimize = "cost": the fleet's job size, for choice.md's table
+    fallback: str = "float32"  # mixed precision: the sensitive ops kept float32 or int16x8
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -81,6 +84,10 @@ class Goal:
         check_range(self, {"max_trials": (2, 1000), "images": (1, 10**12)})
         if self.minimize == "cost" and self.price_per_cpu_hour is None:
             raise CapfleetError('minimize = "cost" needs price_per_cpu_hour in [compress.goal]')
+        if self.fallback not in FALLBACKS:
+            raise CapfleetError(
+                f"fallback: must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}"
+            )
         if self.price_per_cpu_hour is not None and not 0 < self.price_per_cpu_hour < 10**6:
             raise CapfleetError(f"price_per_cpu_hour: must be > 0, got {self.price_per_cpu_hour}")
 
@@ -143,9 +150,10 @@ def _with_shrink(trial: str, encoder: float, decoder: float) -> str:
     return TrialRecipe(enc, dec).name
 
 
-def _mixed(k: int) -> str:
-    """int8 with each part's `k` most sensitive ops kept float."""
-    return parse_trial(f"mixed-int8-{k}:mixed-int8-{k}").name
+def _mixed(k: int, fallback: str = "float32") -> str:
+    """int8 with each part's `k` most sensitive ops kept in `fallback` precision."""
+    recipe = {v: k for k, v in MIXED.items()}[fallback]
+    return parse_trial(f"{recipe}-{k}:{recipe}-{k}").name
 
 
 def _with_prune(trial: str, level: int) -> str:
@@ -237,9 +245,10 @@ class Search:
         """int8 with each part's K most sensitive ops float: K doubling from 1 until a
         candidate meets the goal, then bisection on K between the last miss and the first
         meet; None when that is done (or K reached MAX_FLOAT_OPS, or a mixed trial failed)."""
+        mixed = lambda k: _mixed(k, self.goal.fallback)  # noqa: E731
         met, missed = [], []
         for k in range(1, MAX_FLOAT_OPS + 1):
-            r = self.records.get(_mixed(k))
+            r = self.records.get(mixed(k))
             if r is None:
                 continue
             if r.get("status") != "ok":
@@ -250,10 +259,11 @@ class Search:
             k = 1 if lo == 0 else 2 * lo
             if k > MAX_FLOAT_OPS:
                 return None
-            return f"mixed precision: int8 but {k} sensitive op(s) of each part float", [_mixed(k)]
+            kept = f"{k} sensitive op(s) of each part {self.goal.fallback}"
+            return f"mixed precision: int8 but {kept}", [mixed(k)]
         if hi - lo > 1:
             k = (lo + hi) // 2
-            return f"mixed precision bisection ({lo} float ops missed, {hi} met)", [_mixed(k)]
+            return f"mixed precision bisection ({lo} ops kept missed, {hi} met)", [mixed(k)]
         return None
 
     def _unshrunk(self, trial: str) -> str:
@@ -431,7 +441,8 @@ def render_choice(doc: dict, machine: str) -> str:
     lines += [
         "",
         "How the search works: post-training quantizations first; where int8 lost too much "
-        "quality, mixed precision (the parts' most sensitive ops kept float, their number "
+        "quality, mixed precision (the parts' most sensitive ops kept "
+        f"{doc['goal'].get('fallback', 'float32')}, their number "
         "doubled until the goal is met, then bisected), then quantization-aware training; "
         "then each part of the best recipe "
         "shrunk alone, bisection on the part that did best (assuming quality falls as more "

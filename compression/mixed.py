@@ -3,10 +3,12 @@
 
     ops              the part's ops as the quantizer names them (kind, scope, Keras layer)
     quantize_int8    static int8 (int8 weights per channel, int8 activations calibrated on the
-                     samples; inputs and outputs stay float), chosen ops kept float
+                     samples; inputs and outputs stay float), chosen ops kept float or in
+                     int16x8 (int16 activations, int8 weights)
     sensitivity      each op quantized to int8 alone, every other op float: the part's outputs
                      against float on the samples (SNR in dB, cosine), ranked worst first
-    mixed_int8       int8 but for the K ops sensitivity ranks worst, kept float
+    mixed_int8       int8 but for the K ops sensitivity ranks worst, kept in the fallback
+                     precision (float32, or int16x8: smaller, and integer throughout)
     precisions       each op's precision, read back from a flatbuffer
 
 Calibration runs once per part, over every sample, keeping each tensor's minimum and maximum
@@ -28,6 +30,7 @@ from capfleet.core.errors import CapfleetError
 QUANTIZER = "litert-quantizer"
 SIGNATURE = "serving_default"
 EVAL_SAMPLES = 256
+FALLBACKS = ("float32", "int16x8")  # what a mixed part's kept ops run in
 _OUTPUT = re.compile(r"^StatefulPartitionedCall(?:_\d+)?:(\d+)$")
 
 
@@ -96,29 +99,37 @@ class PartQuantizer:
         self.samples = {k: np.concatenate([r[k] for r in picked]) for k in rows[0]}
         self._float = run(self.flat, self.samples)
 
-    def _quantizer(self, keep_float: Iterable[str], only: str | None = None):
+    def _quantizer(self, keep: Iterable[str], only: str | None = None, fallback: str = "float32"):
         from litert_quantizer import qtyping, quantizer
 
         name, algo = qtyping.TFLOperationName, quantizer.AlgorithmName
         qt = quantizer.Quantizer(self.flat)
         which = ".*" if only is None else f"^{re.escape(only)}$"
         qt.add_static_config(which, name.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8)
-        for scope in keep_float:
-            qt.update_quantization_recipe(
-                regex=f"^{re.escape(scope)}$",
-                operation_name=name.ALL_SUPPORTED,
-                algorithm_key=algo.NO_QUANTIZE,
-            )
+        for scope in keep:
+            regex = f"^{re.escape(scope)}$"
+            if fallback == "int16x8":
+                qt.add_static_config(
+                    regex, name.ALL_SUPPORTED, activation_num_bits=16, weight_num_bits=8
+                )
+            else:
+                qt.update_quantization_recipe(
+                    regex=regex, operation_name=name.ALL_SUPPORTED, algorithm_key=algo.NO_QUANTIZE
+                )
         for io in (name.INPUT, name.OUTPUT):  # float in, float out, as the converter's int8
             qt.update_quantization_recipe(
                 regex=".*", operation_name=io, algorithm_key=algo.NO_QUANTIZE
             )
         return qt
 
-    def quantize_int8(self, keep_float: Sequence[str] = (), only: str | None = None) -> bytes:
-        """Static int8 of every op but those whose scope is in `keep_float` (with `only`: of
-        that op alone)."""
-        qt = self._quantizer(keep_float, only)
+    def quantize_int8(
+        self, keep: Sequence[str] = (), only: str | None = None, fallback: str = "float32"
+    ) -> bytes:
+        """Static int8 of every op but those whose scope is in `keep`, which run in `fallback`
+        (with `only`: int8 of that op alone)."""
+        if fallback not in FALLBACKS:
+            raise CapfleetError(f"fallback precision must be one of {FALLBACKS}, got {fallback!r}")
+        qt = self._quantizer(keep, only, fallback)
         try:
             result = qt.quantize(self._ranges, enable_progress_report=False)
         except Exception as e:  # noqa: BLE001  the quantizer raises ValueError and friends
@@ -151,34 +162,40 @@ class PartQuantizer:
             r["rank"] = rank
         return rows
 
-    def mixed_int8(self, keep: int, ranked: list[dict] | None = None) -> tuple[bytes, list[dict]]:
+    def mixed_int8(
+        self, keep: int, ranked: list[dict] | None = None, fallback: str = "float32"
+    ) -> tuple[bytes, list[dict]]:
         """Int8 but for the `keep` most sensitive ops (of `ranked`, else of sensitivity()),
-        kept float, passing over any whose float fallback leaves the graph unrunnable; returns
-        the flatbuffer and the kept ops' sensitivity rows."""
+        kept in `fallback` precision, passing over any whose fallback the quantizer cannot
+        build or leaves the graph unrunnable; returns the flatbuffer and the kept ops'
+        sensitivity rows."""
         ranked = self.sensitivity() if ranked is None else ranked
         kept: list[dict] = []
         flat = self.quantize_int8()
         for row in ranked:
             if len(kept) == keep:
                 break
-            candidate = self.quantize_int8(keep_float=[r["scope"] for r in [*kept, row]])
             try:
-                run(candidate, {k: v[:1] for k, v in self.samples.items()})
-            except (RuntimeError, ValueError):
+                candidate = self.quantize_int8([r["scope"] for r in [*kept, row]], None, fallback)
+                outputs = run(candidate, {k: v[:1] for k, v in self.samples.items()}, raw=True)
+            except (CapfleetError, RuntimeError, ValueError):
                 continue
+            if any(o.dtype != np.float32 for o in outputs):
+                continue  # an int16x8 graph output: the bundle's parts pass float to each other
             kept.append(row)
             flat = candidate
         return flat, kept
 
 
-def run(flat: bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """A flatbuffer's signature outputs for one batch of inputs, in output-name order."""
+def run(flat: bytes, inputs: dict[str, np.ndarray], raw: bool = False) -> list[np.ndarray]:
+    """A flatbuffer's signature outputs for one batch of inputs, in output-name order, as
+    float64 (`raw`: as the graph gives them)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=flat)
     runner = interpreter.get_signature_runner(SIGNATURE)
     out = runner(**inputs)
-    return [np.asarray(out[k], dtype=np.float64) for k in sorted(out)]
+    return [out[k] if raw else np.asarray(out[k], dtype=np.float64) for k in sorted(out)]
 
 
 def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
@@ -190,7 +207,7 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     signal = float(np.sum(r**2))
     snr = None if noise == 0 else round(float(10 * np.log10(max(signal, 1e-30) / noise)), 3)
     norm = float(np.linalg.norm(r) * np.linalg.norm(g))
-    cosine = float(r @ g / norm) if norm else 1.0
+    cosine = float(r @ g / norm) if norm else float(not r.any() and not g.any())  # 0 vs x: 0
     return {"snr_db": snr, "cosine": round(cosine, 6)}
 
 

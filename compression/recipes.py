@@ -9,6 +9,8 @@ A recipe is one or more steps joined by "+", applied in this order:
     fp32 | dynamic | float16 | int8    how the part is converted to TFLite
     mixed-int8   int8 but for the part's most sensitive ops, kept float (compression/mixed.py):
                  as many as the settings' mixed_float_ops, or K with mixed-int8-K
+    mixed-int16x8  the same, the kept ops in int16x8 (int16 activations, int8 weights)
+                 instead of float: smaller, integer throughout; mixed-int16x8-K
 
 A trial names both parts, "ENCODER:DECODER" (e.g. "int8:qat-int8"), or one recipe for both
 ("prune-50+int8"); "qat-int8" alone means an int8 encoder with a qat-int8 decoder.
@@ -21,13 +23,13 @@ from dataclasses import dataclass
 
 from capfleet.core.errors import CapfleetError
 
-MIXED = "mixed-int8"
+MIXED = {"mixed-int8": "float32", "mixed-int16x8": "int16x8"}  # recipe -> its kept ops' precision
 QUANT = {
-    "encoder": ("fp32", "dynamic", "float16", "int8", "mixed-int8"),
-    "decoder": ("fp32", "dynamic", "int8", "qat-int8", "mixed-int8"),
+    "encoder": ("fp32", "dynamic", "float16", "int8", *MIXED),
+    "decoder": ("fp32", "dynamic", "int8", "qat-int8", *MIXED),
 }
 _STEP = re.compile(r"^(prune|shrink)-(\d{1,2})$")
-_MIXED_K = re.compile(r"^mixed-int8-(\d{1,4})$")
+_MIXED_K = re.compile(r"^(mixed-int8|mixed-int16x8)-(\d{1,4})$")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class PartRecipe:
     quant: str = "fp32"  # one of QUANT[part]
     prune: float = 0.0  # target sparsity in [0, 1)
     shrink: float = 0.0  # share of units/channels removed, in [0, 1)
-    keep_float: int = 0  # mixed-int8: ops kept float (0: the settings' mixed_float_ops)
+    keep_float: int = 0  # mixed: ops kept out of int8 (0: the settings' mixed_float_ops)
 
     @property
     def name(self) -> str:
@@ -49,6 +51,11 @@ class PartRecipe:
         if self.quant != "fp32" or not steps:
             steps.append(f"{self.quant}-{self.keep_float}" if self.keep_float else self.quant)
         return "+".join(steps)
+
+    @property
+    def fallback(self) -> str | None:
+        """A mixed part's kept ops' precision (None for any other recipe)."""
+        return MIXED.get(self.quant)
 
     @property
     def needs_tuning(self) -> bool:
@@ -75,10 +82,10 @@ def parse_part(text: str, part: str) -> PartRecipe:
         if k:
             if quant is not None:
                 raise CapfleetError(f"{part} recipe {text!r}: more than one quantization step")
-            keep = int(k.group(1))
+            keep = int(k.group(2))
             if keep < 1:
-                raise CapfleetError(f"{part} recipe {text!r}: keeps no op float (use int8)")
-            quant = MIXED
+                raise CapfleetError(f"{part} recipe {text!r}: keeps no op out of int8 (use int8)")
+            quant = k.group(1)
         elif step in allowed or step in ("qat-int8", "float16"):
             if step not in allowed:
                 raise CapfleetError(
@@ -101,8 +108,8 @@ def parse_part(text: str, part: str) -> PartRecipe:
         else:
             raise CapfleetError(
                 f"{part} recipe {text!r}: unknown step {step!r}; allowed: "
-                f"{', '.join(allowed)}, mixed-int8-<K>, prune-<1..99>, shrink-<1..99>, "
-                "joined by '+'"
+                f"{', '.join(allowed)}, mixed-int8-<K>, mixed-int16x8-<K>, prune-<1..99>, "
+                "shrink-<1..99>, joined by '+'"
             )
     return PartRecipe(quant or "fp32", prune, shrink, keep)
 

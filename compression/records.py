@@ -164,8 +164,9 @@ def write_trial_captions(
 
 
 SENSITIVITY_FILE = "sensitivity.parquet"
-# One row per (trial with a mixed-int8 part, part, op): the part's error when that op alone is
-# int8 and the rest float, on the calibration samples; rank 1 is the worst.
+# One row per (trial with a mixed part, part, op): the part's error when that op alone is int8
+# and the rest float, on the calibration samples; rank 1 is the worst. For the few worst, the
+# whole model's dev scores with that op alone int8, against all float.
 SENSITIVITY_SCHEMA = pa.schema(
     [
         ("model", pa.string()),
@@ -178,17 +179,20 @@ SENSITIVITY_SCHEMA = pa.schema(
         ("precision", pa.string()),  # what was tried alone: int8
         ("snr_db", pa.float64()),  # the part's outputs against float; null: no error at all
         ("cosine", pa.float64()),
-        ("kept_float", pa.bool_()),  # the mixed-int8 bundle keeps this op float
+        ("kept", pa.bool_()),  # the mixed bundle keeps this op out of int8...
+        ("kept_as", pa.string()),  # ...in this precision (float32 | int16x8); null: not kept
+        ("dev_bleu4_delta", pa.float64()),  # whole model, dev split; null: not measured
+        ("dev_cider_d_delta", pa.float64()),
     ]
 )
 
 
 def sensitivity_rows(record: dict, manifest: dict) -> list[dict]:
     """The sensitivity rows of a built trial, from its bundle's manifest (none without a
-    mixed-int8 part)."""
+    mixed part)."""
     rows = []
     for part, section in (manifest.get("layers") or {}).items():
-        kept = set(section.get("kept_float", ()))
+        kept = set(section.get("kept", section.get("kept_float", ())))  # older: kept float
         for r in section.get("sensitivity", ()):
             rows.append(
                 {
@@ -202,7 +206,10 @@ def sensitivity_rows(record: dict, manifest: dict) -> list[dict]:
                     "precision": "int8",
                     "snr_db": r["snr_db"],
                     "cosine": r["cosine"],
-                    "kept_float": r["node"] in kept,
+                    "kept": r["node"] in kept,
+                    "kept_as": section.get("fallback", "float32") if r["node"] in kept else None,
+                    "dev_bleu4_delta": r.get("dev_bleu4_delta"),
+                    "dev_cider_d_delta": r.get("dev_cider_d_delta"),
                 }
             )
     return rows

@@ -27,7 +27,8 @@ class TrialSettings:
     shrink_learning_rate: float = 2e-3  # a shrunk model is half retrained (docs/compress.md)
     finetune_batch_size: int = 16
     calibration_images: int = 64  # int8: real preprocessed training images
-    mixed_float_ops: int = 2  # mixed-int8: the part's most sensitive ops kept float
+    mixed_float_ops: int = 2  # mixed-int8/-int16x8: the part's most sensitive ops kept out
+    sensitivity_dev_ops: int = 3  # a mixed part's worst ops whose dev BLEU delta is measured
     bench_batch: int = 32  # latency is measured at this batch size...
     bench_threads: int = 1  # ...with this many interpreter threads
     bench_repeats: int = 3  # best of N timings
@@ -51,6 +52,7 @@ class TrialSettings:
                 "bench_repeats": (1, 1000),
                 "eval_images": (0, 100_000_000),
                 "mixed_float_ops": (1, 10_000),
+                "sensitivity_dev_ops": (0, 10_000),
             },
         )
         tuning = ("finetune_epochs", "shrink_epochs", "finetune_batch_size")

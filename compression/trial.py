@@ -162,21 +162,23 @@ def run_trial(
     manifest = {**manifest, "train": {**manifest["train"], "data": data}}  # tuned on it too
 
     cap = tune(cap, backbone, manifest, vocab, recipe, settings, log)
-    enc_bytes, step_bytes, sparsity, layers = convert(cap, backbone, data, recipe, settings, log)
+    done = convert(cap, backbone, data, recipe, settings, log)
     out = Path(out_dir)
-    quantizers = sorted({section["quantizer"] for section in layers.values()} - {"none"})
+    quantizers = sorted({section["quantizer"] for section in done.layers.values()} - {"none"})
     extra = {
         "quantizer": "+".join(quantizers) or "none",  # which tool quantized which part: layers
-        "sparsity": {k: round(v, 4) for k, v in sparsity.items()},
+        "sparsity": {k: round(v, 4) for k, v in done.sparsity.items()},
         "settings": asdict(settings),
-        "layers": layers,
+        "layers": done.layers,
     }
     info_ = bundle_info(out.name, cap.config, model_dir, manifest, recipe, **extra)
-    bundle = write_bundle(out, enc_bytes, step_bytes, vocab, info_, settings.threads)
+    if done.quantizers and settings.sensitivity_dev_ops:
+        dev_deltas(done, vocab, info_, data, settings, log)  # into done.layers' rows
+    bundle = write_bundle(out, done.encoder, done.decoder, vocab, info_, settings.threads)
     scores = score_bundle(out, data, settings, log, captions_out)
     dev = score_bundle(out, data, settings, log, split="dev")  # what a goal decides on
     return {
-        **_record(Path(model_dir).name, recipe, out, bundle, sparsity, settings, scores),
+        **_record(Path(model_dir).name, recipe, out, bundle, done.sparsity, settings, scores),
         "dev_bleu4": dev["bleu4"],
         "dev_cider_d": dev["cider_d"],
         "dev_images": dev["images"],
@@ -248,25 +250,37 @@ def _shrink(cap: Captioner, encoder_share, decoder_share, data: FinetuneData, se
     return small
 
 
-def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, log):
+@dataclasses.dataclass
+class Converted:
+    """A trial's two flatbuffers as shipped, and what layer sensitivity needs of them."""
+
+    encoder: bytes
+    decoder: bytes
+    sparsity: dict  # part -> the share of zero weights
+    layers: dict  # part -> its quantizer, ops' precisions and, when mixed, its sensitivity
+    floats: dict = dataclasses.field(default_factory=dict)  # part -> float flatbuffer
+    quantizers: dict = dataclasses.field(default_factory=dict)  # mixed part -> PartQuantizer
+
+
+def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, log) -> Converted:
     """The tuned captioner's encoder and step graphs -> TFLite in the recipe's modes, int8
-    calibrated on the training split of `data`. Returns (encoder bytes, step bytes, the share of
-    zero weights of each part, per part: its quantizer, its ops' precisions and, for
-    mixed-int8, its layer sensitivity). A large encoder converts in a process of its own, on
-    one thread: the decoder's calibration and conversion run here meanwhile. A mixed-int8 part
-    is converted float, then quantized op by op by the LiteRT quantizer."""
+    calibrated on the training split of `data`. A large encoder converts in a process of its
+    own, on one thread: the decoder's calibration and conversion run here meanwhile. A mixed
+    part is converted float, then quantized op by op by the LiteRT quantizer; then both parts'
+    float flatbuffers are kept (the other converted float too, when the dev split measures
+    its ops' effect on the whole model)."""
     enc, dec = recipe.encoder, recipe.decoder
     encoder_model = cap.encoder_model(backbone)
     step_model = cap.step_model()
     sparsity = {"encoder": sparsity_of(encoder_model), "decoder": sparsity_of(step_model)}
     converter = ("int8", "qat-int8")  # calibrated by the TFLite converter
-    calibrated = (*converter, MIXED)
+    calibrated = (*converter, *MIXED)
     t0 = time.perf_counter()
     x = None
     if enc.quant in calibrated or dec.quant in calibrated:
         x = calibration_images(cap, data, settings.calibration_images, log, settings.threads)
     log(f"{recipe.name}: converting (encoder {enc.quant}, decoder {dec.quant})")
-    enc_mode, dec_mode = (("fp32" if q == MIXED else q) for q in (enc.quant, dec.quant))
+    enc_mode, dec_mode = (("fp32" if q in MIXED else q) for q in (enc.quant, dec.quant))
     enc_samples = encoder_samples(x) if enc.quant in calibrated else None
     with encoder_conversion(
         encoder_model, enc_mode, enc_samples if enc.quant in converter else None
@@ -276,31 +290,70 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
             step_model, cap.config.units, dec_mode, dec_samples if dec.quant in converter else None
         )
         enc_bytes = encoder_flatbuffer()
-    layers = {}
+    done = Converted(enc_bytes, step_bytes, sparsity, {})
     parts = (("encoder", enc, enc_samples), ("decoder", dec, dec_samples))
     for part, part_recipe, samples in parts:
-        quant = part_recipe.quant
-        flat = enc_bytes if part == "encoder" else step_bytes
-        section = {"quantizer": QUANTIZER if quant != "fp32" else "none"}
-        if quant == MIXED:
-            quantizer = PartQuantizer(flat, samples())
+        flat = getattr(done, part)
+        section = {"quantizer": QUANTIZER if part_recipe.quant != "fp32" else "none"}
+        if part_recipe.fallback:
+            done.floats[part] = flat
+            quantizer = done.quantizers[part] = PartQuantizer(flat, samples())
             ranked = quantizer.sensitivity()
             keep = part_recipe.keep_float or settings.mixed_float_ops
-            flat, kept = quantizer.mixed_int8(keep, ranked)
+            flat, kept = quantizer.mixed_int8(keep, ranked, part_recipe.fallback)
             section = {
                 "quantizer": MIXED_QUANTIZER,
-                "kept_float": [k["node"] for k in kept],
+                "kept": [k["node"] for k in kept],
+                "fallback": part_recipe.fallback,
                 "sensitivity": ranked,
                 "error": quantizer.error(flat),
             }
-            log(f"{recipe.name}: {part} int8 but {', '.join(section['kept_float'])} (float)")
-            if part == "encoder":
-                enc_bytes = flat
-            else:
-                step_bytes = flat
-        layers[part] = {**section, "ops": precisions(flat)}
+            log(
+                f"{recipe.name}: {part} int8 but {', '.join(section['kept'])} "
+                f"({part_recipe.fallback})"
+            )
+            setattr(done, part, flat)
+        done.layers[part] = {**section, "ops": precisions(flat)}
+    if done.quantizers and settings.sensitivity_dev_ops:  # the whole model float, for deltas
+        if "encoder" not in done.floats:
+            done.floats["encoder"] = enc_bytes if enc_mode == "fp32" else None
+        if done.floats["encoder"] is None:
+            with encoder_conversion(encoder_model) as float_encoder:
+                done.floats["encoder"] = float_encoder()
+        if "decoder" not in done.floats:
+            done.floats["decoder"] = (
+                step_bytes if dec_mode == "fp32" else step_to_tflite(step_model, cap.config.units)
+            )
     log(f"{recipe.name}: calibrated and converted in {time.perf_counter() - t0:.1f} s")
-    return enc_bytes, step_bytes, sparsity, layers
+    return done
+
+
+def dev_deltas(done: Converted, vocab, info: dict, data: str, settings, log) -> None:
+    """The whole model's dev BLEU-4 and CIDEr-D, float but for one op int8, against all float,
+    for each mixed part's `settings.sensitivity_dev_ops` most sensitive ops: written into their
+    sensitivity rows (`dev_bleu4_delta`, `dev_cider_d_delta`), so a ranking by the part's
+    output error is checked against what a user ships by. Bundles built in a scratch folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="capfleet-deltas-") as tmp:
+
+        def dev_scores(name: str, encoder: bytes, decoder: bytes) -> dict:
+            write_bundle(Path(tmp) / name, encoder, decoder, vocab, info)
+            return score_bundle(Path(tmp) / name, data, settings, lambda _: None, split="dev")
+
+        base = dev_scores("float", done.floats["encoder"], done.floats["decoder"])
+        for part, quantizer in done.quantizers.items():
+            rows = done.layers[part]["sensitivity"][: settings.sensitivity_dev_ops]
+            for i, row in enumerate(rows):
+                flats = dict(done.floats)
+                flats[part] = quantizer.quantize_int8(only=row["scope"])
+                got = dev_scores(f"{part}-{i}", flats["encoder"], flats["decoder"])
+                row["dev_bleu4_delta"] = round(got["bleu4"] - base["bleu4"], 6)
+                row["dev_cider_d_delta"] = round(got["cider_d"] - base["cider_d"], 6)
+            log(
+                f"{part}: dev BLEU-4 with one op int8: "
+                + ", ".join(f"{r['node']} {r['dev_bleu4_delta']:+.4f}" for r in rows)
+            )
 
 
 def score_bundle(

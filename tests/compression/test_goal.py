@@ -26,11 +26,11 @@ def measured(trial: str, int8_loss: float = 0.004, qat_loss: float = 0.002) -> d
         ms *= 0.9
     if dec.quant == "dynamic":
         loss += 0.001
-    if dec.quant == "mixed-int8":
+    if dec.quant in ("mixed-int8", "mixed-int16x8"):
         k = dec.keep_float or 2
         loss += int8_loss * max(0.0, 1 - k / 4)
         ms *= 0.9 + 0.025 * min(k, 4)
-    if enc.quant == "mixed-int8":
+    if enc.quant in ("mixed-int8", "mixed-int16x8"):
         ms *= 0.6 + 0.05 * min(enc.keep_float or 2, 8)
     size = 0.8 * (1 - dec.shrink) * (0.25 if dec.quant != "fp32" else 1.0)
     return {
@@ -88,7 +88,7 @@ def test_int8_that_loses_too_much_gets_mixed_precision_then_quantization_aware_t
     # int8 lost 0.008: one float op per part recovers a quarter (0.006, missed), two half
     # (0.004, met); 1 missed and 2 met leave nothing to bisect
     assert waves[1] == (
-        "mixed precision: int8 but 1 sensitive op(s) of each part float",
+        "mixed precision: int8 but 1 sensitive op(s) of each part float32",
         ["mixed-int8-1:mixed-int8-1"],
     )
     assert waves[2][1] == ["mixed-int8-2:mixed-int8-2"]
@@ -104,12 +104,23 @@ def test_mixed_precision_doubles_then_bisects_the_float_ops_and_keeps_them_when_
     mixed = [ts[0] for what, ts in waves if what.startswith("mixed precision")]
     assert mixed == [f"mixed-int8-{k}:mixed-int8-{k}" for k in (1, 2, 4, 3)]
     assert [w for w, _ in waves if w.startswith("mixed precision bisection")] == [
-        "mixed precision bisection (2 float ops missed, 4 met)"
+        "mixed precision bisection (2 ops kept missed, 4 met)"
     ]
     assert misses(s.goal, s.records["int8:qat-int8"], s.baseline)  # QAT tried, lost more
     best = s.best()["trial"]
     assert "mixed-int8-3" in best  # the fewest float ops that met, shrunk from there
     assert all("mixed-int8-3" in t for t in s.records if "shrink" in t)
+
+
+def test_an_int16x8_fallback_keeps_the_sensitive_ops_in_int16x8():
+    goal = Goal(max_delta_bleu4=0.005, fallback="int16x8")
+    s, waves = search(goal, int8_loss=0.016, qat_loss=0.02)
+    mixed = [ts[0] for what, ts in waves if what.startswith("mixed precision")]
+    assert mixed == [f"mixed-int16x8-{k}:mixed-int16x8-{k}" for k in (1, 2, 4, 3)]
+    assert waves[1][0] == "mixed precision: int8 but 1 sensitive op(s) of each part int16x8"
+    assert "kept int16x8" in render_choice(choice_document(s, "m"), "cpu")
+    with pytest.raises(CapfleetError, match="fallback: must be one of float32, int16x8"):
+        Goal(max_delta_bleu4=0.01, fallback="int4")
 
 
 def test_a_frozen_backbone_is_never_shrunk_and_size_goals_skip_pruning_unless_gzip():

@@ -3,7 +3,7 @@ layer made fragile on purpose ranks first and is the one kept float."""
 
 import numpy as np
 
-from capfleet.compression.mixed import PartQuantizer, precisions
+from capfleet.compression.mixed import PartQuantizer, precisions, run
 
 
 def _fragile_model():
@@ -48,3 +48,43 @@ def test_the_fragile_layer_ranks_first_and_is_the_one_kept_float():
     assert [p["precision"] for p in precisions(flat) if p["op"] == "FULLY_CONNECTED"] == [
         "float32"
     ] * 3
+
+
+def _outlier_model():
+    """Dense "wide" -> Dense "reader" -> Dense: one unit of wide is always about 1000 and
+    reader ignores it, so float is unharmed; an int8 tensor between them steps by about 4 and
+    rounds the other units (all below 5) away. Int16 steps by 1/32 of a unit. (The last layer
+    is not kept: an int16x8 op whose output is the graph's would hand out int16.)"""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8,), name="x")
+    a = keras.layers.Dense(256, activation="relu", name="wide")(x)
+    b = keras.layers.Dense(256, name="reader")(a)
+    out = keras.layers.Dense(4, name="plain")(b)
+    model = keras.Model(x, out, name="m")
+    w, bias = model.get_layer("wide").get_weights()
+    w[:, 0], bias[0] = 0.0, 1000.0
+    model.get_layer("wide").set_weights([w, bias])
+    w, bias = model.get_layer("reader").get_weights()
+    w[0, :] = 0.0
+    model.get_layer("reader").set_weights([w, bias])
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def test_ops_hurt_by_their_activations_range_are_repaired_in_int16x8_and_stay_smaller():
+    flat = _outlier_model()
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 8)).astype(np.float32)} for _ in range(64)]
+    part = PartQuantizer(flat, samples)
+    ranked = part.sensitivity()
+    full = part.error(part.quantize_int8())["snr_db"]
+    as_float, kept_float = part.mixed_int8(2, ranked)
+    as_int16, kept_int16 = part.mixed_int8(2, ranked, "int16x8")
+    assert {k["layer"] for k in kept_int16} == {"wide", "reader"}  # both sides of the tensor
+    assert part.error(as_int16)["snr_db"] > full + 20  # repaired...
+    assert len(as_int16) < 0.5 * len(as_float)  # ...with int8 weights, where float keeps float32
+    shipped = {p["node"]: p["precision"] for p in precisions(as_int16)}
+    assert {shipped[k["node"]] for k in kept_int16} == {"int16x8"}
+    assert run(as_int16, {"x": samples[0]["x"]}, raw=True)[0].dtype == np.float32  # float out

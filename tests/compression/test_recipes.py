@@ -35,7 +35,8 @@ def test_explicit_parts_and_canonical_order():
         ("prune-50+prune-20", "decoder", "prune given twice"),
         ("prune-0", "decoder", "removes nothing"),
         ("prune-100", "decoder", "unknown step"),
-        ("mixed-int8-0", "encoder", "keeps no op float"),
+        ("mixed-int8-0", "encoder", "keeps no op out of int8"),
+        ("mixed-int8+mixed-int16x8-2", "decoder", "more than one quantization step"),
         ("int8+mixed-int8-2", "decoder", "more than one quantization step"),
     ],
 )
@@ -49,6 +50,15 @@ def test_mixed_int8_names_how_many_ops_stay_float():
     part = parse_part("shrink-50+mixed-int8-3", "decoder")
     assert (part.quant, part.keep_float, part.shrink) == ("mixed-int8", 3, 0.5)
     assert parse_trial("mixed-int8-3:mixed-int8").name == "mixed-int8-3:mixed-int8"
+    part = parse_part("mixed-int16x8-2", "encoder")
+    assert (part.quant, part.keep_float, part.fallback, part.name) == (
+        "mixed-int16x8",
+        2,
+        "int16x8",
+        "mixed-int16x8-2",
+    )
+    assert parse_part("mixed-int8", "decoder").fallback == "float32"
+    assert parse_part("int8", "decoder").fallback is None
 
 
 def test_shrinking_a_frozen_backbone_is_refused():

@@ -111,3 +111,84 @@ def test_a_cost_goal_measures_each_candidate_by_a_real_caption_job(local_ray, ti
     lines.clear()  # a rerun measures nothing again: the bundles are the same
     api.compress(cfg, log=lines.append)
     assert not any("measuring its cost" in line for line in lines)
+
+
+def _poisoned(model_dir, out):
+    """A copy of `model_dir` whose "merge" layer has one unit fixed at 1000 that the logits
+    ignore: the float model captions as before, but an int8 tensor between the two layers
+    steps by about 4 and erases the other units (all below 10). The two ops on either side of
+    that tensor must stay out of int8."""
+    import shutil
+
+    from capfleet.model.modeldir import WEIGHTS_FILE, load_trained
+
+    shutil.copytree(model_dir, out)
+    cap, _, _, _ = load_trained(out)
+    merge, logits = (cap.training_model.get_layer(n) for n in ("merge", "logits"))
+    w, b = merge.get_weights()
+    w[:, 0], b[0] = 0.0, 1000.0
+    merge.set_weights([w, b])
+    w, b = logits.get_weights()
+    w[0, :] = 0.0
+    logits.set_weights([w, b])
+    cap.encoder.trainable = True  # saved in the order load_trained reads (save_trained's)
+    cap.training_model.save_weights(str(out / WEIGHTS_FILE))
+    return out
+
+
+@pytest.mark.slow
+def test_a_search_ships_a_mixed_bundle_where_int8_misses_and_float_is_too_big(local_ray, tmp_path):
+    from capfleet.compression.mixed import precisions
+    from capfleet.model import shapes
+    from capfleet.model.bundle import DECODER_FILE
+    from capfleet.model.train_config import TrainConfig
+    from capfleet.model.training import train
+
+    data = tmp_path / "shapes"
+    shapes.generate(data, images=400, seed=7)  # enough for a model with a real BLEU-4
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "trained"),
+        units=64,
+        embed_dim=32,
+        dropout=0.0,
+        learning_rate=0.005,
+        pretrain_epochs=2,
+        epochs=25,
+        patience=0,
+        threads=2,
+        label_smoothing=0.0,
+    )
+    train(cfg, log=lambda _: None)
+    model = _poisoned(tmp_path / "trained", tmp_path / "poisoned")
+    out = tmp_path / "search"
+    goal = Goal(max_delta_bleu4=0.08, max_size_mb=0.3, minimize="size", max_trials=5)
+    settings = TrialSettings(bench_batch=8, bench_repeats=1)
+    done = api.compress(
+        CompressConfig(models=(str(model),), out=str(out), settings=settings, gallery=0, goal=goal),
+        log=lambda _: None,
+    )
+    rows = {r["trial"]: r for r in pq.read_table(out / "trials.parquet").to_pylist()}
+    assert rows["fp32:fp32"]["size_mb"] > 0.3  # float is too big...
+    verdicts = {
+        r["trial"]: r["meets"] for r in json.loads((out / "choice.json").read_text())["candidates"]
+    }
+    assert not verdicts["int8:int8"] and not verdicts["dynamic:dynamic"]  # ...int8 misses...
+    assert done.met and done.winner.startswith("mixed-int8-")  # ...ops kept float repair it
+    assert verdicts[done.winner] and list(rows)[:3] == ["fp32:fp32", "dynamic:dynamic", "int8:int8"]
+    assert all(t.startswith("mixed-int8-") for t in list(rows)[3:])  # the waves after PTQ
+    manifest = json.loads((out / "best" / "manifest.json").read_text())
+    kept = manifest["layers"]["decoder"]["kept"]
+    # both sides of the tensor: merge, and the logits (a graph output, named by its index)
+    assert "merge" in {n.split("/")[0] for n in kept} and any(n.startswith("output-") for n in kept)
+    shipped = {
+        p["node"]: p["precision"] for p in precisions((out / "best" / DECODER_FILE).read_bytes())
+    }
+    assert {shipped[n] for n in kept} == {"float32"}
+    choice = (out / "choice.md").read_text()
+    assert "mixed precision: int8 but 1 sensitive op(s) of each part float32" in choice
+    sens = [
+        r for r in pq.read_table(out / "sensitivity.parquet").to_pylist() if r["part"] == "decoder"
+    ]
+    worst = min(sens, key=lambda r: r["rank"])
+    assert worst["dev_bleu4_delta"] < -0.05  # the worst op alone costs the whole model BLEU-4

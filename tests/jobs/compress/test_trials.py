@@ -181,11 +181,12 @@ def test_a_mixed_int8_trial_ships_layers_as_its_manifest_says_and_reports_sensit
         layers = manifest["layers"][part]
         shipped = precisions((bundle / file).read_bytes())  # read back from the flatbuffer
         assert layers["ops"] == shipped
-        assert layers["quantizer"] == "litert-quantizer" and len(layers["kept_float"]) == 2
+        assert layers["quantizer"] == "litert-quantizer" and len(layers["kept"]) == 2
+        assert layers["fallback"] == "float32"
         by_node = {p["node"]: p["precision"] for p in shipped}
-        assert all(by_node[n] == "float32" for n in layers["kept_float"])
+        assert all(by_node[n] == "float32" for n in layers["kept"])
         weighted = [p for p in shipped if p["op"] in ("CONV_2D", "FULLY_CONNECTED")]
-        kept = set(layers["kept_float"])
+        kept = set(layers["kept"])
         assert all(p["precision"] == "int8" for p in weighted if p["node"] not in kept)
     assert rows["mixed-int8:mixed-int8"]["test_images"] == 8  # it captioned like any other
     sens = pq.read_table(out / "sensitivity.parquet").to_pylist()
@@ -193,9 +194,12 @@ def test_a_mixed_int8_trial_ships_layers_as_its_manifest_says_and_reports_sensit
     for part in ("encoder", "decoder"):
         ranked = sorted((r for r in sens if r["part"] == part), key=lambda r: r["rank"])
         assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
-        assert {r["node"] for r in ranked if r["kept_float"]} == set(
-            manifest["layers"][part]["kept_float"]
-        )
+        assert {r["node"] for r in ranked if r["kept"]} == set(manifest["layers"][part]["kept"])
+        assert {r["kept_as"] for r in ranked if r["kept"]} == {"float32"}
+        # the worst ops' effect on the whole model, measured on dev; the others' not
+        measured = [r for r in ranked if r["dev_bleu4_delta"] is not None]
+        assert [r["rank"] for r in measured] == [1, 2, 3]
+        assert all(r["dev_cider_d_delta"] is not None for r in measured)
     report = (out / "report.md").read_text()
     assert "## Layer sensitivity" in report and "sensitivity.png" in report
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
