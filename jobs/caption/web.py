@@ -15,6 +15,12 @@
   or 503 answer is honoured (up to MAX_RETRY_AFTER_S) before that host is asked again.
 - Transient failures (timeouts, resets, 5xx, 429) are retried `attempts` times in all with
   backoff; an HTTP error status is `http_<code>`.
+- Connections are kept alive: a connection whose answer was read whole and that the server
+  keeps open goes back to a per-process pool (per scheme, host, port and policy; at most
+  HOST_IN_FLIGHT idle per host, each for at most IDLE_S), and the next request to that host
+  reuses it, sparing a TCP and TLS handshake per image. A pooled connection was opened to a
+  checked address, and every request on it meets its own deadline; one the server closed
+  meanwhile is replaced by a fresh connection, without counting a try.
 
 `RESOLVE` is the name lookup (socket.getaddrinfo); tests replace it to make a name resolve to
 an address that must be refused, and no packet is ever sent there.
@@ -22,6 +28,7 @@ an address that must be refused, and no packet is ever sent there.
 
 from __future__ import annotations
 
+import atexit
 import email.utils
 import http.client
 import ipaddress
@@ -40,6 +47,7 @@ HTTP_ATTEMPTS = 3
 HTTP_BACKOFF_S = 0.5
 MAX_REDIRECTS = 5
 HOST_IN_FLIGHT = 64  # requests at once to one host from one process (its fetch threads)
+IDLE_S = 30.0  # a kept-alive connection unused this long is closed, not reused
 MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is not waited for: the image fails
 USER_AGENT = "capfleet (batch image captioning)"
 TIMEOUT, UNREACHABLE = "timeout", "unreachable"
@@ -128,6 +136,45 @@ class _Hosts:
 HOSTS = _Hosts()
 
 
+class _Pool:
+    """Idle kept-alive connections, newest last, per (scheme, host, port, allow_private)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list[tuple[socket.socket, float]]] = {}
+
+    def take(self, key: tuple) -> socket.socket | None:
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                sock, since = idle.pop()
+                if now - since < IDLE_S:
+                    return sock
+                sock.close()
+        return None
+
+    def give(self, key: tuple, sock: socket.socket) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < HOST_IN_FLIGHT:
+                idle.append((sock, time.monotonic()))
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for socks in idle.values():
+            for sock, _ in socks:
+                sock.close()
+
+
+POOL = _Pool()
+atexit.register(POOL.close)
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
 def read_http(
     url: str,
     max_bytes: int = MAX_IMAGE_BYTES,
@@ -201,6 +248,23 @@ def _request(parts, port: int | None, max_bytes: int, deadline: float, allow_pri
     falls back from IPv6 to IPv4): (bytes or ImageError, retry?) or a redirect's Location."""
     url = urllib.parse.urlunsplit(parts)
     port = port or (443 if parts.scheme == "https" else 80)
+    key = (parts.scheme, parts.hostname, port, allow_private)
+    while (sock := POOL.take(key)) is not None:  # a kept-alive connection, checked when opened
+        timer = _Cutoff(sock, max(0.0, deadline - time.monotonic()))
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            return _exchange(url, parts, port, sock, max_bytes, timer, key)
+        except _STALE:
+            if timer.fired:
+                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
+            sock.close()  # the server closed it while idle: another, or a fresh one
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            sock.close()
+            if timer.fired or isinstance(e, TimeoutError):
+                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
+            return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
+        finally:
+            timer.cancel()
     targets = _targets(url, parts.hostname, port, allow_private)
     if isinstance(targets, tuple):
         return targets
@@ -228,37 +292,51 @@ def _request(parts, port: int | None, max_bytes: int, deadline: float, allow_pri
                 if timer.fired:
                     raise TimeoutError("the request's deadline passed")
                 sock.do_handshake()
-            return _exchange(url, parts, port, sock, max_bytes, timer)
+            answer = _exchange(url, parts, port, sock, max_bytes, timer, key)
+            sock = None  # _exchange closed it, or pooled it
+            return answer
         except (OSError, ValueError, http.client.HTTPException) as e:
             if timer.fired or isinstance(e, TimeoutError):
                 return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
             return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
         finally:
             timer.cancel()
-            sock.close()
+            if sock is not None:
+                sock.close()
     return error
 
 
-def _exchange(url: str, parts, port: int, sock, max_bytes: int, timer: _Cutoff):
-    """The GET on this very connection (the checked address) and its answer."""
+def _exchange(url: str, parts, port: int, sock, max_bytes: int, timer: _Cutoff, key: tuple):
+    """The GET on this very connection (to a checked address) and its answer. The connection
+    goes back to the pool when the answer was read whole and the server keeps it open; else
+    it is closed. On an exception the caller closes it."""
     conn = http.client.HTTPConnection(parts.hostname, port)
     conn.sock = sock
     path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
     resp = conn.getresponse()
+    data = None
     if resp.status in REDIRECTS and resp.getheader("Location"):
-        return resp.getheader("Location")
-    if resp.status != 200:
-        return _status_error(url, resp)
-    length = resp.getheader("Content-Length")
-    if length and length.isdigit() and int(length) > max_bytes:
-        return too_large(int(length), max_bytes), False
-    data = resp.read(max_bytes + 1)
-    if timer.fired:
-        raise TimeoutError("the request's deadline passed")
-    if len(data) > max_bytes:
-        return too_large(len(data), max_bytes), False
-    return data, False
+        answer = resp.getheader("Location")
+    elif resp.status != 200:
+        answer = _status_error(url, resp)
+    else:
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            answer = too_large(int(length), max_bytes), False
+        else:
+            data = resp.read(max_bytes + 1)
+            if timer.fired:
+                raise TimeoutError("the request's deadline passed")
+            big = len(data) > max_bytes
+            answer = (too_large(len(data), max_bytes) if big else data), False
+    whole = data is not None and len(data) <= max_bytes and resp.isclosed()
+    if whole and not resp.will_close and not timer.fired:
+        timer.cancel()
+        POOL.give(key, sock)
+    else:
+        sock.close()
+    return answer
 
 
 _TLS: list = []  # one client context per process: loading the CA store is not free

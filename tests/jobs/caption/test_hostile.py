@@ -331,3 +331,49 @@ def test_ipv4_inside_ipv6_is_judged_as_the_ipv4_it_carries():
     assert "link-local" in problem("2002:a9fe:a9fe::", allow_private=True)  # 6to4
     assert "private" in problem("2002:0a00:0001::", allow_private=False)  # 6to4 of 10.0.0.1
     assert problem("::ffff:10.0.0.1", allow_private=True) is None
+
+
+class KeepAlive(http.server.ThreadingHTTPServer):
+    """127.0.0.1 only, HTTP/1.1: /img.jpg on connections it keeps open; counts them. With
+    `close_idle`, it closes each connection after its first answer without saying so (as a
+    server whose idle timeout passed)."""
+
+    def __init__(self, close_idle: bool = False):
+        self.connections = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def setup(self):
+                super().setup()
+                server.connections += 1
+
+            def do_GET(self):
+                body = jpeg()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                if close_idle:
+                    self.close_connection = True
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_connections_are_kept_alive_per_host_and_a_closed_one_is_replaced():
+    for close_idle, most in ((False, 1), (True, 12)):
+        server = KeepAlive(close_idle)
+        url = f"http://127.0.0.1:{server.server_address[1]}/img.jpg"
+        try:
+            got = [web.read_http(url, timeout=5, attempts=1) for _ in range(12)]
+            assert all(isinstance(g, bytes) and decode_image(g, (8, 8)).shape for g in got)
+            assert server.connections == most  # one connection for all, or a fresh one each
+        finally:
+            server.shutdown()
+            server.server_close()
