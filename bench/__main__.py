@@ -19,6 +19,7 @@ BENCHMARKS = (
     "shrink_tuning",
     "int8_kernels",
     "quantizers",
+    "mixed_precision",
     "choose",
     "plan",
     "flickr8k_scale",

@@ -32,7 +32,8 @@ from capfleet.model.modeldir import model_data, read_model_manifest
 BEST_DIR = "best"
 CHOICE_FILE = "choice.md"
 COSTS_FILE = "costs.json"  # minimize = "cost": each measured candidate's caption job
-COST_SAMPLE = 1024  # images of the model's training split each candidate's job captions
+COST_SAMPLE = 2048  # images of the model's training split each candidate's job captions
+COST_SHARDS_PER_CPU = 4  # ...in shards enough for every CPU to caption several
 
 
 def run_goal_search(
@@ -112,21 +113,16 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
 
 def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
     """minimize = "cost": every candidate meeting the goal's bounds measured by a real caption
-    job of its bundle (on the job's cluster, on COST_SAMPLE images of the model's training
-    split: the job's own throughput, start-up excluded), its cost per million images and job
-    images/s added to its record. Kept in OUT/costs.json by the bundle's manifest, so a rerun
-    measures only what changed. Returns {trial: measurement}."""
+    job of its bundle (`cost_job`), its cost per million images and job images/s added to its
+    record. Kept in OUT/costs.json by the bundle's manifest, so a rerun measures only what
+    changed. Returns {trial: measurement}."""
     goal, out = cfg.goal, Path(cfg.out)
     if goal.minimize != "cost":
         return {}
-    from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
-    from capfleet.jobs.caption.planner import measure_job, plan_table, render_plan
-
     path = out / COSTS_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
     model = cfg.models[0]
     data = model_data(model, read_model_manifest(model), cfg.data)
-    price = goal.price_per_cpu_hour
     for name, rec in search.records.items():
         if rec.get("status") != "ok" or misses(goal, rec, search.baseline):
             continue
@@ -135,27 +131,45 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
         measured = known.get(name)
         if not measured or measured["bundle"] != identity:
             log(f"search: {name} meets the bounds; measuring its cost by a real caption job")
-            spec = CaptionConfig(
-                bundles=(str(bundle),),
-                input=data,
-                split="train",
-                out=str(out / ".costs" / slug(name)),
-                address=address or "",
-            )
-            cal = measure_job(spec, COST_SAMPLE)
-            rows = plan_table(cal, goal.images, PLAN_CPUS, price)
-            measured = {
-                "bundle": identity,
-                "job_img_s": round(cal.rate, 2),
-                "cpus": cal.cpus,
-                # CPU-hours a million images take at the measured rate, start-up left out
-                "cost_per_million": 1e6 * cal.cpus / cal.rate / 3600 * price,
-                "fleet": render_plan(cal, goal.images, rows, price).splitlines(),
-            }
+            scratch = out / ".costs" / slug(name)
+            measured = {"bundle": identity, **cost_job(bundle, data, scratch, goal, address)}
             known[name] = measured
             write_json_atomic(path, known)
         rec.update(job_img_s=measured["job_img_s"], cost_per_million=measured["cost_per_million"])
     return known
+
+
+def cost_job(bundle: Path, data: str, scratch: Path, goal, address: str | None) -> dict:
+    """One bundle's cost as a caption job runs it: a real job on the cluster (the embedded Ray
+    without `address`) over COST_SAMPLE images of the training split of `data`, in shards
+    small enough that every CPU gets several (one 1,024-image shard would keep one actor busy
+    while the others idle, and charge all their CPUs for one's rate); its own throughput,
+    start-up excluded. Returns job_img_s, cpus, cost_per_million at the goal's price, and the
+    planner's fleet table for the goal's `images`."""
+    from capfleet.cluster.connect import cluster_cpus
+    from capfleet.jobs.caption.caption_config import PLAN_CPUS, CaptionConfig
+    from capfleet.jobs.caption.planner import measure_job, plan_table, render_plan
+
+    cpus = cluster_cpus(address)
+    spec = CaptionConfig(
+        bundles=(str(bundle),),
+        input=data,
+        split="train",
+        out=str(scratch),
+        address=address or "",
+        shard_size=max(1, COST_SAMPLE // (COST_SHARDS_PER_CPU * int(max(1, cpus)))),
+    )
+    cal = measure_job(spec, COST_SAMPLE)
+    price = goal.price_per_cpu_hour
+    return {
+        "job_img_s": round(cal.rate, 2),
+        "cpus": cal.cpus,
+        # CPU-hours a million images take at the measured rate, start-up left out
+        "cost_per_million": 1e6 * cal.cpus / cal.rate / 3600 * price,
+        "fleet": render_plan(
+            cal, goal.images, plan_table(cal, goal.images, PLAN_CPUS, price), price
+        ).splitlines(),
+    }
 
 
 def _recorded(out: Path, model: str) -> list[dict]:
