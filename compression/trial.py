@@ -296,7 +296,6 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
         flat = getattr(done, part)
         section = {"quantizer": QUANTIZER if part_recipe.quant != "fp32" else "none"}
         if part_recipe.fallback:
-            done.floats[part] = flat
             quantizer = done.quantizers[part] = PartQuantizer(flat, samples())
             ranked = quantizer.sensitivity()
             keep = part_recipe.keep_float or settings.mixed_float_ops
@@ -315,15 +314,15 @@ def convert(cap: Captioner, backbone, data: str, recipe: TrialRecipe, settings, 
             setattr(done, part, flat)
         done.layers[part] = {**section, "ops": precisions(flat)}
     if done.quantizers and settings.sensitivity_dev_ops:  # the whole model float, for deltas
-        if "encoder" not in done.floats:
-            done.floats["encoder"] = enc_bytes if enc_mode == "fp32" else None
-        if done.floats["encoder"] is None:
-            with encoder_conversion(encoder_model) as float_encoder:
-                done.floats["encoder"] = float_encoder()
-        if "decoder" not in done.floats:
-            done.floats["decoder"] = (
-                step_bytes if dec_mode == "fp32" else step_to_tflite(step_model, cap.config.units)
-            )
+        # a part converted fp32 (a mixed part is, before the quantizer) is its float already
+        float_encoder = enc_bytes
+        if enc_mode != "fp32":
+            with encoder_conversion(encoder_model) as converted:
+                float_encoder = converted()
+        float_step = (
+            step_bytes if dec_mode == "fp32" else step_to_tflite(step_model, cap.config.units)
+        )
+        done.floats = {"encoder": float_encoder, "decoder": float_step}
     log(f"{recipe.name}: calibrated and converted in {time.perf_counter() - t0:.1f} s")
     return done
 

@@ -254,15 +254,11 @@ def _request(parts, port: int | None, max_bytes: int, deadline: float, allow_pri
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             return _exchange(url, parts, port, sock, max_bytes, timer, key)
-        except _STALE:
-            if timer.fired:
-                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
-            sock.close()  # the server closed it while idle: another, or a fresh one
         except (OSError, ValueError, http.client.HTTPException) as e:
             sock.close()
-            if timer.fired or isinstance(e, TimeoutError):
-                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
-            return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
+            if not isinstance(e, _STALE) or timer.fired:
+                return _broken(url, e, timer)
+            # else the server closed it while idle: another, or a fresh one
         finally:
             timer.cancel()
     targets = _targets(url, parts.hostname, port, allow_private)
@@ -296,14 +292,20 @@ def _request(parts, port: int | None, max_bytes: int, deadline: float, allow_pri
             sock = None  # _exchange closed it, or pooled it
             return answer
         except (OSError, ValueError, http.client.HTTPException) as e:
-            if timer.fired or isinstance(e, TimeoutError):
-                return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
-            return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
+            return _broken(url, e, timer)
         finally:
             timer.cancel()
             if sock is not None:
                 sock.close()
     return error
+
+
+def _broken(url: str, e: Exception, timer: _Cutoff) -> tuple[ImageError, bool]:
+    """The row of a request that failed on its connection: a timeout where the deadline cut
+    it (or a socket timed out), else unreachable; either may be tried again."""
+    if timer.fired or isinstance(e, TimeoutError):
+        return ImageError(TIMEOUT, f"{url}: no whole answer within the deadline"), True
+    return ImageError(UNREACHABLE, f"{url}: {type(e).__name__}: {e}"), True
 
 
 def _exchange(url: str, parts, port: int, sock, max_bytes: int, timer: _Cutoff, key: tuple):
