@@ -5,13 +5,23 @@ dict (Ray's batch-inference shape: load once in `__init__`, map in `__call__`, n
 a test calls it on a hand-built unit), and optionally a `prepare` function run as tasks of
 their own before the actors. Call it inside a `ray_session` (cluster/connect.py).
 
+A worker may split a unit's work in two: `fetch(unit)` (waiting on disks, stores and hosts)
+returns what `__call__` then computes. Each actor then runs two units at once, each in its own
+thread: one unit's fetch overlaps the other's compute, and computes run one at a time, so the
+next shard's bytes arrive while the current one is captioned. A worker whose `fetch` is None
+(or that has none) runs its units one after another.
+
 How Ray Data carries a unit (one row per unit, a batch of one, every value wrapped in a leading
 axis of 1) stays in this module: workers and prepare functions see the unit itself.
 
 Fault policy, the same for every job:
 - each unit's starts are counted on disk by the actor that starts it (cluster/watchdog.py), so
   a unit that kills every worker it lands on (out of memory, a native crash) is passed by after
-  `tries` starts, and one queued behind it on a dead actor loses no try;
+  `tries` starts, and one queued behind it on a dead actor loses no try. The two phases are
+  counted apart, each with `tries`: a compute start when the compute begins, a fetch start
+  when the fetch begins. A unit that had fetched and waits for the compute uses no try when
+  its neighbour kills the actor; one still fetching then spends a fetch try, not a compute
+  try (fetching holds only bytes, so a fetch rarely kills an actor itself);
 - a dead actor is always restarted and Ray retries what was queued on it;
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
@@ -22,6 +32,7 @@ Fault policy, the same for every job:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +54,7 @@ from capfleet.core.errors import CapfleetError
 
 WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
 UNIT_STAGE = "unit"  # the name a unit's starts are counted under (_failed/shard-N.unit.tries)
+FETCH_STAGE = "fetch"  # and its fetches' (a worker with a fetch phase)
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Pool:
     cpus: float = 1.0
     actors: int = 0
     tries: int = 3
-    in_flight: int = 2  # units queued per actor: the next one waits while it runs the first
+    in_flight: int = 2  # units given to an actor at once: the next one fetches (or waits)
     prepare: Callable | None = None
     prepare_kwargs: dict = field(default_factory=dict)
     prepare_cpus: float = 1.0
@@ -116,6 +128,8 @@ def run_units(
         )
     # named after the worker, so Ray's dashboard and state API show MapBatches(CaptionWorker)
     actor = type(pool.worker.__name__, (_Actor,), {"__module__": _Actor.__module__})
+    # a worker with a fetch phase runs its units in threads of their own (module docstring)
+    split = hasattr(pool.worker, "fetch")
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={
@@ -133,6 +147,8 @@ def run_units(
             max_size=high,
             initial_size=high,
             max_tasks_in_flight_per_actor=pool.in_flight,
+            max_concurrent_calls_per_actor=pool.in_flight if split else None,
+            enable_true_multi_threading=split,
         ),
         # a dead actor is always restarted (a pool with none would wait forever) and Ray
         # retries the units queued on it; the tries are counted by _Actor (module docstring)
@@ -195,24 +211,35 @@ def _prepared(batch: dict, fn: Callable, kwargs: dict, notes: str) -> dict:
 
 
 class _Actor:
-    """One actor of the pool: the worker, loaded once; counts each unit's starts."""
+    """One actor of the pool: the worker, loaded once; counts each unit's starts of each phase
+    and lets one unit compute at a time (module docstring)."""
 
     def __init__(self, worker: type, kwargs: dict, notes: str, tries: int):
         import ray
 
         self.worker = worker(**kwargs)
+        self.fetch = getattr(self.worker, "fetch", None)
+        self.computing = threading.Lock()
         self.notes, self.tries = notes, tries
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         unit = unit_of(batch)
         uid = int(unit["unit"])
-        start_try(self.notes, uid, UNIT_STAGE, self.tries)  # raises once its tries are spent
+        if self.fetch is not None:  # beside the other unit's compute
+            unit = self._phase(uid, FETCH_STAGE, self.fetch, unit)
+        unit["node"] = self.node  # the unit itself, not a copy: the worker may let parts go
+        with self.computing:
+            result = self._phase(uid, UNIT_STAGE, self.worker, unit)
+        return batch_of({**result, "unit": uid, "node": self.node})
+
+    def _phase(self, uid: int, stage: str, fn: Callable, unit: dict) -> dict:
+        start_try(self.notes, uid, stage, self.tries)  # raises once its tries are spent
         try:
-            result = self.worker({**unit, "node": self.node})
+            result = fn(unit)
         except Exception as e:  # a bug, not a bad input: noted, so the job can say what it was
             detail = str(e) if isinstance(e, WorkerFailure) else f"{type(e).__name__}: {e}"
             note_failure(self.notes, uid, WORKER_ERROR, detail)
             raise
-        end_try(self.notes, uid, UNIT_STAGE)
-        return batch_of({**result, "unit": uid, "node": self.node})
+        end_try(self.notes, uid, stage)
+        return result

@@ -5,8 +5,9 @@ with the reason the note gives (see capfleet.jobs.caption.job).
 
 The tries are counted here, by the worker as it starts a shard, not by Ray: when an actor
 dies, Ray retries every shard queued on it, and only the one it was running has used a try.
-So an actor may hold a second shard queued behind the one it runs (no idle gap between
-shards) without a poison shard using up an innocent neighbour's tries."""
+So an actor may hold a second shard beside the one it runs (fetching it, or waiting: no idle
+gap between shards) without a poison shard using up an innocent neighbour's compute tries
+(cluster/pool.py counts fetching and computing apart)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ with each row's read and decode time."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -99,33 +100,54 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, policy: UrlPolicy
     return data, refs, read_ms
 
 
-def load_shard(
+@contextlib.contextmanager
+def _phase(out: str, shard: dict, name: str, timeout_s: float):
+    """With `timeout_s`, a phase of the shard that takes longer ends this worker
+    (watchdog.deadline, notes in `out`); an exception becomes the worker's account of it."""
+    if not timeout_s:
+        yield
+        return
+    try:
+        with deadline(out, int(shard["shard"]), name, timeout_s):
+            yield
+    except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
+        raise WorkerFailure(f"{name}: {type(e).__name__}: {e}") from e
+
+
+def fetch_phase(
     shard: dict,
-    sizes: Sequence[int],
     max_bytes: int = MAX_IMAGE_BYTES,
+    policy: UrlPolicy = DEFAULT_POLICY,
     out: str = "",
     timeout_s: float = 0.0,
-    policy: UrlPolicy = DEFAULT_POLICY,
-    thumbs: dict | None = None,
 ) -> dict:
-    """Fetch and decode every image of a shard for each input size the bundles need; with
-    `timeout_s`, a shard that takes longer ends this worker (watchdog.deadline, notes in `out`).
+    """The shard's item with every row's bytes fetched: adds "data" (bytes or ImageError per
+    row) and "read_ms", and the references a tar or Parquet source carries. Bytes only: it
+    waits on disks, stores and hosts, not on the CPU."""
+    with _phase(out, shard, "fetch", timeout_s):
+        data, refs, read_ms = fetch_shard(shard, max_bytes, policy)
+    return {**shard, "data": data, "references": refs, "read_ms": read_ms}
 
-    shard: one shard's item (listing.Shard.item) -> adds per size S "image_S": (N, S, S, 3)
-    uint8, and per row "error" (the reason, "" when fine), "references", "read_ms",
-    "decode_ms". With `thumbs` ({"dir", "ids"}), the images among the gallery's sample keep a
-    small JPEG in that folder, so the gallery shows them without fetching them again.
-    """
-    if timeout_s:
-        number = int(shard["shard"])
-        try:
-            with deadline(out, number, "fetch and decode", timeout_s):
-                return load_shard(shard, sizes, max_bytes, policy=policy, thumbs=thumbs)
-        except Exception as e:  # a bug, not a bad image: noted, so the rows say what it was
-            raise WorkerFailure(f"decode: {type(e).__name__}: {e}") from e
-    errors = [str(e) for e in _column(shard, "error")]
-    ids = _column(shard, "image_id")
-    data, refs, read_ms = fetch_shard(shard, max_bytes, policy)
+
+def decode_phase(
+    fetched: dict,
+    sizes: Sequence[int],
+    thumbs: dict | None = None,
+    out: str = "",
+    timeout_s: float = 0.0,
+) -> dict:
+    """A fetched shard decoded for each input size the bundles need: per size S "image_S":
+    (N, S, S, 3) uint8, and per row "error" (the reason, "" when fine), "references",
+    "read_ms", "decode_ms". The bytes are taken out of `fetched`, so they are let go once
+    decoded. With `thumbs` ({"dir", "ids"}), the images among the gallery's sample keep a
+    small JPEG in that folder, so the gallery shows them without fetching them again."""
+    with _phase(out, fetched, "decode", timeout_s):
+        return _decoded(fetched, sizes, thumbs)
+
+
+def _decoded(fetched: dict, sizes: Sequence[int], thumbs: dict | None) -> dict:
+    errors = [str(e) for e in _column(fetched, "error")]
+    ids, data = _column(fetched, "image_id"), fetched.pop("data")
     n = len(errors)
     images = {s: np.zeros((n, s, s, 3), np.uint8) for s in sizes}
     decode_ms = [0.0] * n
@@ -137,22 +159,38 @@ def load_shard(
             continue
         t0 = time.perf_counter()
         for s in sizes:
-            out = decode_image(data[i], (s, s))
-            if isinstance(out, ImageError):
-                errors[i] = str(out)
+            pixels = decode_image(data[i], (s, s))
+            if isinstance(pixels, ImageError):
+                errors[i] = str(pixels)
                 break
-            images[s][i] = out
+            images[s][i] = pixels
         decode_ms[i] = 1000 * (time.perf_counter() - t0)
         if thumbs and not errors[i]:
             keep_thumbnail(thumbs, str(ids[i]), data[i])
-    result = {k: v for k, v in shard.items() if k not in ("error", "references")}
+    result = {k: v for k, v in fetched.items() if k not in ("error", "references")}
     result["error"] = errors
-    result["references"] = [list(r) for r in refs]
-    result["read_ms"] = np.array(read_ms, np.float64)
+    result["references"] = [list(r) for r in fetched["references"]]
+    result["read_ms"] = np.array(fetched["read_ms"], np.float64)
     result["decode_ms"] = np.array(decode_ms, np.float64)
     for s, arr in images.items():
         result[f"image_{s}"] = arr
     return result
+
+
+def load_shard(
+    shard: dict,
+    sizes: Sequence[int],
+    max_bytes: int = MAX_IMAGE_BYTES,
+    out: str = "",
+    timeout_s: float = 0.0,
+    policy: UrlPolicy = DEFAULT_POLICY,
+    thumbs: dict | None = None,
+) -> dict:
+    """Fetch and decode every image of a shard (fetch_phase, then decode_phase): shard is one
+    shard's item (listing.Shard.item); with `timeout_s`, each phase that takes longer ends
+    this worker (notes in `out`)."""
+    fetched = fetch_phase(shard, max_bytes, policy, out, timeout_s)
+    return decode_phase(fetched, sizes, thumbs, out, timeout_s)
 
 
 THUMBS_DIR = "_thumbs"  # OUT/_thumbs/: the gallery sample's thumbnails, kept as the job reads

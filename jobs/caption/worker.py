@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from capfleet.cluster.watchdog import WorkerFailure, deadline
 from capfleet.core.storage import read_parquet
-from capfleet.jobs.caption.load import load_shard
+from capfleet.jobs.caption.load import decode_phase, fetch_phase
 from capfleet.jobs.caption.parts import (
     CAPTION_SCHEMA,
     ERROR,
@@ -67,14 +67,26 @@ class CaptionWorker:
         # load_shard's arguments when this worker fetches and decodes its shards itself (the
         # default: one process per core reads, decodes and captions)
         self.decode = decode
+        if decode is None:  # shards come decoded, by tasks of their own: nothing to fetch
+            self.fetch = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    def fetch(self, item: dict) -> dict:
+        """A shard's bytes (load.fetch_phase): the pool runs this while the actor captions the
+        shard before, so a slow disk, store or host costs no captioning time."""
+        d = self.decode
+        return fetch_phase(item, d["max_bytes"], d["policy"], self.out, self.shard_timeout_s)
+
     def __call__(self, item: dict) -> dict:
-        """One shard's item (listing.Shard.item, or load_shard's result): every model's part
-        written; returns only the shard id and its row count (for the driver's progress)."""
+        """One shard's item (listing.Shard.item, fetched or not, or load_shard's result): every
+        model's part written; returns only the shard id and its row count (for the driver's
+        progress)."""
         shard = int(item["shard"])
         if self.decode is not None:
-            item = load_shard(item, out=self.out, timeout_s=self.shard_timeout_s, **self.decode)
+            if "data" not in item:  # not fetched yet (a direct call)
+                item = self.fetch(item)
+            d = self.decode
+            item = decode_phase(item, d["sizes"], d.get("thumbs"), self.out, self.shard_timeout_s)
         rows = len(item["image_id"])
         for name in self.runners:
             timer = (

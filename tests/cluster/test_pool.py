@@ -1,8 +1,12 @@
 """The executor's pool on a real local Ray: workers see the unit itself, results come back
 with their node, a unit whose worker raises is reported with its reason, and its tries are
-bounded; the unit <-> batch encoding round-trips ragged lists and arrays."""
+bounded; a worker with a fetch phase overlaps one unit's fetch with another's compute, and a
+unit waiting to compute loses no try when its neighbour kills the actor; the unit <-> batch
+encoding round-trips ragged lists and arrays."""
 
+import os
 import sys
+import time
 
 import numpy as np
 
@@ -43,6 +47,64 @@ def test_units_through_the_pool(local_ray, tmp_path):
     # units that finished are gone
     assert 1 <= len(tries_path(tmp_path, 3, UNIT_STAGE).read_bytes()) <= 2
     assert [p.name for p in tmp_path.glob("_failed/*.tries")] == ["shard-000003.unit.tries"]
+
+
+class Phased:
+    """A worker with a fetch phase: each phase sleeps as its unit says and records when it ran;
+    a unit with `die` ends its process in the middle of its compute."""
+
+    def fetch(self, unit: dict) -> dict:
+        t0 = time.time()
+        time.sleep(float(unit["fetch_s"]))
+        return {**unit, "fetched": [t0, time.time()]}
+
+    def __call__(self, unit: dict) -> dict:
+        t0 = time.time()
+        time.sleep(float(unit["compute_s"]))
+        if unit["die"]:
+            os._exit(1)
+        return {"fetched": list(unit["fetched"]), "computed": [t0, time.time()]}
+
+
+def phased_units(*specs: tuple) -> list[dict]:
+    return [
+        {"unit": u, "fetch_s": f, "compute_s": c, "die": d} for u, (f, c, d) in enumerate(specs)
+    ]
+
+
+def test_an_actor_fetches_the_next_unit_while_it_computes_one(local_ray, tmp_path):
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    units = phased_units(*[(0.6, 0.6, False)] * 5)
+    seen: list = []
+    assert (
+        run_units(units, Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1), seen.append)
+        == {}
+    )
+    computes = sorted(tuple(r["computed"]) for r in seen)
+    assert len(computes) == 5
+    # one compute at a time
+    assert all(a[1] <= b[0] + 0.01 for a, b in zip(computes, computes[1:], strict=False))
+    # and fetches ran beside them: every unit after the first was fetched (mostly) while the
+    # one before it computed
+    overlapped = [
+        r["unit"]
+        for r in seen
+        if any(c[0] < r["fetched"][1] - 0.3 and r["fetched"][0] < c[1] for c in computes)
+    ]
+    assert len(overlapped) >= 3, seen
+
+
+def test_a_unit_waiting_to_compute_loses_no_try_when_its_neighbour_kills_the_actor(
+    local_ray, tmp_path
+):
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # unit 0 fetches at once and dies computing; unit 1 has fetched by then and waits its turn
+    units = phased_units((0.0, 1.0, True), (0.3, 0.1, False))
+    seen: list = []
+    pool = Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1, tries=1)
+    failed = run_units(units, pool, seen.append)
+    assert list(failed) == [0] and failed[0].startswith("worker_died")
+    assert [r["unit"] for r in seen] == [1]  # one try each: unit 1 did not spend its own
 
 
 def test_a_unit_round_trips_through_a_batch_of_one():
