@@ -140,8 +140,8 @@ class CocoReader:
     def __init__(
         self, json_path: str | Path, image_root: str | Path | None = None, split: str | None = None
     ):
-        self.json_path = Path(json_path)
-        self.image_root = Path(image_root) if image_root else self.json_path.parent
+        self.json_path = place(json_path)  # a local path or a store's URI
+        self.image_root = place(image_root) if image_root else self.json_path.parent
         self.split = split
         self.stats = ReadStats()
 
@@ -448,6 +448,8 @@ def open_reader(
 def _reader(path: str | Path, split: str | None):
     if is_uri(path) and place(path).suffix.lower() in (".parquet", ".csv", ".tsv"):
         return ManifestReader(path)  # a manifest in an object store
+    if is_uri(path) and place(path).suffix.lower() == ".json":
+        return CocoReader(path, split=split)  # a COCO or Karpathy JSON in an object store
     if is_uri(path):
         root = place(path)
         if (root / FLICKR_TOKEN_FILE).is_file() or (

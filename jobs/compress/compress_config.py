@@ -9,7 +9,7 @@ from capfleet.compression.goal import Goal
 from capfleet.compression.recipes import check_for_model, parse_trial
 from capfleet.compression.settings import TrialSettings
 from capfleet.core.errors import CapfleetError, check_numbers, check_range
-from capfleet.core.storage import is_uri, place
+from capfleet.core.storage import place
 from capfleet.jobs.gallery import DEFAULT_GALLERY_IMAGES, check_gallery_size
 from capfleet.model.encoders import encoder_info
 from capfleet.model.modeldir import model_data, read_model_manifest
@@ -57,11 +57,6 @@ class CompressConfig:
             raise CapfleetError(f"cpus_per_trial: must be in (0, 1024], got {self.cpus_per_trial}")
         check_range(self, {"max_retries": (0, 100)})
         check_gallery_size(self.gallery)
-        if self.goal is not None and is_uri(self.out):
-            raise CapfleetError(
-                f"out: a goal search publishes its choice by renaming folders, which an object "
-                f"store cannot do; search into a local or shared folder (got {self.out})"
-            )
 
     def plan(self) -> list[tuple[str, str]]:
         """(model dir, trial name) for every trial, the fp32 baseline first for each model, so

@@ -1,6 +1,7 @@
 """The goal-driven compression search on Ray: each wave that compression/goal.py chooses runs
 as a compress job into the same output (finished trials are kept, so a wave only runs its new
-trials, and an interrupted search resumes); then OUT/best/, OUT/choice.md and choice.json."""
+trials, and an interrupted search resumes); then OUT/best/, OUT/choice.md and choice.json.
+OUT may be a local folder or a store URI."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from capfleet.compression.records import read_trials
 from capfleet.compression.settings import slug
 from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, mirror, place, publish
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.compress.trials import run_compress_job
 from capfleet.jobs.skeleton import JobRun
@@ -47,11 +49,11 @@ def run_goal_search(
     goal, model = cfg.goal, cfg.models[0]
     manifest = read_model_manifest(model)
     frozen = not encoder_info(manifest["config"]["encoder"]).trainable
-    out = Path(cfg.out)
+    out = place(cfg.out)
     search = Search(goal, frozen, {}, {})
     # trials an earlier run (a search, or a list) recorded here are candidates too; the compress
     # job keeps them if their model, data and settings are unchanged, redoes them if not
-    earlier = _recorded(out, Path(model).name)
+    earlier = _recorded(out, place(model).name)
     search.records = {r["trial"]: r for r in earlier}
     search.waves.update({r["trial"]: "an earlier run" for r in earlier})
     tried = list(search.records)
@@ -65,7 +67,7 @@ def run_goal_search(
 
 
 def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> dict:
-    model, out = cfg.models[0], Path(cfg.out)
+    model, out = cfg.models[0], place(cfg.out)
     job = {}
     with ray_session(address):  # one Ray for every wave
         while True:
@@ -87,7 +89,7 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
     search.records = {r["trial"]: r for r in read_trials(out)}
     costs = _measure_costs(cfg, search, address, log)
     search.waves.setdefault("fp32:fp32", "post-training quantization")
-    doc = choice_document(search, Path(model).name)
+    doc = choice_document(search, place(model).name)
     if doc["winner"] in costs:
         doc["fleet"] = costs[doc["winner"]]["fleet"]
     cpu = cpu_info()
@@ -96,11 +98,10 @@ def _search(cfg: CompressConfig, search: Search, tried: list, address, log) -> d
     write_bytes_atomic(out / "choice.json", choice_json(doc).encode())
     best = None
     if doc["met"]:
-        best = _publish(out, out / "bundles" / Path(model).name / slug(doc["winner"]))
+        best = _publish(out, out / "bundles" / place(model).name / slug(doc["winner"]))
         log(f"search: winner {doc['winner']}, copied to {best}")
     else:
-        if (out / BEST_DIR).exists():  # an earlier goal's choice: not this goal's
-            shutil.rmtree(out / BEST_DIR)
+        _remove(out / BEST_DIR)  # an earlier goal's choice: not this goal's
         log(f"search: no candidate meets the goal; closest: {', '.join(doc['closest'])}")
     return {
         **job,
@@ -116,7 +117,7 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
     job of its bundle (`cost_job`), its cost per million images and job images/s added to its
     record. Kept in OUT/costs.json by the bundle's manifest, so a rerun measures only what
     changed. Returns {trial: measurement}."""
-    goal, out = cfg.goal, Path(cfg.out)
+    goal, out = cfg.goal, place(cfg.out)
     if goal.minimize != "cost":
         return {}
     path = out / COSTS_FILE
@@ -126,7 +127,7 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
     for name, rec in search.records.items():
         if rec.get("status") != "ok" or misses(goal, rec, search.baseline):
             continue
-        bundle = Path(rec["bundle"])
+        bundle = place(rec["bundle"])
         identity = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
         measured = known.get(name)
         if not measured or measured["bundle"] != identity:
@@ -139,7 +140,9 @@ def _measure_costs(cfg: CompressConfig, search: Search, address, log) -> dict:
     return known
 
 
-def cost_job(bundle: Path, data: str, scratch: Path, goal, address: str | None) -> dict:
+def cost_job(
+    bundle: Path | StorePath, data: str, scratch: Path | StorePath, goal, address: str | None
+) -> dict:
     """One bundle's cost as a caption job runs it: a real job on the cluster (the embedded Ray
     without `address`) over COST_SAMPLE images of the training split of `data`, in shards
     small enough that every CPU gets several (one 1,024-image shard would keep one actor busy
@@ -172,7 +175,7 @@ def cost_job(bundle: Path, data: str, scratch: Path, goal, address: str | None) 
     }
 
 
-def _recorded(out: Path, model: str) -> list[dict]:
+def _recorded(out: Path | StorePath, model: str) -> list[dict]:
     """The records of `model` in an earlier run's OUT/trials.parquet."""
     try:
         return [r for r in read_trials(out) if r["model"] == model]
@@ -180,11 +183,17 @@ def _recorded(out: Path, model: str) -> list[dict]:
         return []
 
 
-def _publish(out: Path, bundle: Path) -> Path:
+def _publish(out: Path | StorePath, bundle: Path | StorePath) -> Path | StorePath:
     """Copy the winning bundle to OUT/best/, replacing an earlier choice only once the copy is
     whole (copied beside it, then renamed). Leftovers of a run killed in here (a staging copy,
-    the earlier choice set aside) are removed first."""
+    the earlier choice set aside) are removed first. A store has no rename: there the earlier
+    choice goes first (its manifest before its other files) and the new one is uploaded with
+    its manifest last, so a reader finds a whole bundle or none."""
     target = out / BEST_DIR
+    if isinstance(target, StorePath):
+        _remove(target)
+        publish(mirror(bundle), target)
+        return target
     staging = out / f"{TMP_PREFIX}{BEST_DIR}"
     old = out / f"{TMP_PREFIX}{BEST_DIR}-old"
     for leftover in (staging, old):
@@ -197,3 +206,13 @@ def _publish(out: Path, bundle: Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+def _remove(folder: Path | StorePath) -> None:
+    """A bundle folder gone (a store's: its manifest first, so it never reads as whole)."""
+    if isinstance(folder, StorePath):
+        (folder / "manifest.json").unlink(missing_ok=True)
+        for rel in list(folder.files()):
+            (folder / rel).unlink(missing_ok=True)
+    elif folder.exists():
+        shutil.rmtree(folder)

@@ -70,8 +70,8 @@ def test_a_caption_job_reads_and_writes_only_the_object_store(
 
 
 def test_every_input_kind_lists_and_reads_from_the_store_with_its_options(shapes_dir, s3):
-    """A prefix, a tar glob and Parquet of image bytes in the store: listed on the driver,
-    read as a worker reads them, each URI still naming the store's endpoint."""
+    """A prefix, a tar glob, Parquet of image bytes and a COCO JSON in the store: listed on
+    the driver, read as a worker reads them, each URI still naming the store's endpoint."""
     records = Flickr8kReader(shapes_dir, "test").records()[:6]
     blobs = {f"{r.image_id}.jpg": open(r.uri, "rb").read() for r in records}
     for i, data in blobs.items():
@@ -87,11 +87,17 @@ def test_every_input_kind_lists_and_reads_from_the_store_with_its_options(shapes
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"image_id": list(blobs), "image": list(blobs.values())}), sink)
     _put(s3, "bytes/images.parquet", sink.getvalue().to_pybytes())
+    coco = {  # a COCO captions file beside its images (file names relative to it)
+        "images": [{"id": n, "file_name": f"prefix/{i}"} for n, i in enumerate(blobs)],
+        "annotations": [{"image_id": n, "caption": "a shape"} for n in range(len(blobs))],
+    }
+    _put(s3, "captions_train.json", json.dumps(coco).encode())
 
     inputs = {
         "prefix": s3.uri("prefix/"),
         "tars": s3.uri("tars/shard-*.tar"),
         "parquet": s3.uri("bytes/images.parquet"),
+        "coco": s3.uri("captions_train.json"),
     }
     for kind, uri in inputs.items():
         listing = list_inputs(uri, shard_size=4)
@@ -156,6 +162,46 @@ def test_compress_reads_its_model_and_data_from_the_store_and_publishes_there(
 
 
 @pytest.mark.slow
+def test_a_goal_search_publishes_its_choice_in_the_store(local_ray, tiny_model, s3):
+    from capfleet.compression.goal import Goal
+    from capfleet.compression.settings import TrialSettings
+    from capfleet.core.storage import mirror
+    from capfleet.jobs import api
+    from capfleet.jobs.compress.compress_config import CompressConfig
+    from capfleet.model.bundle import check_bundle
+
+    settings = TrialSettings(eval_images=8, bench_batch=8, bench_repeats=1)
+    out = s3.uri("search")
+    cfg = CompressConfig(
+        models=(s3.upload(tiny_model, "models/tiny"),),
+        out=out,
+        settings=settings,
+        gallery=0,
+        goal=Goal(max_delta_bleu4=1.0, max_trials=2),  # everything meets: the budget ends it
+    )
+    done = api.compress(cfg, log=lambda _: None)
+    assert done.met is True and done.winner in ("fp32:fp32", "dynamic:dynamic")
+    keys = s3.keys("search")
+    for name in ("trials.parquet", "choice.md", "choice.json", "best/manifest.json"):
+        assert name in keys, (name, keys)
+    winner = json.loads(s3.fs.open_input_stream(f"{s3.bucket}/search/choice.json").read())
+    assert winner["winner"] == done.winner
+    best = s3.uri("search/best")
+    check_bundle(mirror(best))  # whole, and it loads
+
+    # a goal nothing meets: the earlier choice is taken away, manifest and all
+    impossible = CompressConfig(
+        models=cfg.models,
+        out=out,
+        settings=settings,
+        gallery=0,
+        goal=Goal(max_delta_bleu4=0.5, max_ms=1e-6, max_trials=2),
+    )
+    assert api.compress(impossible, log=lambda _: None).met is False
+    assert not [k for k in s3.keys("search") if k.startswith("best/")]
+
+
+@pytest.mark.slow
 def test_a_pipeline_whose_every_output_is_in_the_store(local_ray, s3, tmp_path, capsys):
     from capfleet.jobs.cli import main
 
@@ -201,16 +247,10 @@ def test_an_output_inside_the_input_prefix_is_not_read_as_input(shapes_dir, s3):
 
 
 def test_store_paths_that_cannot_work_are_refused_before_any_work(tiny_model, s3, tmp_path):
-    from capfleet.compression.goal import Goal
     from capfleet.core.artifacts import OutputLock
     from capfleet.core.errors import CapfleetError
     from capfleet.jobs.cli import main
-    from capfleet.jobs.compress.compress_config import CompressConfig
 
-    with pytest.raises(CapfleetError, match="renaming folders"):
-        CompressConfig(
-            models=(str(tiny_model),), out=s3.uri("search"), goal=Goal(max_delta_bleu4=0.01)
-        )
     # a bucket that is not there: one clear error, not a traceback
     missing = s3.uri("x").replace(s3.bucket, "no-such-bucket", 1)
     with pytest.raises(CapfleetError, match="cannot write"):
