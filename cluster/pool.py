@@ -21,7 +21,9 @@ Fault policy, the same for every job:
   counted apart, each with `tries`: a compute start when the compute begins, a fetch start
   when the fetch begins. A unit that had fetched and waits for the compute uses no try when
   its neighbour kills the actor; one still fetching then spends a fetch try, not a compute
-  try (fetching holds only bytes, so a fetch rarely kills an actor itself);
+  try (fetching holds only bytes, so a fetch rarely kills an actor itself; one that runs
+  past its deadline does, and so costs the unit computing beside it a try: per-request
+  deadlines leave that to a store or host that hangs for the whole deadline);
 - a dead actor is always restarted and Ray retries what was queued on it;
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
