@@ -13,7 +13,9 @@ AVX2-only 2-core machine (CAPFLEET_BENCH_SCALE_ROWS and CAPFLEET_BENCH_SCALE_MOB
 set the sizes).
 Recorded: images/s per core, the ratio to the limit (start-up included; to the mean of the limit
 measured just before and just after the job, as this machine's speed drifts), peak driver and actor
-RSS, the summary's seconds, a nothing-to-do rerun's seconds."""
+RSS, the summary's seconds, a nothing-to-do rerun's seconds, and where the CPUs' time went during
+the job (the actors, the driver, Ray's own processes). Written as caption_scale.json on a VNNI
+machine, caption_scale-avx2.json on an AVX2-only one; a size of 0 rows skips that bundle."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Timer, write_result
+from bench.common import Timer, machine, write_result
 from bench.photos import make_jpegs
 
 DISTINCT = int(os.environ.get("CAPFLEET_BENCH_SCALE_DISTINCT", 3000))
@@ -129,10 +131,14 @@ def per_core_limit(bundle: Path, photos: list[Path]) -> dict:
 
 
 class PeakRss:
-    """Peak resident memory (VmHWM) of the driver and of every caption actor, sampled."""
+    """Peak resident memory (VmHWM) of the driver and of every caption actor, sampled; and the
+    CPU seconds of the driver, the actors and Ray's other processes (those started during the
+    job) as last sampled."""
 
     def __init__(self, pid: int):
         self.pid, self.driver, self.actors = pid, 0, {}
+        self.before = set(os.listdir("/proc")) - {str(pid)}  # the driver is the job's
+        self.cpu: dict[str, tuple[str, float]] = {}  # pid -> (group, CPU seconds)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -157,16 +163,36 @@ class PeakRss:
                         self.actors[proc.name] = max(
                             self.actors.get(proc.name, 0), self._hwm(proc.name)
                         )
+                    self._cpu(proc, cmd)
                 except (OSError, ValueError):
                     pass
             self.stop.wait(0.5)
 
+    def _cpu(self, proc: Path, cmd: bytes) -> None:
+        if proc.name in self.before or not proc.name.isdigit():
+            return  # not started by the job
+        if proc.name == str(self.pid):
+            group = "driver"
+        elif b"CaptionWorker" in cmd:
+            group = "actors"
+        elif b"ray" in cmd:
+            group = "ray"
+        else:
+            return
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        self.cpu[proc.name] = (group, seconds)
+
     def done(self) -> dict:
         self.stop.set()
         self.thread.join()
+        cpu: dict[str, float] = {}
+        for group, seconds in self.cpu.values():
+            cpu[group] = cpu.get(group, 0.0) + seconds
         return {
             "driver_peak_rss_mb": round(self.driver / 1e6),
             "actor_peak_rss_mb": sorted(round(v / 1e6) for v in self.actors.values()),
+            "cpu_s": {k: round(v, 1) for k, v in sorted(cpu.items())},
         }
 
 
@@ -237,6 +263,9 @@ def run_scale(name: str, bundle: Path, photos: list[Path], rows: int, tmp: Path)
         "ray_start_s": first["job"]["ray_start_seconds"],
         "summary_s": first["job"].get("summary_seconds"),
         "driver_peak_rss_mb": first["driver_peak_rss_mb"],
+        # CPU seconds during the job, against the cores x wall it had
+        "cpu_s": first["cpu_s"],
+        "cpu_capacity_s": round(cores * first["wall_s"], 1),
         "actor_peak_rss_mb": first["actor_peak_rss_mb"],
         "rows_written": first["job"]["rows"],
         "failed": s["failed"],
@@ -261,6 +290,8 @@ def run() -> None:
             ("mobilenet_v2-int8", mobilenet, MOBILENET_ROWS),
             ("small_cnn-fp32", small, SMALL_ROWS),
         ):
+            if not rows:
+                continue
             job = run_scale(name, bundle, photos, rows, tmp)
             print(name, job, flush=True)
             results[name] = {
@@ -268,8 +299,9 @@ def run() -> None:
                 "per_core_limit_after": job.pop("per_core_limit_after"),
                 "job": job,
             }
+    kind = machine()["int8_kind"]
     write_result(
-        "caption_scale",
+        "caption_scale" if kind == "vnni" else f"caption_scale-{kind.removesuffix('-only')}",
         {
             "what": __doc__,
             "distinct_photos": DISTINCT,
