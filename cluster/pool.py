@@ -6,10 +6,12 @@ a test calls it on a hand-built unit), and optionally a `prepare` function run a
 their own before the actors. Call it inside a `ray_session` (cluster/connect.py).
 
 A worker may split a unit's work in two: `fetch(unit)` (waiting on disks, stores and hosts)
-returns what `__call__` then computes. Each actor then runs two units at once, each in its own
-thread: one unit's fetch overlaps the other's compute, and computes run one at a time, so the
-next shard's bytes arrive while the current one is captioned. A worker whose `fetch` is None
-(or that has none) runs its units one after another.
+returns what `__call__` then computes. With `Pool.overlap` each actor runs two units at once,
+each in its own thread: one unit's fetch overlaps the other's compute, and computes run one at
+a time, so the next shard's bytes arrive while the current one is captioned; a third unit
+waits queued on the actor, so the next fetch starts the moment a compute ends. Ray Data reads
+an actor's use as units in flight over the calls it runs at once: its scaling thresholds are
+set per call, so a pool grows and shrinks at the same units per actor as without overlap.
 
 How Ray Data carries a unit (one row per unit, a batch of one, every value wrapped in a leading
 axis of 1) stays in this module: workers and prepare functions see the unit itself.
@@ -18,12 +20,14 @@ Fault policy, the same for every job:
 - each unit's starts are counted on disk by the actor that starts it (cluster/watchdog.py), so
   a unit that kills every worker it lands on (out of memory, a native crash) is passed by after
   `tries` starts, and one queued behind it on a dead actor loses no try. The two phases are
-  counted apart, each with `tries`: a compute start when the compute begins, a fetch start
-  when the fetch begins. A unit that had fetched and waits for the compute uses no try when
-  its neighbour kills the actor; one still fetching then spends a fetch try, not a compute
-  try (fetching holds only bytes, so a fetch rarely kills an actor itself; one that runs
-  past its deadline does, and so costs the unit computing beside it a try: per-request
-  deadlines leave that to a store or host that hangs for the whole deadline);
+  counted apart, each with `tries`, when each begins. A unit that has fetched and waits for
+  the compute spends no try when its neighbour kills the actor; one still fetching spends a
+  fetch try. An actor runs its first unit alone (fetch and compute), and overlaps only once
+  one unit has come through: the units Ray retries on a restarted actor run one after the
+  other, so a poison shard cannot spend, try after try, the fetch tries of the shard it is
+  retried beside (at most one, the first time). A fetch that runs past its deadline ends the
+  actor too, and so costs the unit computing beside it a try; per-request deadlines leave that
+  to a store or host that hangs for the whole deadline;
 - a dead actor is always restarted and Ray retries what was queued on it;
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
@@ -34,6 +38,7 @@ Fault policy, the same for every job:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +62,9 @@ from capfleet.core.errors import CapfleetError
 WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
 UNIT_STAGE = "unit"  # the name a unit's starts are counted under (_failed/shard-N.unit.tries)
 FETCH_STAGE = "fetch"  # and its fetches' (a worker with a fetch phase)
+# Ray Data's default actor pool thresholds, in units in flight per actor: grow above 1.75,
+# shrink below 0.5 (ray.data.context DEFAULT_ACTOR_POOL_UTIL_*_THRESHOLD)
+UPSCALE_UNITS, DOWNSCALE_UNITS = 1.75, 0.5
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class Pool:
     cpus: float = 1.0
     actors: int = 0
     tries: int = 3
-    in_flight: int = 2  # units given to an actor at once: the next one fetches (or waits)
+    in_flight: int = 2  # units given to an actor at once: the next one waits queued
+    overlap: bool = False  # the worker's fetch(unit) runs beside another unit's compute
     prepare: Callable | None = None
     prepare_kwargs: dict = field(default_factory=dict)
     prepare_cpus: float = 1.0
@@ -117,6 +126,12 @@ def run_units(
     ctx.print_on_execution_start = verbose
     ctx.max_errored_blocks = -1  # a unit that fails is dropped, not the whole job
     ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    calls = 2 if pool.overlap else 1  # units an actor runs at once (module docstring)
+    ctx.autoscaling_config = dataclasses.replace(
+        ctx.autoscaling_config,
+        actor_pool_util_upscaling_threshold=UPSCALE_UNITS / calls,
+        actor_pool_util_downscaling_threshold=DOWNSCALE_UNITS / calls,
+    )
     clear_notes(pool.notes, [int(u["unit"]) for u in units])  # a fresh start: no tries used
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     if pool.prepare is not None:  # as tasks of their own, tried as often as the actors' units
@@ -130,8 +145,6 @@ def run_units(
         )
     # named after the worker, so Ray's dashboard and state API show MapBatches(CaptionWorker)
     actor = type(pool.worker.__name__, (_Actor,), {"__module__": _Actor.__module__})
-    # a worker with a fetch phase runs its units in threads of their own (module docstring)
-    split = hasattr(pool.worker, "fetch")
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={
@@ -139,6 +152,7 @@ def run_units(
             "kwargs": pool.kwargs,
             "notes": pool.notes,
             "tries": pool.tries,
+            "overlap": pool.overlap,
         },
         batch_size=1,
         batch_format="numpy",
@@ -148,9 +162,9 @@ def run_units(
             min_size=low,
             max_size=high,
             initial_size=high,
-            max_tasks_in_flight_per_actor=pool.in_flight,
-            max_concurrent_calls_per_actor=pool.in_flight if split else None,
-            enable_true_multi_threading=split,
+            max_tasks_in_flight_per_actor=pool.in_flight + calls - 1,
+            max_concurrent_calls_per_actor=calls,
+            enable_true_multi_threading=pool.overlap,
         ),
         # a dead actor is always restarted (a pool with none would wait forever) and Ray
         # retries the units queued on it; the tries are counted by _Actor (module docstring)
@@ -216,23 +230,28 @@ class _Actor:
     """One actor of the pool: the worker, loaded once; counts each unit's starts of each phase
     and lets one unit compute at a time (module docstring)."""
 
-    def __init__(self, worker: type, kwargs: dict, notes: str, tries: int):
+    def __init__(self, worker: type, kwargs: dict, notes: str, tries: int, overlap: bool):
         import ray
 
         self.worker = worker(**kwargs)
-        self.fetch = getattr(self.worker, "fetch", None)
+        self.overlap = overlap
         self.computing = threading.Lock()
+        self.proven = False  # a unit has come through this process: fetches may overlap
         self.notes, self.tries = notes, tries
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         unit = unit_of(batch)
         uid = int(unit["unit"])
-        if self.fetch is not None:  # beside the other unit's compute
-            unit = self._phase(uid, FETCH_STAGE, self.fetch, unit)
+        fetched = self.overlap and self.proven
+        if fetched:  # beside the other unit's compute
+            unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)
         unit["node"] = self.node  # the unit itself, not a copy: the worker may let parts go
         with self.computing:
+            if self.overlap and not fetched:  # this process's first unit(s): one at a time
+                unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)
             result = self._phase(uid, UNIT_STAGE, self.worker, unit)
+            self.proven = True
         return batch_of({**result, "unit": uid, "node": self.node})
 
     def _phase(self, uid: int, stage: str, fn: Callable, unit: dict) -> dict:

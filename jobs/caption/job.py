@@ -289,6 +289,7 @@ def _run_shards(
         cpus=cfg.actor_cpus,
         actors=cfg.actors,
         tries=1 + cfg.max_retries,
+        overlap=fused,  # the next shard's bytes fetched while one is captioned
         # otherwise decoding runs as tasks of their own, tried as often
         prepare=None if fused else load_shard,
         prepare_kwargs={**decode, "out": str(out.resolve()), "timeout_s": cfg.shard_timeout_s},

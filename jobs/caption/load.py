@@ -167,6 +167,7 @@ def _decoded(fetched: dict, sizes: Sequence[int], thumbs: dict | None) -> dict:
         decode_ms[i] = 1000 * (time.perf_counter() - t0)
         if thumbs and not errors[i]:
             keep_thumbnail(thumbs, str(ids[i]), data[i])
+        data[i] = None  # decoded: its bytes are let go
     result = {k: v for k, v in fetched.items() if k not in ("error", "references")}
     result["error"] = errors
     result["references"] = [list(r) for r in fetched["references"]]

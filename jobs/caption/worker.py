@@ -67,13 +67,12 @@ class CaptionWorker:
         # load_shard's arguments when this worker fetches and decodes its shards itself (the
         # default: one process per core reads, decodes and captions)
         self.decode = decode
-        if decode is None:  # shards come decoded, by tasks of their own: nothing to fetch
-            self.fetch = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def fetch(self, item: dict) -> dict:
         """A shard's bytes (load.fetch_phase): the pool runs this while the actor captions the
-        shard before, so a slow disk, store or host costs no captioning time."""
+        shard before (Pool.overlap), so a slow disk, store or host costs no captioning time.
+        Only when this worker decodes its shards itself (`decode`)."""
         d = self.decode
         return fetch_phase(item, d["max_bytes"], d["policy"], self.out, self.shard_timeout_s)
 

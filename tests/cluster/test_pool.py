@@ -74,18 +74,16 @@ def phased_units(*specs: tuple) -> list[dict]:
 
 def test_an_actor_fetches_the_next_unit_while_it_computes_one(local_ray, tmp_path):
     local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    units = phased_units(*[(0.6, 0.6, False)] * 5)
+    units = phased_units(*[(0.6, 0.6, False)] * 6)
     seen: list = []
-    assert (
-        run_units(units, Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1), seen.append)
-        == {}
-    )
+    pool = Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1, overlap=True)
+    assert run_units(units, pool, seen.append) == {}
     computes = sorted(tuple(r["computed"]) for r in seen)
-    assert len(computes) == 5
+    assert len(computes) == 6
     # one compute at a time
     assert all(a[1] <= b[0] + 0.01 for a, b in zip(computes, computes[1:], strict=False))
-    # and fetches ran beside them: every unit after the first was fetched (mostly) while the
-    # one before it computed
+    # and fetches ran beside them: once the first unit came through, each was fetched
+    # (mostly) while the one before it computed
     overlapped = [
         r["unit"]
         for r in seen
@@ -98,13 +96,27 @@ def test_a_unit_waiting_to_compute_loses_no_try_when_its_neighbour_kills_the_act
     local_ray, tmp_path
 ):
     local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # unit 0 fetches at once and dies computing; unit 1 has fetched by then and waits its turn
-    units = phased_units((0.0, 1.0, True), (0.3, 0.1, False))
+    # a unit comes through first, so the actor overlaps; then unit 1 fetches at once and dies
+    # computing while unit 2, fetched by then, waits its turn
+    units = phased_units((0.0, 0.1, False), (0.0, 1.0, True), (0.3, 0.1, False))
     seen: list = []
-    pool = Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1, tries=1)
+    pool = Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1, tries=1, overlap=True)
+    failed = run_units(units, pool, seen.append)
+    assert list(failed) == [1] and failed[1].startswith("worker_died")
+    assert sorted(r["unit"] for r in seen) == [0, 2]  # one try each: 2 did not spend its own
+
+
+def test_units_retried_on_a_restarted_actor_run_one_after_the_other(local_ray, tmp_path):
+    """Retried together on the fresh actor, a poison unit that dies quickly and a neighbour
+    that fetches slowly: were they overlapped, the neighbour would be fetching at each death
+    and spend its tries."""
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    units = phased_units((0.0, 0.5, True), (1.5, 0.1, False))
+    seen: list = []
+    pool = Pool(worker=Phased, kwargs={}, notes=str(tmp_path), actors=1, tries=2, overlap=True)
     failed = run_units(units, pool, seen.append)
     assert list(failed) == [0] and failed[0].startswith("worker_died")
-    assert [r["unit"] for r in seen] == [1]  # one try each: unit 1 did not spend its own
+    assert [r["unit"] for r in seen] == [1]
 
 
 def test_a_unit_round_trips_through_a_batch_of_one():
