@@ -164,13 +164,14 @@ def _stages(summary: list[dict]) -> dict:
     return {s["model"]: {k: s.get(k) for k in keys} for s in summary}
 
 
-def measure_job(cfg: CaptionConfig, sample: int = 1024) -> Calibration:
+def measure_job(cfg: CaptionConfig, sample: int = 1024, cpus: float = 0) -> Calibration:
     """One real caption job of the spec on its first `sample` images (into a folder beside its
     output, removed after), read as a calibration: the job's own throughput (images captioned
     per second from its first part begun to its last finished: start-up excluded) as the rate,
     what its wall took beyond that as the fixed part. A single job, for comparing bundles
-    (the goal search's cost); `calibrate` separates the two by two runs, for a plan."""
-    cpus = cluster_cpus(cfg.address)
+    (the goal search's cost); `calibrate` separates the two by two runs, for a plan. `cpus`:
+    the cluster's, when the caller has asked it already (0: asked here)."""
+    cpus = cpus or cluster_cpus(cfg.address)
     with _scratch(cfg) as tmp:
         wall, summary = _timed_run(cfg, tmp / "run", sample)
     if len(summary) != 1 or not summary[0]["throughput_img_s"]:

@@ -162,7 +162,7 @@ def cost_job(
         address=address or "",
         shard_size=max(1, COST_SAMPLE // (COST_SHARDS_PER_CPU * int(max(1, cpus)))),
     )
-    cal = measure_job(spec, COST_SAMPLE)
+    cal = measure_job(spec, COST_SAMPLE, cpus)
     price = goal.price_per_cpu_hour
     return {
         "job_img_s": round(cal.rate, 2),
