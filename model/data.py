@@ -446,12 +446,12 @@ def open_reader(
 
 
 def _reader(path: str | Path, split: str | None):
-    if is_uri(path) and place(path).suffix.lower() in (".parquet", ".csv", ".tsv"):
-        return ManifestReader(path)  # a manifest in an object store
-    if is_uri(path) and place(path).suffix.lower() == ".json":
-        return CocoReader(path, split=split)  # a COCO or Karpathy JSON in an object store
     if is_uri(path):
         root = place(path)
+        if root.suffix.lower() in (".parquet", ".csv", ".tsv"):
+            return ManifestReader(path)  # a manifest in an object store
+        if root.suffix.lower() == ".json":
+            return CocoReader(path, split=split)  # a COCO or Karpathy JSON in an object store
         if (root / FLICKR_TOKEN_FILE).is_file() or (
             root / FLICKR_TEXT_DIR / FLICKR_TOKEN_FILE
         ).is_file():
