@@ -25,9 +25,10 @@ Fault policy, the same for every job:
   fetch try. An actor runs its first unit alone (fetch and compute), and overlaps only once
   one unit has come through: the units Ray retries on a restarted actor run one after the
   other, so a poison shard cannot spend, try after try, the fetch tries of the shard it is
-  retried beside (at most one, the first time). A fetch that runs past its deadline ends the
-  actor too, and so costs the unit computing beside it a try; per-request deadlines leave that
-  to a store or host that hangs for the whole deadline;
+  retried beside (at most one, the first time), and a unit whose compute tries are spent is
+  passed by before its fetch. A fetch that runs past its deadline ends the actor too, and so
+  costs the unit computing beside it a try; per-request deadlines leave that to a store or
+  host that hangs for the whole deadline;
 - a dead actor is always restarted and Ray retries what was queued on it;
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
@@ -50,12 +51,14 @@ from capfleet.cluster.watchdog import (
     TIMEOUT,
     WORKER_DIED,
     WORKER_ERROR,
+    OutOfTries,
     WorkerFailure,
     clear_notes,
     end_try,
     note_failure,
     read_note,
     start_try,
+    tries_used,
 )
 from capfleet.core.errors import CapfleetError
 
@@ -243,6 +246,9 @@ class _Actor:
     def __call__(self, batch: dict) -> dict:
         unit = unit_of(batch)
         uid = int(unit["unit"])
+        if self.overlap and tries_used(self.notes, uid, UNIT_STAGE) >= self.tries:
+            # its compute ended every process it started on: passed by without a fetch
+            raise OutOfTries(f"unit {uid}: {UNIT_STAGE} started {self.tries} times, its limit")
         fetched = self.overlap and self.proven
         if fetched:  # beside the other unit's compute
             unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)

@@ -82,6 +82,18 @@ def start_try(out: str | Path, shard: int, stage: str, tries: int) -> None:
         os.fsync(f.fileno())
 
 
+def tries_used(out: str | Path, shard: int, stage: str) -> int:
+    """How many times the shard's `stage` has started since its last completed one (counting
+    none)."""
+    path = tries_path(out, shard, stage)
+    if isinstance(path, StorePath):
+        return len(_store_tries(path))
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def end_try(out: str | Path, shard: int, stage: str) -> None:
     """The shard's part is written: its count is no longer needed."""
     path = tries_path(out, shard, stage)

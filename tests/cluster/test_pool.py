@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from capfleet.cluster.pool import UNIT_STAGE, Pool, batch_of, run_units, unit_of
 from capfleet.cluster.watchdog import WORKER_ERROR, tries_path
@@ -117,6 +118,27 @@ def test_units_retried_on_a_restarted_actor_run_one_after_the_other(local_ray, t
     failed = run_units(units, pool, seen.append)
     assert list(failed) == [0] and failed[0].startswith("worker_died")
     assert [r["unit"] for r in seen] == [1]
+
+
+def test_a_unit_whose_compute_tries_are_spent_is_passed_by_before_its_fetch(local_ray, tmp_path):
+    from capfleet.cluster.pool import _Actor
+    from capfleet.cluster.watchdog import OutOfTries, start_try
+
+    fetched = []
+
+    class Counted(Phased):
+        def fetch(self, unit: dict) -> dict:
+            fetched.append(int(unit["unit"]))
+            return super().fetch(unit)
+
+    actor = _Actor(Counted, {}, str(tmp_path), tries=2, overlap=True)
+    (fine, poison) = phased_units((0.0, 0.0, False), (0.0, 0.0, False))
+    for _ in range(2):  # the poison unit's computes ended two processes already
+        start_try(str(tmp_path), 1, UNIT_STAGE, 2)
+    assert unit_of(actor(batch_of(fine)))["unit"] == 0
+    with pytest.raises(OutOfTries):
+        actor(batch_of(poison))
+    assert fetched == [0]
 
 
 def test_a_unit_round_trips_through_a_batch_of_one():
