@@ -10,6 +10,7 @@ from pathlib import Path
 from capfleet.compression.convert import QUANTIZER, encoder_to_tflite, step_to_tflite
 from capfleet.compression.recipes import TrialRecipe, parse_trial
 from capfleet.core.artifacts import write_bytes_atomic
+from capfleet.core.storage import place
 from capfleet.model.bundle import write_bundle
 from capfleet.model.captioner import CaptionerConfig
 from capfleet.model.encoders import build_encoder, encoder_section
@@ -64,19 +65,19 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, name: str | None =
     return write_bundle(out_dir, enc_bytes, step_bytes, vocab, info, os.cpu_count() or 1)
 
 
-def export_backbone(encoder: str, weights: str | None, seed: int, path: str | Path) -> Path:
+def export_backbone(encoder: str, weights: str | None, seed: int, path: str | Path):
     """A frozen backbone (built as train() builds it: random weights from `seed`) -> its fp32
-    LiteRT flatbuffer at `path` (signature image -> features), written atomically. Kept when
-    already there: `path` is named by the backbone (model/features.py backbone_file).
+    LiteRT flatbuffer at `path` (signature image -> features), written whole, on disk or in an
+    object store. Kept when already there: `path` is named by the backbone
+    (model/features.py backbone_file).
 
     Converted in this process, whatever its size: the feature job runs this in a Ray worker of
     its own, whose memory ends with it."""
-    path = Path(path)
-    if not path.is_file():
+    if not place(path).is_file():
         import tf_keras as keras
 
         keras.utils.set_random_seed(seed)
         backbone = build_encoder(encoder, weights)
         flat = encoder_to_tflite(backbone, output="features", apart=False)
         write_bytes_atomic(path, flat)
-    return path
+    return place(path)

@@ -138,6 +138,9 @@ class StorePath:
     def with_name(self, name: str) -> StorePath:
         return self.parent / name
 
+    def with_suffix(self, suffix: str) -> StorePath:
+        return self.with_name(self.stem + suffix)
+
     def resolve(self) -> StorePath:
         return self
 
@@ -331,28 +334,37 @@ MIRROR_DIR = "capfleet-mirror"  # under the node's temporary folder: store folde
 
 
 def mirror(loc: str | Path | StorePath) -> Path:
-    """A local folder with the content of `loc`: `loc` itself when local; for a store folder
-    (a model directory, a data set) a copy on this node, made once per content (named by the
-    listing's names, sizes and times) and published whole by a rename, so that the tasks on a
-    node share one copy."""
+    """A local copy of `loc`: `loc` itself when local; for a store folder (a model directory,
+    a data set) or file (a flatbuffer) a copy on this node, made once per content (named by
+    the listing's names, sizes and times) and published whole by a rename, so that the tasks
+    on a node share one copy. Each copied file keeps the store's modification time, so a copy
+    stats as its object lists (the feature cache keys a store's images and a node's copy of
+    them alike)."""
     import hashlib
+    import os
     import tempfile
 
     where = place(loc)
     if not isinstance(where, StorePath):
         return Path(where)
     listing = sorted((rel, *stat) for rel, stat in where.listing().items())
+    if not listing:  # no folder there: a file, or nothing
+        info = where._info()
+        if info.is_file:
+            listing = [("", info.size, info.mtime_ns)]
     if not listing:
         raise CapfleetError(f"{loc}: nothing there (an empty or missing prefix)")
-    key = hashlib.sha256(json_bytes([str(where), listing])).hexdigest()[:32]
+    key = hashlib.sha256(json_bytes([str(where), listing, "times"])).hexdigest()[:32]
     cache = Path(tempfile.gettempdir()) / MIRROR_DIR / key
     named = cache / (where.name or where.authority)
 
     def fill(tmp: Path) -> None:
-        for rel, _, _ in listing:
-            target = tmp / named.name / rel
+        for rel, _, mtime in listing:
+            target = tmp / named.name / rel if rel else tmp / named.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((where / rel).read_bytes())
+            target.write_bytes((where / rel if rel else where).read_bytes())
+            if mtime is not None:
+                os.utime(target, ns=(mtime, mtime))
         (tmp / ".complete").write_bytes(b"")
 
     node_cache(cache, ".complete", fill)

@@ -1,4 +1,5 @@
-"""Loading images for training and caching frozen-encoder features on disk (npy)."""
+"""Loading images for training and caching frozen-encoder features (npy), on disk or in an
+object store (a cache every node of a cluster reads)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, is_uri, place
 from capfleet.model.data import ImageRecord, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.images import ImageError, decode_image, preprocess
@@ -28,7 +30,7 @@ def decode_files(
 
     def one(uri: str):
         try:
-            data = Path(uri).read_bytes()
+            data = place(uri).read_bytes()  # a local file or an object in a store
         except OSError as e:
             return f"{uri}: {e.strerror or e}"
         out = decode_image(data, (size, size))
@@ -90,27 +92,69 @@ def _backbone_hash(encoder: str, weights: str):
     return h
 
 
-def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
-    """Features depend on the backbone (encoder and weights) and the exact images (by path,
-    size and mtime)."""
-    h = _backbone_hash(encoder, weights)
+def record_stats(records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) of each record's image: a stat per local file; for images in an
+    object store one listing per folder that holds them (not a request per image). (-1, -1) for
+    an image that is not there."""
+    listed: dict[str, dict] = {}
+    out = []
     for r in records:
-        st = os.stat(r.uri)
-        h.update(f"{r.image_id}\t{r.uri}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        if is_uri(r.uri):
+            where = place(r.uri)
+            folder = str(where.parent)
+            if folder not in listed:
+                listed[folder] = where.parent.listing()
+            out.append(listed[folder].get(where.name, (-1, -1)))
+        else:
+            try:
+                st = os.stat(r.uri)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((-1, -1))
+    return out
+
+
+def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
+    """Features depend on the backbone (encoder and weights) and the exact images: each by its
+    id, file name, size and mtime, not by its folder, so that a data set in an object store and
+    a node's copy of it (core.storage.mirror keeps the times) share their features."""
+    h = _backbone_hash(encoder, weights)
+    for r, (size, mtime) in zip(records, record_stats(records), strict=True):
+        name = place(r.uri).name
+        h.update(f"{r.image_id}\t{name}\t{size}\t{mtime}\n".encode())
     return h.hexdigest()[:20]
 
 
-def cache_file(cache_dir: str | Path, encoder: str, weights_id: str, records) -> Path:
+def cache_file(cache_dir, encoder: str, weights_id: str, records) -> Path | StorePath:
     """The cache file of these records' features: `<encoder>-<key>.npy` (its ids in a .json
-    beside it, its parts, while computed across a cluster, in a .parts folder)."""
-    return Path(cache_dir) / f"{encoder}-{cache_key(encoder, weights_id, records)}.npy"
+    beside it, its parts, while computed across a cluster, in a .parts folder), in a local
+    folder or an object store."""
+    return place(cache_dir) / f"{encoder}-{cache_key(encoder, weights_id, records)}.npy"
 
 
-def backbone_file(cache_dir: str | Path, encoder: str, weights_id: str) -> Path:
+def backbone_file(cache_dir, encoder: str, weights_id: str) -> Path | StorePath:
     """The frozen backbone as an fp32 LiteRT flatbuffer, kept beside its features:
     `<encoder>-<key>.tflite` (compression/export.py writes it, FeatureWorker runs it)."""
     key = _backbone_hash(encoder, weights_id).hexdigest()[:20]
-    return Path(cache_dir) / f"{encoder}-{key}.tflite"
+    return place(cache_dir) / f"{encoder}-{key}.tflite"
+
+
+def load_npy(path: Path | StorePath) -> np.ndarray:
+    """An .npy file from disk or an object store (never a pickled object array)."""
+    if isinstance(path, StorePath):
+        return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    return np.load(path, allow_pickle=False)
+
+
+def npy_rows(path: Path | StorePath) -> int:
+    """The rows of an .npy file, from its header alone (a range read in a store)."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape = np.lib.format.read_array_header_1_0(f)[0]
+        else:
+            shape = np.lib.format.read_array_header_2_0(f)[0]
+    return int(shape[0]) if shape else 0
 
 
 def write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray) -> Path:
@@ -144,7 +188,7 @@ def find_cached(
             return None
     try:
         listed = json.loads(path.with_suffix(".json").read_text())["image_ids"]
-        feats = np.load(path)
+        feats = load_npy(path)
     except (OSError, ValueError, KeyError):
         return None  # unreadable: computed again
     if listed != [r.image_id for r in kept] or len(feats) != len(kept):
@@ -179,12 +223,12 @@ def cached_features(
     log: Callable[[str], None] = print,
 ) -> np.ndarray:
     """(N, F) float32 features of a frozen backbone, computed once per (encoder, weights, images)
-    and kept as npy in `cache_dir` (written atomically, so a crash leaves no half file)."""
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    and kept as npy in `cache_dir` (written whole, so a crash leaves no half file)."""
+    place(cache_dir).mkdir(parents=True, exist_ok=True)
     path = cache_file(cache_dir, encoder, weights_id, records)
     if path.is_file():
         log(f"features: cached {path.name}")
-        return np.load(path)
+        return load_npy(path)
     log(f"features: computing {encoder} for {len(images)} images")
     out = predict_batches(backbone, images, batch_size, style).astype(np.float32)
     write_cache(cache_dir, encoder, weights_id, records, out)

@@ -7,7 +7,6 @@ and the variant fan-out (cluster/) take them.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from capfleet.core.errors import (
     SEED_RANGE,
@@ -17,7 +16,7 @@ from capfleet.core.errors import (
     check_numbers,
     check_range,
 )
-from capfleet.core.storage import is_uri, place
+from capfleet.core.storage import place
 from capfleet.model.encoders import ENCODERS, check_weights, encoder_info
 
 
@@ -106,17 +105,11 @@ class TrainConfig:
 
     @property
     def feature_cache(self) -> str:
-        """Frozen backbones' features: cache_dir, else beside the model; for a model in an
-        object store, a folder under this node's temporary folder (the cache is local)."""
+        """Frozen backbones' features: cache_dir, else `feature_cache` beside the model's
+        folder, on disk or in the model's object store (where every node reads it)."""
         if self.cache_dir:
             return self.cache_dir
-        if is_uri(self.out):
-            import hashlib
-            import tempfile
-
-            key = hashlib.sha256(str(place(self.out).parent).encode()).hexdigest()[:16]
-            return str(Path(tempfile.gettempdir()) / "capfleet-features" / key)
-        return str(Path(self.out).parent / "feature_cache")
+        return str(place(self.out).parent / "feature_cache")
 
     @classmethod
     def field_names(cls) -> list[str]:

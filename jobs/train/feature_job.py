@@ -5,7 +5,10 @@ running that flatbuffer without TensorFlow, the same tries and notes as the capt
 writes every shard's features as its own .npy part. Parts
 already whole are skipped, so a job that died (or lost a node) resumes where it stopped; then
 the parts are joined into the cache file training reads (model/features.py: keyed as
-cached_features keys it). The cache folder must be one every node sees (a shared file system)."""
+cached_features keys it). The cache folder must be one every node sees: an object store
+(where the images may be too), or a shared file system. Nothing else is shared: the workers
+read the images and the backbone from where they lie (a node copies the flatbuffer from a
+store once), and write their parts there."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from capfleet.cluster.tasks import TaskFailed, run_task
 from capfleet.compression.export import export_backbone
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import StorePath, is_uri, local, mirror, place
 from capfleet.model.data import SPLITS, ImageRecord, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.features import (
@@ -31,6 +35,8 @@ from capfleet.model.features import (
     backbone_problem,
     cache_file,
     decode_files,
+    load_npy,
+    npy_rows,
     predict_batches,
     write_cache,
 )
@@ -57,10 +63,12 @@ class FeatureWorker:
 
         self.info = encoder_info(encoder)
         self.batch = batch
+        if is_uri(model_file):  # this node's copy, made once per node
+            model_file = mirror(model_file)
         if not Path(model_file).is_file():
             raise CapfleetError(
-                f"{model_file}: not on this node (the feature cache must be a folder every "
-                "node shares)"
+                f"{model_file}: not on this node (the feature cache must be where every node "
+                "reads it: an object store or a shared folder)"
             )
         try:  # mapped from the file (XNNPACK keeps a packed copy of the weights)
             it = Interpreter(model_path=str(model_file), num_threads=threads)
@@ -95,7 +103,7 @@ class FeatureWorker:
     ) -> dict:
         """Compute and write one part; `note` is kept in its .json (who computed it)."""
         feats, kept, bad = self.features(uris)
-        folder = Path(folder)
+        folder = place(folder)
         buf = io.BytesIO()
         np.save(buf, feats)
         # the ids first: a part counts as done once its .npy exists, so that goes last
@@ -113,37 +121,41 @@ class FeatureWorker:
         return {**row, "folder": str(unit["folder"])}
 
 
-def done_parts(folder: str | Path, shards: int) -> set[int]:
-    """Shards whose part is whole: its .npy loads and matches its .json's ids."""
+def done_parts(folder: str | Path | StorePath, shards: int) -> set[int]:
+    """Shards whose part is whole: its .npy's rows (read from its header) match its .json's ids.
+    The folder is listed once (an object store answers a listing, not a look-up per part)."""
+    folder = place(folder)
+    names = {p.name for p in folder.glob("part-*")}
     done = set()
     for n in range(shards):
-        npy, meta = Path(folder) / f"part-{n:06d}.npy", Path(folder) / f"part-{n:06d}.json"
+        npy, meta = folder / f"part-{n:06d}.npy", folder / f"part-{n:06d}.json"
+        if npy.name not in names or meta.name not in names:
+            continue
         try:
-            ids = json.loads(meta.read_text())["ids"]
-            arr = np.load(npy, mmap_mode="r")
+            if npy_rows(npy) == len(json.loads(meta.read_text())["ids"]):
+                done.add(n)
         except (OSError, ValueError, KeyError):
             continue
-        if arr.shape[0] == len(ids):
-            done.add(n)
     return done
 
 
 def assemble_parts(
-    folder: str | Path,
+    folder: str | Path | StorePath,
     records: Sequence[ImageRecord],
     encoder: str,
     weights_id: str,
-    cache_dir: str | Path,
+    cache_dir: str | Path | StorePath,
     shard_size: int = FEATURE_SHARD,
     log: Callable[[str], None] = print,
-) -> Path:
+) -> Path | StorePath:
     """Join a split's parts, in order, into the cache file that cached_features() reads for the
     records that decoded (the same key load_images' kept records give)."""
+    folder = place(folder)
     shards = math.ceil(len(records) / shard_size)
     feats, kept, skipped = [], [], []
     for n in range(shards):
-        meta = json.loads((Path(folder) / f"part-{n:06d}.json").read_text())
-        arr = np.load(Path(folder) / f"part-{n:06d}.npy")
+        meta = json.loads((folder / f"part-{n:06d}.json").read_text())
+        arr = load_npy(folder / f"part-{n:06d}.npy")
         chunk = records[n * shard_size : (n + 1) * shard_size]
         by_id = {r.image_id: r for r in chunk}
         kept += [by_id[i] for i in meta["ids"]]
@@ -172,7 +184,7 @@ def compute_features(
     info = encoder_info(cfg.encoder)
     if info.trainable:
         return {}
-    t0, cache, splits, items = time.perf_counter(), Path(cfg.feature_cache), {}, []
+    t0, cache, splits, items = time.perf_counter(), local(cfg.feature_cache), {}, []
     for split in SPLITS:
         records = read_split(cfg.data, split)
         # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
@@ -218,13 +230,13 @@ def compute_features(
     return {**report, "seconds": round(seconds, 1), "convert_seconds": round(convert_s, 1)}
 
 
-def _backbone(cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
+def _backbone(cfg: TrainConfig, cache: Path | StorePath, log: Callable[[str], None]):
     """(the backbone's flatbuffer in the cache, seconds taken to make it): converted by a Ray
     task when not there yet, in a process of its own (the converter's peak memory ends with
     it)."""
     path = backbone_file(cache, cfg.encoder, cfg.weights_id).resolve()
     if path.is_file():
-        problem = backbone_problem(path, cfg.encoder)
+        problem = backbone_problem(mirror(path), cfg.encoder)
         if problem is None:
             return str(path), 0.0
         log(f"features: {path.name} is no {cfg.encoder} backbone ({problem}): converting again")
@@ -249,7 +261,7 @@ def _backbone(cfg: TrainConfig, cache: Path, log: Callable[[str], None]):
     return str(path), seconds
 
 
-def _run(cfg: TrainConfig, model: str, cache: Path, items: list[dict], max_actors: int):
+def _run(cfg: TrainConfig, model: str, cache, items: list[dict], max_actors: int):
     pool = Pool(
         worker=FeatureWorker,
         kwargs={

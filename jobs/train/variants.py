@@ -93,7 +93,9 @@ def train_anywhere(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict
     if not (is_uri(cfg.out) or is_uri(cfg.data)):
         return train(cfg, log=log)
     with staging(cfg.out) as out:
-        local_cfg = replace(  # the features' cache stays where the job computed it
+        # the features where the feature job put them: mirror keeps the images' times, so
+        # this node's copy of the data keys its features as the store's images do
+        local_cfg = replace(
             cfg, out=str(out), data=str(mirror(cfg.data)), cache_dir=cfg.feature_cache
         )
         manifest = train(local_cfg, log=log)
@@ -178,8 +180,8 @@ def _train_variants(grid: TrainGrid, address, max_retries: int, log) -> pa.Table
     with ray_session(address):
         if frozen:
             log(f"train: computing features of {len(frozen)} frozen backbone(s) once")
-            for c in frozen.values():  # each across every CPU of the cluster
-                compute_features(replace(c, data=str(mirror(c.data))), address, log=log)
+            for c in frozen.values():  # each across every CPU of the cluster, the workers
+                compute_features(c, address, log=log)  # reading a store's images themselves
         if todo:
             log(f"train: {len(todo)} variants on Ray into {out}")
         calls = [((name, cfg), (name, cfg), max(1, cfg.threads)) for name, cfg in todo]

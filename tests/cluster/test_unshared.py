@@ -2,7 +2,8 @@
 namespace with a private tmpfs over one folder, the workers of a `ray start --head` node run
 outside it. A bundle only the driver holds still captions on the workers (shipped through
 Ray's object store, checked by sha256); a local output only the driver sees fails loudly,
-naming the cause; an output in an object store (moto's S3 server) completes."""
+naming the cause; an output in an object store (moto's S3 server) completes; a frozen
+backbone trains from a data set in the store into the store, its feature cache there."""
 
 import json
 import os
@@ -67,7 +68,8 @@ def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes
     )
     done = subprocess.run(
         ["unshare", "-rm", "--propagation", "private", "sh", "-c", script, "driver"]
-        + [head, str(tiny_bundle), str(shapes_dir), str(private), s3.uri("out")],
+        + [head, str(tiny_bundle), str(shapes_dir), str(private), s3.uri("out")]
+        + [s3.upload(shapes_dir, "data/shapes")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -89,3 +91,10 @@ def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes
     assert error and "not shared by every node" in error, error
     # the workers did write their parts, where the driver could not see them
     assert len(list((private / "out" / "captions").rglob("part-*.parquet"))) == 3
+
+    # a frozen backbone trained from the store into the store: its features computed by the
+    # workers into the store's feature cache, and read back there by the variant's task
+    assert result["train"]["status"] == ["ok"], result["train"]["error"]
+    cache = [k for k in s3.keys("train/feature_cache") if "/" not in k]
+    assert sum(k.endswith(".npy") for k in cache) == 3 and any(k.endswith(".tflite") for k in cache)
+    assert "base/manifest.json" in s3.keys("train")

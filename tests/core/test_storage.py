@@ -2,6 +2,9 @@
 options kept, objects published whole, listing, a store folder copied per node, staging, and
 the output lock on a store."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from capfleet.core.artifacts import LOCK_FILE, OutputLock, write_json_atomic
@@ -72,6 +75,28 @@ def test_a_store_folder_is_mirrored_once_and_staging_publishes_the_manifest_last
     table = pa.table({"x": [1, 2]})
     write_parquet_atomic(place(s3.uri("t.parquet")), table)
     assert read_parquet(s3.uri("t.parquet")).equals(table)
+
+
+def test_a_nodes_copy_of_a_store_data_set_keys_its_features_as_the_store_does(s3, shapes_dir):
+    from capfleet.model.data import read_split
+    from capfleet.model.features import cache_key
+
+    data = s3.upload(shapes_dir, "data/shapes")
+    copy = mirror(data)
+    stored, copied = read_split(data, "dev"), read_split(str(copy), "dev")
+    assert stored[0].uri.startswith("s3://") and not copied[0].uri.startswith("s3://")
+    listing = place(data).listing()
+    for r in copied:  # each copied file keeps its object's time
+        rel = Path(r.uri).relative_to(copy).as_posix()
+        assert os.stat(r.uri).st_mtime_ns == listing[rel][1]
+    key = cache_key("mobilenet_v2", "none-seed0", stored)
+    assert cache_key("mobilenet_v2", "none-seed0", copied) == key
+    assert cache_key("mobilenet_v2", "none-seed1", copied) != key
+    (place(data) / Path(copied[0].uri).relative_to(copy).as_posix()).write_bytes(b"new")
+    assert cache_key("mobilenet_v2", "none-seed0", stored) != key  # a rewritten image
+
+    one = place(data) / "Flickr8k.token.txt"  # a single file is mirrored too
+    assert mirror(one).read_bytes() == one.read_bytes() and mirror(one).name == one.name
 
 
 def test_the_lock_on_a_store_refuses_a_second_job_and_is_released(s3):
