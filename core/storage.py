@@ -411,6 +411,19 @@ def publish(folder: Path, loc: str | StorePath, last: tuple[str, ...] = ("manife
         (where / name).write_bytes(path.read_bytes())
 
 
+def copy_in_store(src: StorePath, dst: StorePath, last: tuple[str, ...] = ("manifest.json",)):
+    """A store folder copied to another place in the same store by the store itself (S3's
+    CopyObject: no byte passes through this node), the files named in `last` after the others,
+    as `publish` orders them."""
+    if src.fs is not dst.fs:
+        raise ValueError(f"{src} and {dst} are not in one store")
+    for rel in sorted(src.files(), key=lambda r: r in last):
+        try:
+            src.fs.copy_file((src / rel).path, (dst / rel).path)
+        except OSError as e:
+            raise _failed("copy", src / rel, e) from None
+
+
 class staging:  # noqa: N801  used as a context manager, like tempfile's
     """`with staging(loc) as path:` a local path to write to: `loc` itself when local; for a
     store location a temporary one of the same name, published to `loc` when the block ends

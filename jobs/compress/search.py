@@ -24,7 +24,7 @@ from capfleet.compression.records import read_trials
 from capfleet.compression.settings import slug
 from capfleet.core.artifacts import TMP_PREFIX, cpu_info, write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, mirror, place, publish
+from capfleet.core.storage import StorePath, copy_in_store, mirror, place, publish
 from capfleet.jobs.compress.compress_config import CompressConfig
 from capfleet.jobs.compress.trials import run_compress_job
 from capfleet.jobs.skeleton import JobRun
@@ -187,12 +187,16 @@ def _publish(out: Path | StorePath, bundle: Path | StorePath) -> Path | StorePat
     """Copy the winning bundle to OUT/best/, replacing an earlier choice only once the copy is
     whole (copied beside it, then renamed). Leftovers of a run killed in here (a staging copy,
     the earlier choice set aside) are removed first. A store has no rename: there the earlier
-    choice goes first (its manifest before its other files) and the new one is uploaded with
-    its manifest last, so a reader finds a whole bundle or none."""
+    choice goes first (its manifest before its other files) and the new one is copied in,
+    by the store itself when the bundle is in the same one, with its manifest last, so a
+    reader finds a whole bundle or none."""
     target = out / BEST_DIR
     if isinstance(target, StorePath):
         _remove(target)
-        publish(mirror(bundle), target)
+        if isinstance(bundle, StorePath) and bundle.fs is target.fs:
+            copy_in_store(bundle, target)  # by the store: no download, no upload
+        else:
+            publish(mirror(bundle), target)
         return target
     staging = out / f"{TMP_PREFIX}{BEST_DIR}"
     old = out / f"{TMP_PREFIX}{BEST_DIR}-old"

@@ -9,7 +9,7 @@ import pytest
 
 from capfleet.core.artifacts import LOCK_FILE, OutputLock, write_json_atomic
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, mirror, place, read_parquet, staging
+from capfleet.core.storage import StorePath, copy_in_store, mirror, place, read_parquet, staging
 
 
 def test_a_uri_keeps_its_options_on_every_path_joined_from_it():
@@ -71,6 +71,10 @@ def test_a_store_folder_is_mirrored_once_and_staging_publishes_the_manifest_last
     assert mirror(target) != copy and (mirror(target) / "weights.h5").read_bytes() == b"changed"
     with pytest.raises(CapfleetError, match="nothing there"):
         mirror(s3.uri("absent"))
+
+    copy_in_store(place(target), place(s3.uri("copy")))  # by the store itself
+    assert s3.keys("copy") == s3.keys("model")
+    assert (place(s3.uri("copy")) / "weights.h5").read_bytes() == b"changed"
 
     table = pa.table({"x": [1, 2]})
     write_parquet_atomic(place(s3.uri("t.parquet")), table)
