@@ -246,9 +246,11 @@ class _Actor:
     def __call__(self, batch: dict) -> dict:
         unit = unit_of(batch)
         uid = int(unit["unit"])
-        if self.overlap and tries_used(self.notes, uid, UNIT_STAGE) >= self.tries:
-            # its compute ended every process it started on: passed by without a fetch
-            raise OutOfTries(f"unit {uid}: {UNIT_STAGE} started {self.tries} times, its limit")
+        if self.overlap and not self.proven:
+            # Ray retries a unit on its restarted (so unproven) actor: one whose computes
+            # ended every process they ran in is passed by before its fetch
+            if tries_used(self.notes, uid, UNIT_STAGE) >= self.tries:
+                raise OutOfTries(f"unit {uid}: {UNIT_STAGE} started {self.tries} times")
         fetched = self.overlap and self.proven
         if fetched:  # beside the other unit's compute
             unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)

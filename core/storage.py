@@ -347,11 +347,11 @@ def mirror(loc: str | Path | StorePath) -> Path:
     where = place(loc)
     if not isinstance(where, StorePath):
         return Path(where)
-    listing = sorted((rel, *stat) for rel, stat in where.listing().items())
-    if not listing:  # no folder there: a file, or nothing
-        info = where._info()
-        if info.is_file:
-            listing = [("", info.size, info.mtime_ns)]
+    info = where._info()
+    if info.is_file:
+        listing = [("", info.size, info.mtime_ns)]
+    else:
+        listing = sorted((rel, *stat) for rel, stat in where.listing().items())
     if not listing:
         raise CapfleetError(f"{loc}: nothing there (an empty or missing prefix)")
     key = hashlib.sha256(json_bytes([str(where), listing, "times"])).hexdigest()[:32]

@@ -157,7 +157,9 @@ def npy_rows(path: Path | StorePath) -> int:
     return int(shape[0]) if shape else 0
 
 
-def write_cache(cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray) -> Path:
+def write_cache(
+    cache_dir, encoder: str, weights_id: str, records, feats: np.ndarray
+) -> Path | StorePath:
     """The .npy and its .json of ids, each written atomically (a crash leaves no half file)."""
     path = cache_file(cache_dir, encoder, weights_id, records)
     buf = io.BytesIO()

@@ -191,6 +191,8 @@ def _publish(out: Path | StorePath, bundle: Path | StorePath) -> Path | StorePat
     by the store itself when the bundle is in the same one, with its manifest last, so a
     reader finds a whole bundle or none."""
     target = out / BEST_DIR
+    if not (bundle / "manifest.json").is_file():  # before the earlier choice is touched
+        raise CapfleetError(f"{bundle}: the chosen bundle is not whole (no manifest.json)")
     if isinstance(target, StorePath):
         _remove(target)
         if isinstance(bundle, StorePath) and bundle.fs is target.fs:

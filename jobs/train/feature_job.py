@@ -187,7 +187,7 @@ def compute_features(
     t0, cache, splits, items = time.perf_counter(), local(cfg.feature_cache), {}, []
     for split in SPLITS:
         records = read_split(cfg.data, split)
-        # keyed by every listed image (path, size, mtime), as the cache file is: a rerun on
+        # keyed by every listed image (id, name, size, mtime), as the cache file is: a rerun on
         # the same images finds its parts, changed images start afresh
         final = cache_file(cache, info.name, cfg.weights_id, records)
         if final.is_file():  # every image decoded, already joined: nothing to do

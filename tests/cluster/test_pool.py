@@ -131,14 +131,15 @@ def test_a_unit_whose_compute_tries_are_spent_is_passed_by_before_its_fetch(loca
             fetched.append(int(unit["unit"]))
             return super().fetch(unit)
 
+    # retried on its restarted actor (a fresh process), after its computes ended two
     actor = _Actor(Counted, {}, str(tmp_path), tries=2, overlap=True)
-    (fine, poison) = phased_units((0.0, 0.0, False), (0.0, 0.0, False))
-    for _ in range(2):  # the poison unit's computes ended two processes already
-        start_try(str(tmp_path), 1, UNIT_STAGE, 2)
-    assert unit_of(actor(batch_of(fine)))["unit"] == 0
+    (poison, fine) = phased_units((0.0, 0.0, False), (0.0, 0.0, False))
+    for _ in range(2):
+        start_try(str(tmp_path), 0, UNIT_STAGE, 2)
     with pytest.raises(OutOfTries):
         actor(batch_of(poison))
-    assert fetched == [0]
+    assert unit_of(actor(batch_of(fine)))["unit"] == 1
+    assert fetched == [1]
 
 
 def test_a_unit_round_trips_through_a_batch_of_one():

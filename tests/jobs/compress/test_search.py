@@ -8,6 +8,7 @@ import pytest
 
 from capfleet.compression.goal import Goal
 from capfleet.compression.settings import TrialSettings
+from capfleet.core.errors import CapfleetError
 from capfleet.jobs import api
 from capfleet.jobs.cli import main
 from capfleet.jobs.compress.compress_config import CompressConfig
@@ -83,6 +84,11 @@ def test_publishing_recovers_from_a_run_killed_while_publishing(tmp_path):
     assert _publish(tmp_path, bundle) == tmp_path / BEST_DIR
     assert [p.name for p in (tmp_path / BEST_DIR).iterdir()] == ["manifest.json"]
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
+
+    (tmp_path / "bundles" / "half").mkdir()  # a bundle that is not whole replaces nothing
+    with pytest.raises(CapfleetError, match="not whole"):
+        _publish(tmp_path, tmp_path / "bundles" / "half")
+    assert [p.name for p in (tmp_path / BEST_DIR).iterdir()] == ["manifest.json"]
 
 
 @pytest.mark.slow
