@@ -16,8 +16,6 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
-
 from capfleet.core.errors import CapfleetError
 
 # Cumulative n-gram weights, BLEU-1 to BLEU-4 (uniform over 1..n, as nltk documents).
@@ -36,7 +34,15 @@ CORPUS_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l")
 PER_IMAGE_METRICS = ("cider_d", "rouge_l", "sentence_bleu4")
 
 _ZERO = 1e-100
-_SMOOTHING = SmoothingFunction().method1
+
+
+def nltk_bleu():
+    """nltk's bleu_score module, imported when first needed: `import nltk` imports scipy.stats
+    (about 1.8 s of CPU), which every caption actor and CLI command would otherwise pay at
+    start-up whether it scores anything or not."""
+    from nltk.translate import bleu_score
+
+    return bleu_score
 
 
 def _check(references: Sequence[Sequence[str]], hypotheses: Sequence[str], what: str) -> None:
@@ -73,7 +79,8 @@ def corpus_bleu_scores(
         # nltk warns when an order has zero matches; the score 0.0 says the same thing.
         warnings.simplefilter("ignore")
         scores = {
-            name: float(corpus_bleu(refs, hyps, weights=w)) for name, w in BLEU_WEIGHTS.items()
+            name: float(nltk_bleu().corpus_bleu(refs, hyps, weights=w))
+            for name, w in BLEU_WEIGHTS.items()
         }
     # nltk returns ~1e-155 rather than 0 when an order has no match (it avoids log(0)).
     return {name: (0.0 if v < _ZERO else v) for name, v in scores.items()}
@@ -89,14 +96,15 @@ def sentence_bleu4(references: Sequence[str], hypothesis: str) -> float:
     hyp = hypothesis.split()
     if not hyp:
         return 0.0
+    bleu = nltk_bleu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(
-            sentence_bleu(
+            bleu.sentence_bleu(
                 [r.split() for r in references],
                 hyp,
                 weights=BLEU_WEIGHTS["bleu4"],
-                smoothing_function=_SMOOTHING,
+                smoothing_function=bleu.SmoothingFunction().method1,
             )
         )
 

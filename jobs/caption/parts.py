@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nltk.translate.bleu_score import brevity_penalty, closest_ref_length, modified_precision
 
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
 from capfleet.core.storage import StorePath, parquet_metadata, place, read_parquet
-from capfleet.model.metrics import _ZERO, BLEU_WEIGHTS
+from capfleet.model.metrics import _ZERO, BLEU_WEIGHTS, nltk_bleu
 
 # One row per (image, model).
 CAPTION_SCHEMA = pa.schema(
@@ -110,12 +109,13 @@ class BleuStats:
         """One caption (cleaned text) against its references (cleaned text)."""
         refs = [r.split() for r in references]
         hyp = hypothesis.split()
+        bleu = nltk_bleu()
         for n in range(1, ORDERS + 1):
-            p = modified_precision(refs, hyp, n)
+            p = bleu.modified_precision(refs, hyp, n)
             self.matches[n - 1] += p.numerator
             self.totals[n - 1] += p.denominator
         self.hyp_len += len(hyp)
-        self.ref_len += closest_ref_length(refs, len(hyp))
+        self.ref_len += bleu.closest_ref_length(refs, len(hyp))
         self.scored += 1
 
     def merge(self, other: BleuStats) -> None:
@@ -132,7 +132,7 @@ class BleuStats:
             return {name: None for name in BLEU_WEIGHTS}
         if self.matches[0] == 0:
             return {name: 0.0 for name in BLEU_WEIGHTS}
-        bp = brevity_penalty(self.ref_len, self.hyp_len)
+        bp = nltk_bleu().brevity_penalty(self.ref_len, self.hyp_len)
         p_n = [
             Fraction(m, t, _normalize=False) for m, t in zip(self.matches, self.totals, strict=True)
         ]
