@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,27 +497,42 @@ def read_split(data: str, split: str) -> list[ImageRecord]:
     return records
 
 
+def record_stats(records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) of each record's image: a stat per local file; for images in an
+    object store one listing per folder that holds them (not a request per image). (-1, -1) for
+    an image that is not there."""
+    listed: dict[str, dict] = {}
+    out = []
+    for r in records:
+        if is_uri(r.uri):
+            where = place(r.uri)
+            folder = str(where.parent)
+            if folder not in listed:
+                listed[folder] = where.parent.listing()
+            out.append(listed[folder].get(where.name, (-1, -1)))
+        else:
+            try:
+                st = os.stat(r.uri)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((-1, -1))
+    return out
+
+
 def data_identity(data: str) -> str:
     """What a training data set is, for knowing when outputs made from it are stale: every
     split's ids, image paths and captions, and each image file's size and mtime. Rewriting the
     data (another shapes seed, an edited token file, replaced photos) changes it; reading it
-    costs a stat per image."""
+    costs a stat per image (a listing per folder in a store)."""
     import hashlib
 
     h = hashlib.sha256()
-    root = place(data)
-    stored = {str(root / k): v for k, v in root.listing().items()} if is_uri(data) else {}
-    for split in SPLITS:
+    splits = {split: read_split(data, split) for split in SPLITS}
+    stats = iter(record_stats([r for records in splits.values() for r in records]))
+    for split, records in splits.items():
         h.update(f"[{split}]\n".encode())
-        for r in read_split(data, split):
-            try:
-                if stored:
-                    size, mtime = stored[r.uri]
-                else:
-                    st = os.stat(r.uri)
-                    size, mtime = st.st_size, st.st_mtime_ns
-            except (OSError, KeyError):
-                size, mtime = -1, -1
+        for r in records:
+            size, mtime = next(stats)
             caps = "\t".join(r.captions)
             h.update(f"{r.image_id}\t{r.uri}\t{size}\t{mtime}\t{caps}\n".encode("utf-8", "replace"))
     return h.hexdigest()

@@ -15,8 +15,8 @@ import numpy as np
 
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, is_uri, place
-from capfleet.model.data import ImageRecord, read_split
+from capfleet.core.storage import StorePath, place
+from capfleet.model.data import ImageRecord, read_split, record_stats
 from capfleet.model.encoders import encoder_info
 from capfleet.model.images import ImageError, decode_image, preprocess
 
@@ -90,28 +90,6 @@ def _backbone_hash(encoder: str, weights: str):
         st = os.stat(weights)
         h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h
-
-
-def record_stats(records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
-    """(size, mtime in ns) of each record's image: a stat per local file; for images in an
-    object store one listing per folder that holds them (not a request per image). (-1, -1) for
-    an image that is not there."""
-    listed: dict[str, dict] = {}
-    out = []
-    for r in records:
-        if is_uri(r.uri):
-            where = place(r.uri)
-            folder = str(where.parent)
-            if folder not in listed:
-                listed[folder] = where.parent.listing()
-            out.append(listed[folder].get(where.name, (-1, -1)))
-        else:
-            try:
-                st = os.stat(r.uri)
-                out.append((st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append((-1, -1))
-    return out
 
 
 def cache_key(encoder: str, weights: str, records: Sequence[ImageRecord]) -> str:
