@@ -360,9 +360,9 @@ def mirror(loc: str | Path | StorePath) -> Path:
 
     def fill(tmp: Path) -> None:
         for rel, _, mtime in listing:
-            target = tmp / named.name / rel if rel else tmp / named.name
+            target = tmp / named.name / rel  # rel "" for a single file: the name itself
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((where / rel if rel else where).read_bytes())
+            target.write_bytes((where / rel).read_bytes())
             if mtime is not None:
                 os.utime(target, ns=(mtime, mtime))
         (tmp / ".complete").write_bytes(b"")

@@ -27,7 +27,7 @@ from capfleet.cluster.tasks import TaskFailed, run_task
 from capfleet.compression.export import export_backbone
 from capfleet.core.artifacts import write_bytes_atomic, write_json_atomic
 from capfleet.core.errors import CapfleetError
-from capfleet.core.storage import StorePath, is_uri, local, mirror, place
+from capfleet.core.storage import StorePath, local, mirror, place
 from capfleet.model.data import SPLITS, ImageRecord, read_split
 from capfleet.model.encoders import encoder_info
 from capfleet.model.features import (
@@ -63,8 +63,7 @@ class FeatureWorker:
 
         self.info = encoder_info(encoder)
         self.batch = batch
-        if is_uri(model_file):  # this node's copy, made once per node
-            model_file = mirror(model_file)
+        model_file = mirror(model_file)  # from a store: this node's copy, made once per node
         if not Path(model_file).is_file():
             raise CapfleetError(
                 f"{model_file}: not on this node (the feature cache must be where every node "
