@@ -155,21 +155,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def preprocess(batch: np.ndarray, style: str) -> np.ndarray:
-    """RGB uint8 (..., H, W, 3) -> float32 model input in a backbone's convention.
+def preprocess(batch: np.ndarray, style: str, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 (..., H, W, 3) -> float32 model input in a backbone's convention, written into
+    `out` when given (a float32 array of the batch's shape that a caller reuses batch after
+    batch, so no fresh pages are faulted in for each one).
 
     Styles match keras.applications' `preprocess_input`:
       caffe: BGR order, ImageNet mean subtracted (VGG16, ResNet50);
       tf:    scaled to [-1, 1] (MobileNetV2);
       unit:  scaled to [0, 1] (the small CNN).
     """
-    x = np.asarray(batch, dtype=np.float32)
+    if style not in PREPROCESS_STYLES:
+        raise ValueError(
+            f"unknown preprocessing style {style!r}; allowed: {', '.join(PREPROCESS_STYLES)}"
+        )
+    x = np.asarray(batch)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
+    # each style one pass into `out`, in float32 as keras computes it
     if style == "caffe":
-        return x[..., ::-1] - CAFFE_MEAN_BGR
-    if style == "tf":
-        return x / 127.5 - 1.0
-    if style == "unit":
-        return x / 255.0
-    raise ValueError(
-        f"unknown preprocessing style {style!r}; allowed: {', '.join(PREPROCESS_STYLES)}"
-    )
+        np.subtract(x[..., ::-1], CAFFE_MEAN_BGR, out=out, dtype=np.float32)
+    elif style == "tf":
+        np.divide(x, np.float32(127.5), out=out, dtype=np.float32)
+        out -= np.float32(1.0)
+    else:
+        np.divide(x, np.float32(255.0), out=out, dtype=np.float32)
+    return out

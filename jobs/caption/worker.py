@@ -37,7 +37,9 @@ class CaptionWorker:
     once in __init__, map a shard in __call__) and holds no Ray code: cluster/pool.py runs it
     and counts each shard's tries. A model whose part of the shard is already whole is passed
     over (resume); with `repair`, its error rows among the shard's rows are captioned again
-    and replaced in the part, its ok rows untouched.
+    and replaced in the part, its ok rows untouched. `__call__` runs one shard at a time
+    (the pool's computes take turns; `fetch` may run beside it): each shard is decoded into
+    the arrays the one before used.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class CaptionWorker:
         # load_shard's arguments when this worker fetches and decodes its shards itself (the
         # default: one process per core reads, decodes and captions)
         self.decode = decode
+        self.pixels: dict = {}  # the arrays each shard is decoded into (load.decode_phase)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def fetch(self, item: dict) -> dict:
@@ -85,7 +88,9 @@ class CaptionWorker:
             if "data" not in item:  # not fetched yet (a direct call)
                 item = self.fetch(item)
             d = self.decode
-            item = decode_phase(item, d["sizes"], d.get("thumbs"), self.out, self.shard_timeout_s)
+            item = decode_phase(
+                item, d["sizes"], d.get("thumbs"), self.out, self.shard_timeout_s, self.pixels
+            )
         rows = len(item["image_id"])
         for name in self.runners:
             timer = (
@@ -135,7 +140,7 @@ class CaptionWorker:
         images = item[f"image_{runner.input_size}"]
         n = len(idx)
         captions, enc_ms, dec_ms, bsizes = caption_good(
-            runner, lambda rows: images[[idx[k] for k in rows]], errors, self.batch_size
+            runner, lambda rows: rows_of(images, [idx[k] for k in rows]), errors, self.batch_size
         )
         read_ms = [float(v) for v in pick("read_ms")]
         decode_ms = [float(v) for v in pick("decode_ms")]
@@ -164,6 +169,14 @@ class CaptionWorker:
             },
             schema=CAPTION_SCHEMA,
         )
+
+
+def rows_of(images, rows: list[int]):
+    """images[rows]: a view when the rows run on without a gap (a shard with no error rows),
+    else a copy."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return images[rows[0] : rows[-1] + 1]
+    return images[rows]
 
 
 def caption_good(

@@ -43,6 +43,9 @@ def test_preprocess_matches_keras_applications(style, module):
     batch = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     expected = keras_pre(batch.astype(np.float32).copy())
     np.testing.assert_allclose(preprocess(batch, style), expected, rtol=0, atol=1e-4)
+    kept = np.full(batch.shape, np.nan, np.float32)  # a buffer reused batch after batch
+    assert preprocess(batch, style, out=kept) is kept
+    np.testing.assert_array_equal(kept, preprocess(batch, style))
 
 
 def test_preprocess_unit_and_unknown_style():

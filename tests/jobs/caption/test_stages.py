@@ -19,8 +19,9 @@ from capfleet.cluster.pool import batch_of, unit_of
 from capfleet.cluster.watchdog import OutOfTries, clear_note, end_try, start_try
 from capfleet.jobs.caption.fetch import read_http, read_uri, sample_key
 from capfleet.jobs.caption.listing import expand_braces, first_images, list_inputs, recut
-from capfleet.jobs.caption.load import load_shard
+from capfleet.jobs.caption.load import decode_phase, fetch_phase, load_shard
 from capfleet.jobs.caption.parts import BleuStats
+from capfleet.jobs.caption.worker import rows_of
 from capfleet.model.data import Flickr8kReader, ManifestReader
 from capfleet.model.metrics import corpus_bleu_scores
 
@@ -213,6 +214,30 @@ def server():
     yield s
     s.shutdown()
     s.server_close()
+
+
+def test_shards_decoded_into_kept_arrays_equal_fresh_ones_with_zeros_for_errors(tmp_path):
+    """A worker decodes shard after shard into the arrays it keeps: each shard's pixels equal
+    a fresh decode's, and an error row is zeros, never the pixels of the shard before."""
+    for i in range(5):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, size=(40 + i, 30)))
+    (tmp_path / "5.jpg").write_bytes(b"not a jpeg")
+    shards = list_inputs(str(tmp_path), shard_size=4).shards  # 0-3, then 4 and the bad one
+    keep: dict = {}
+    for shard in shards:
+        fresh = decode_phase(fetch_phase(shard.item()), [16, 8])
+        kept = decode_phase(fetch_phase(shard.item()), [16, 8], keep=keep)
+        assert kept["error"] == fresh["error"]
+        for size in (16, 8):
+            assert np.shares_memory(kept[f"image_{size}"], keep[size])
+            np.testing.assert_array_equal(kept[f"image_{size}"], fresh[f"image_{size}"])
+    assert [bool(e) for e in kept["error"]] == [False, True]
+    assert not kept["image_16"][1].any() and kept["image_16"][0].any()
+    # the model's batches: a view of a shard's rows that run on, a copy of those that do not
+    pixels = kept["image_16"]
+    assert np.shares_memory(rows_of(pixels, [0, 1]), pixels)
+    assert not np.shares_memory(rows_of(pixels, [1, 0]), pixels)
+    np.testing.assert_array_equal(rows_of(pixels, [1, 0]), pixels[::-1])
 
 
 def test_http_fetch_timeouts_retries_caps_and_reasons(server):
