@@ -228,12 +228,15 @@ class BundleRunner:
             self._runners[key] = it.get_signature_runner()
         return self._runners[key]
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """Preprocessed images (B, S, S, 3) float32 -> img_proj (B, U), ENCODE_BATCH images
-        per encoder call (the decoder takes the whole batch)."""
+    def _check_images(self, images: np.ndarray) -> None:
         want = (self.input_size, self.input_size, 3)
         if images.ndim != 4 or images.shape[1:] != want:
             raise CapfleetError(f"images must be (B, {want[0]}, {want[1]}, 3), got {images.shape}")
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed images (B, S, S, 3) float32 -> img_proj (B, U), ENCODE_BATCH images
+        per encoder call (the decoder takes the whole batch)."""
+        self._check_images(images)
         x = np.ascontiguousarray(images, dtype=np.float32)
         out = []
         for i in range(0, len(x), ENCODE_BATCH):
@@ -247,6 +250,8 @@ class BundleRunner:
         """RGB uint8 images (B, S, S, 3) -> img_proj (B, U), preprocessed ENCODE_BATCH at a
         time into one float buffer this runner keeps: a batch's float copy would be 4 times
         its pixels, in fresh pages each call (a batch of 256 at 224 px: 154 MB)."""
+        images_uint8 = np.asarray(images_uint8)
+        self._check_images(images_uint8)
         out = []
         for i in range(0, len(images_uint8), ENCODE_BATCH):
             chunk = images_uint8[i : i + ENCODE_BATCH]

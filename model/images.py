@@ -172,7 +172,9 @@ def preprocess(batch: np.ndarray, style: str, out: np.ndarray | None = None) -> 
     x = np.asarray(batch)
     if out is None:
         out = np.empty(x.shape, np.float32)
-    # each style one pass into `out`, in float32 as keras computes it
+    elif out.shape != x.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {x.shape}, got {out.dtype} {out.shape}")
+    # into `out`, in float32 as keras computes it
     if style == "caffe":
         np.subtract(x[..., ::-1], CAFFE_MEAN_BGR, out=out, dtype=np.float32)
     elif style == "tf":

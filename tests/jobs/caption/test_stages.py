@@ -222,9 +222,9 @@ def test_shards_decoded_into_kept_arrays_equal_fresh_ones_with_zeros_for_errors(
     for i in range(5):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, size=(40 + i, 30)))
     (tmp_path / "5.jpg").write_bytes(b"not a jpeg")
-    shards = list_inputs(str(tmp_path), shard_size=4).shards  # 0-3, then 4 and the bad one
+    small, large = list_inputs(str(tmp_path), shard_size=4).shards[::-1]  # 4 and the bad one
     keep: dict = {}
-    for shard in shards:
+    for shard in (small, large, small):  # the kept arrays grow, then serve a smaller shard
         fresh = decode_phase(fetch_phase(shard.item()), [16, 8])
         kept = decode_phase(fetch_phase(shard.item()), [16, 8], keep=keep)
         assert kept["error"] == fresh["error"]
