@@ -228,39 +228,32 @@ class BundleRunner:
             self._runners[key] = it.get_signature_runner()
         return self._runners[key]
 
-    def _check_images(self, images: np.ndarray) -> None:
-        want = (self.input_size, self.input_size, 3)
-        if images.ndim != 4 or images.shape[1:] != want:
-            raise CapfleetError(f"images must be (B, {want[0]}, {want[1]}, 3), got {images.shape}")
-
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed images (B, S, S, 3) float32 -> img_proj (B, U), ENCODE_BATCH images
         per encoder call (the decoder takes the whole batch)."""
-        self._check_images(images)
-        x = np.ascontiguousarray(images, dtype=np.float32)
+        return self._encode(images, lambda chunk: np.ascontiguousarray(chunk, dtype=np.float32))
+
+    def encode_pixels(self, images_uint8: np.ndarray) -> np.ndarray:
+        """RGB uint8 images (B, S, S, 3) -> img_proj (B, U), each ENCODE_BATCH preprocessed
+        into one float buffer this runner keeps: a batch's float copy would be 4 times its
+        pixels, in fresh pages each call (a batch of 256 at 224 px: 154 MB)."""
+        if self._pixels is None:
+            self._pixels = np.empty((ENCODE_BATCH, *self.image_size, 3), np.float32)
+        return self._encode(
+            np.asarray(images_uint8),
+            lambda chunk: preprocess(chunk, self.preprocess_style, self._pixels[: len(chunk)]),
+        )
+
+    def _encode(self, images: np.ndarray, prepare) -> np.ndarray:
+        want = (self.input_size, self.input_size, 3)
+        if images.ndim != 4 or images.shape[1:] != want:
+            raise CapfleetError(f"images must be (B, {want[0]}, {want[1]}, 3), got {images.shape}")
         out = []
-        for i in range(0, len(x), ENCODE_BATCH):
-            chunk = x[i : i + ENCODE_BATCH]
+        for i in range(0, len(images), ENCODE_BATCH):
+            chunk = prepare(images[i : i + ENCODE_BATCH])
             out.append(self._runner(ENCODER_FILE, len(chunk))(image=chunk)["img_proj"])
         if not out:  # no images
             return np.zeros((0, int(self.manifest["config"]["units"])), np.float32)
-        return np.concatenate(out) if len(out) > 1 else out[0]
-
-    def encode_pixels(self, images_uint8: np.ndarray) -> np.ndarray:
-        """RGB uint8 images (B, S, S, 3) -> img_proj (B, U), preprocessed ENCODE_BATCH at a
-        time into one float buffer this runner keeps: a batch's float copy would be 4 times
-        its pixels, in fresh pages each call (a batch of 256 at 224 px: 154 MB)."""
-        images_uint8 = np.asarray(images_uint8)
-        self._check_images(images_uint8)
-        out = []
-        for i in range(0, len(images_uint8), ENCODE_BATCH):
-            chunk = images_uint8[i : i + ENCODE_BATCH]
-            if self._pixels is None or self._pixels.shape[1:] != chunk.shape[1:]:
-                self._pixels = np.empty((ENCODE_BATCH, *chunk.shape[1:]), np.float32)
-            x = preprocess(chunk, self.preprocess_style, out=self._pixels[: len(chunk)])
-            out.append(self.encode(x))
-        if not out:
-            return self.encode(np.zeros((0, *self.image_size, 3), np.float32))
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def step(self, tokens, h, c, img_proj):
