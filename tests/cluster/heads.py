@@ -20,10 +20,20 @@ AGENT_PORTS = (
 )
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on loopback now and not handed out before in this session: a probe's port
+    is free again once it closes, so two calls could give one port to two of Ray's components
+    (seen: the GCS and metrics export, and Ray refused to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @contextlib.contextmanager
