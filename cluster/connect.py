@@ -125,10 +125,9 @@ def first_line(e: BaseException) -> str:
 
 
 def ray_imported() -> bool:
-    """Import Ray and Ray Data now (so that nothing timed after pays for it); returns whether
-    this process is already connected to a Ray (a shared session that later jobs reuse)."""
+    """Import Ray now (so that nothing timed after pays for it); returns whether this process
+    is already connected to a Ray (a shared session that later jobs reuse)."""
     import ray
-    import ray.data  # noqa: F401
 
     return ray.is_initialized()
 

@@ -1,20 +1,22 @@
-"""Units of work through a pool of Ray Data actors: the executor the caption job and the feature
-job both run on. It knows no job. It is handed the units (plain dicts, each with an integer
-`unit` id), the worker class that maps one unit (with the `node` it runs on added) to a result
-dict (Ray's batch-inference shape: load once in `__init__`, map in `__call__`, no Ray code, so
-a test calls it on a hand-built unit), and optionally a `prepare` function run as tasks of
-their own before the actors. Call it inside a `ray_session` (cluster/connect.py).
+"""Units of work through a pool of Ray actors: the executor the caption job and the feature job
+both run on. It knows no job. It is handed the units (plain dicts, each with an integer `unit`
+id), the worker class that maps one unit (with the `node` it runs on added) to a result dict
+(Ray's batch-inference shape: load once in `__init__`, map in `__call__`, no Ray code, so a
+test calls it on a hand-built unit), and optionally a `prepare` function run as tasks of their
+own before the actors. Call it inside a `ray_session` (cluster/connect.py).
+
+The pool is plain Ray actors, one per `cpus` the cluster has (or `actors`), fed by a loop in
+the driver that keeps each actor `in_flight` units deep and hands the next unit to whichever
+actor frees a place first. Ray Data's actor pool did the same with a streaming executor, a
+driver loop and three helper actors of its own: about 5% of a 2-core machine over a job, and
+2 s more to start (bench/README.md, caption_scale). An actor with nothing left to do is ended
+at once, so the job's tail frees what it no longer uses.
 
 A worker may split a unit's work in two: `fetch(unit)` (waiting on disks, stores and hosts)
 returns what `__call__` then computes. With `Pool.overlap` each actor runs two units at once,
 each in its own thread: one unit's fetch overlaps the other's compute, and computes run one at
 a time, so the next shard's bytes arrive while the current one is captioned; a third unit
-waits queued on the actor, so the next fetch starts the moment a compute ends. Ray Data reads
-an actor's use as units in flight over the calls it runs at once: its scaling thresholds are
-set per call, so a pool grows and shrinks at the same units per actor as without overlap.
-
-How Ray Data carries a unit (one row per unit, a batch of one, every value wrapped in a leading
-axis of 1) stays in this module: workers and prepare functions see the unit itself.
+waits queued on the actor, so the next fetch starts the moment a compute ends.
 
 Fault policy, the same for every job:
 - each unit's starts are counted on disk by the actor that starts it (cluster/watchdog.py), so
@@ -29,7 +31,10 @@ Fault policy, the same for every job:
   passed by before its fetch. A fetch that runs past its deadline ends the actor too, and so
   costs the unit computing beside it a try; per-request deadlines leave that to a store or
   host that hangs for the whole deadline;
-- a dead actor is always restarted and Ray retries what was queued on it;
+- a dead actor is always restarted and Ray retries what was queued on it; an actor whose
+  constructor raises (a bundle it cannot load) cannot be, and once no actor is left the job
+  fails with that error; so it does when no actor has started after WAIT_FOR_ACTORS_S (a
+  cluster with no room for one);
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
   (watchdog.deadline);
@@ -39,14 +44,14 @@ Fault policy, the same for every job:
 
 from __future__ import annotations
 
-import dataclasses
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from capfleet.cluster.connect import first_line
 from capfleet.cluster.watchdog import (
     TIMEOUT,
     WORKER_DIED,
@@ -62,18 +67,15 @@ from capfleet.cluster.watchdog import (
 )
 from capfleet.core.errors import CapfleetError
 
-WAIT_FOR_ACTORS_S = 600  # Ray Data gives up on placing a pool's first actors after this
+WAIT_FOR_ACTORS_S = 600  # the job gives up when no actor of its pool has started by then
 UNIT_STAGE = "unit"  # the name a unit's starts are counted under (_failed/shard-N.unit.tries)
 FETCH_STAGE = "fetch"  # and its fetches' (a worker with a fetch phase)
-# Ray Data's default actor pool thresholds, in units in flight per actor: grow above 1.75,
-# shrink below 0.5 (ray.data.context DEFAULT_ACTOR_POOL_UTIL_*_THRESHOLD)
-UPSCALE_UNITS, DOWNSCALE_UNITS = 1.75, 0.5
 
 
 @dataclass(frozen=True)
 class Pool:
     """What runs the units: `worker(**kwargs)` per actor of `cpus` CPUs; `actors` pins the
-    pool's size, 0 lets it grow to the cluster's CPUs; `notes` is the folder where tries and
+    pool's size, 0 sizes it to the cluster's CPUs; `notes` is the folder where tries and
     failure notes are kept (every node must see it); `prepare(unit, **prepare_kwargs)` runs as
     tasks of `prepare_cpus` before the actors when given."""
 
@@ -90,10 +92,10 @@ class Pool:
     prepare_cpus: float = 1.0
 
 
-def pool_size(pool: Pool, units: int | None = None) -> tuple[int, int]:
-    """(min, max) actors: `actors` pins it; otherwise it grows to the cluster's CPUs (and to
-    no more actors than units), at least one. An actor larger than every node could never be
-    placed: refused here rather than waited for."""
+def pool_size(pool: Pool, units: int | None = None) -> int:
+    """How many actors: `actors` pins it; otherwise as many as the cluster's CPUs hold (and no
+    more than units), at least one. An actor larger than every node could never be placed:
+    refused here rather than waited for."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -106,81 +108,139 @@ def pool_size(pool: Pool, units: int | None = None) -> tuple[int, int]:
                 "no actor could ever start"
             )
     if pool.actors:
-        return pool.actors, pool.actors
+        return pool.actors
     most = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // pool.cpus))
-    return 1, min(most, units) if units else most
+    return min(most, units) if units else most
 
 
 def run_units(
-    units: list[dict],
-    pool: Pool,
-    on_result: Callable[[dict], None] = lambda _: None,
-    verbose: bool = False,
+    units: list[dict], pool: Pool, on_result: Callable[[dict], None] = lambda _: None
 ) -> dict[int, str]:
     """Run every unit through the pool; `on_result` sees each result as it arrives (with the
     `node` that computed it). Returns {unit id: why} for the units that produced none."""
-    import ray
-
     if not units:
         return {}
-    low, high = pool_size(pool, len(units))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose  # the job prints its own progress line
-    ctx.print_on_execution_start = verbose
-    ctx.max_errored_blocks = -1  # a unit that fails is dropped, not the whole job
-    ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
-    calls = 2 if pool.overlap else 1  # units an actor runs at once (module docstring)
-    ctx.autoscaling_config = dataclasses.replace(
-        ctx.autoscaling_config,
-        actor_pool_util_upscaling_threshold=UPSCALE_UNITS / calls,
-        actor_pool_util_downscaling_threshold=DOWNSCALE_UNITS / calls,
-    )
     clear_notes(pool.notes, [int(u["unit"]) for u in units])  # a fresh start: no tries used
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    if pool.prepare is not None:  # as tasks of their own, tried as often as the actors' units
-        ds = ds.map_batches(
-            _prepared,
-            fn_kwargs={"fn": pool.prepare, "kwargs": pool.prepare_kwargs, "notes": pool.notes},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=pool.prepare_cpus,
-            max_retries=pool.tries - 1,
-        )
-    # named after the worker, so Ray's dashboard and state API show MapBatches(CaptionWorker)
-    actor = type(pool.worker.__name__, (_Actor,), {"__module__": _Actor.__module__})
-    ds = ds.map_batches(
-        actor,
-        fn_constructor_kwargs={
-            "worker": pool.worker,
-            "kwargs": pool.kwargs,
-            "notes": pool.notes,
-            "tries": pool.tries,
-            "overlap": pool.overlap,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=pool.cpus,
-        # starts as large as the cluster allows; may shrink when idle (the job's tail)
-        compute=ray.data.ActorPoolStrategy(
-            min_size=low,
-            max_size=high,
-            initial_size=high,
-            max_tasks_in_flight_per_actor=pool.in_flight + calls - 1,
-            max_concurrent_calls_per_actor=calls,
-            enable_true_multi_threading=pool.overlap,
-        ),
-        # a dead actor is always restarted (a pool with none would wait forever) and Ray
-        # retries the units queued on it; the tries are counted by _Actor (module docstring)
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    done: set[int] = set()
-    for row in ds.iter_rows():
-        result = {k: _plain(v) for k, v in row.items()}
-        done.add(int(result["unit"]))
-        on_result(result)
+    feeder = _Feeder(pool, pool_size(pool, len(units)))
+    try:
+        done = feeder.run(units, on_result)
+    finally:
+        feeder.end()
     missing = [int(u["unit"]) for u in units if int(u["unit"]) not in done]
     return {u: why_failed(pool.notes, u, pool.tries) for u in missing}
+
+
+class _Feeder:
+    """The driver's side of the pool: starts the actors, keeps each one `depth` units deep as
+    results come back, ends each once nothing is left for it."""
+
+    def __init__(self, pool: Pool, size: int):
+        import ray
+
+        calls = 2 if pool.overlap else 1  # units an actor runs at once (module docstring)
+        self.depth = pool.in_flight + calls - 1
+        # named after the worker, so Ray's dashboard and state API show the CaptionWorker
+        cls = type(pool.worker.__name__, (_Actor,), {"__module__": _Actor.__module__})
+        actor = ray.remote(cls).options(
+            num_cpus=pool.cpus,
+            max_concurrency=calls,
+            # a dead actor is always restarted (module docstring) and Ray retries the units
+            # queued on it; the tries are counted by _Actor
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+        args = (pool.worker, pool.kwargs, pool.notes, pool.tries, pool.overlap)
+        self.actors = {i: actor.remote(*args) for i in range(size)}
+        self.starting = {a.started.remote(): i for i, a in self.actors.items()}
+        self.ready: list[int] = []  # actors that have started, in the order they did
+        self.started = False  # whether any actor has
+        self.load = {i: 0 for i in self.actors}
+        self.prepare = None
+        if pool.prepare is not None:  # tried as often as the actors' units
+            self.prepare = ray.remote(_prepared).options(
+                num_cpus=pool.prepare_cpus, max_retries=pool.tries - 1
+            )
+        self.pool = pool
+
+    def run(self, units: list[dict], on_result: Callable[[dict], None]) -> set[int]:
+        import ray
+
+        queue = deque(units)
+        running: dict = {}  # ObjectRef -> actor
+        done: set[int] = set()
+        lost = ""  # why the last actor that ended for good did
+        deadline = time.monotonic() + WAIT_FOR_ACTORS_S
+        while queue or running:
+            self._feed(queue, running)
+            if not self.actors:
+                raise CapfleetError(
+                    f"no worker {'is left' if self.started else 'could start'}: {lost}"
+                )
+            if not self.started and time.monotonic() > deadline:
+                raise CapfleetError(
+                    f"no worker started in {WAIT_FOR_ACTORS_S} s: the cluster has no room "
+                    f"for an actor of {self.pool.cpus:g} CPUs"
+                )
+            finished, rest = ray.wait([*running, *self.starting], num_returns=1, timeout=10)
+            if finished and rest:  # and whatever else is done by now, in one call
+                finished += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in finished:
+                if ref in self.starting:
+                    i = self.starting.pop(ref)
+                    try:
+                        why = ray.get(ref)  # None, or why its worker could not load
+                    except ray.exceptions.RayError as e:
+                        why = first_line(e)
+                    if why is None:
+                        self.ready.append(i)
+                        self.started = True
+                    else:
+                        lost = why
+                        self._end(i)
+                    continue
+                i = running.pop(ref)
+                self.load[i] -= 1
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.ActorDiedError as e:  # for good: no restart left
+                    lost = first_line(e)
+                    self._end(i)
+                    continue
+                except ray.exceptions.RayError:  # noted by the actor: why_failed says why
+                    continue
+                done.add(int(result["unit"]))
+                on_result(result)
+            if not queue:  # the tail: an actor with nothing left to do frees its CPUs
+                for i in [i for i in self.actors if not self.load[i]]:
+                    self._end(i)
+        return done
+
+    def _feed(self, queue: deque, running: dict) -> None:
+        """Give each started actor units until it holds `depth`, the least loaded first."""
+        while queue:
+            free = [i for i in self.ready if self.load[i] < self.depth]
+            if not free:
+                return
+            i = min(free, key=lambda j: self.load[j])
+            unit = queue.popleft()
+            if self.prepare is not None:  # Ray runs it before handing the actor its result
+                kw = self.pool.prepare_kwargs
+                unit = self.prepare.remote(unit, self.pool.prepare, kw, self.pool.notes)
+            running[self.actors[i].__call__.remote(unit)] = i
+            self.load[i] += 1
+
+    def _end(self, i: int) -> None:
+        import ray
+
+        ray.kill(self.actors.pop(i))
+        if i in self.ready:
+            self.ready.remove(i)
+        self.starting = {ref: j for ref, j in self.starting.items() if j != i}
+        self.load.pop(i)
+
+    def end(self) -> None:
+        for i in list(self.actors):
+            self._end(i)
 
 
 def why_failed(notes: str | Path, unit: int, tries: int) -> str:
@@ -193,36 +253,9 @@ def why_failed(notes: str | Path, unit: int, tries: int) -> str:
     return f"{WORKER_DIED}: its worker died on each of {tries} attempts"
 
 
-def unit_of(batch: dict) -> dict:
-    """The unit a batch of one carries."""
-    return {k: v[0] for k, v in batch.items()}
-
-
-def batch_of(unit: dict) -> dict:
-    """A unit as a batch of one: arrays get a leading axis; lists (ragged or of strings)
-    become a (1, N) object array, so Ray Data never tries to stack their items."""
-    out = {}
-    for k, v in unit.items():
-        if isinstance(v, np.ndarray):
-            out[k] = v[None]
-        elif isinstance(v, list | tuple):
-            arr = np.empty((1, len(v)), dtype=object)
-            for i, x in enumerate(v):
-                arr[0, i] = x
-            out[k] = arr
-        else:
-            out[k] = np.array([v])
-    return out
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _prepared(batch: dict, fn: Callable, kwargs: dict, notes: str) -> dict:
-    unit = unit_of(batch)
+def _prepared(unit: dict, fn: Callable, kwargs: dict, notes: str) -> dict:
     try:
-        return batch_of(fn(unit, **kwargs))
+        return fn(unit, **kwargs)
     except Exception as e:  # a bug, not a bad input: noted, as _Actor notes its worker's
         detail = str(e) if isinstance(e, WorkerFailure) else f"{type(e).__name__}: {e}"
         note_failure(notes, int(unit["unit"]), WORKER_ERROR, detail)
@@ -236,15 +269,24 @@ class _Actor:
     def __init__(self, worker: type, kwargs: dict, notes: str, tries: int, overlap: bool):
         import ray
 
-        self.worker = worker(**kwargs)
+        self.problem = None
+        try:
+            self.worker = worker(**kwargs)
+        except Exception as e:  # the pool asks started(), ends this actor and says why
+            detail = str(e) if isinstance(e, CapfleetError) else f"{type(e).__name__}: {e}"
+            self.problem = first_line(Exception(detail))
         self.overlap = overlap
         self.computing = threading.Lock()
         self.proven = False  # a unit has come through this process: fetches may overlap
         self.notes, self.tries = notes, tries
         self.node = ray.get_runtime_context().get_node_id()
 
-    def __call__(self, batch: dict) -> dict:
-        unit = unit_of(batch)
+    def started(self) -> str | None:
+        """None once the worker has loaded; else why it could not."""
+        return self.problem
+
+    def __call__(self, unit: dict) -> dict:
+        unit = dict(unit)  # the worker may let parts of its own copy go
         uid = int(unit["unit"])
         if self.overlap and not self.proven:
             # Ray retries a unit on its restarted (so unproven) actor: one whose computes
@@ -254,13 +296,13 @@ class _Actor:
         fetched = self.overlap and self.proven
         if fetched:  # beside the other unit's compute
             unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)
-        unit["node"] = self.node  # the unit itself, not a copy: the worker may let parts go
+        unit["node"] = self.node
         with self.computing:
             if self.overlap and not fetched:  # this process's first unit(s): one at a time
                 unit = self._phase(uid, FETCH_STAGE, self.worker.fetch, unit)
             result = self._phase(uid, UNIT_STAGE, self.worker, unit)
             self.proven = True
-        return batch_of({**result, "unit": uid, "node": self.node})
+        return {**result, "unit": uid, "node": self.node}
 
     def _phase(self, uid: int, stage: str, fn: Callable, unit: dict) -> dict:
         start_try(self.notes, uid, stage, self.tries)  # raises once its tries are spent

@@ -126,7 +126,7 @@ def run_caption_job(
                 t_ray = time.perf_counter()
                 with ray_session(cfg.address or None):  # starting or joining Ray, within the wall
                     run.seconds["ray_start"] = time.perf_counter() - t_ray
-                    failed = _run_shards(cfg, todo, sizes, out, sample, log, verbose, retry_errors)
+                    failed = _run_shards(cfg, todo, sizes, out, sample, log, retry_errors)
         for shard in todo:
             if shard.shard in failed:
                 _record_failure(out, cfg.names, shard, listing, failed[shard.shard])
@@ -257,7 +257,7 @@ def _listing(cfg: CaptionConfig, log) -> Listing:
 
 
 def _run_shards(
-    cfg: CaptionConfig, todo, sizes, out: Path, sample: list[str], log, verbose: bool, repair: bool
+    cfg: CaptionConfig, todo, sizes, out: Path, sample: list[str], log, repair: bool
 ) -> dict[int, str]:
     """Run the shards on the pool; returns {shard: why} for those whose worker failed after
     its tries."""
@@ -296,13 +296,12 @@ def _run_shards(
         prepare_cpus=cfg.decode_cpus,
     )
     units = [{"unit": s.shard, **s.item()} for s in todo]
-    low, high = pool_size(pool, len(units))
     total = sum(len(s) for s in todo)
     progress = Progress(total, log)
-    size = f"{low}" if low == high else f"1 to {high}"
+    size = pool_size(pool, len(units))
     models = "the model" if len(cfg.bundles) == 1 else f"all {len(cfg.bundles)} models"
     log(f"caption: {len(todo)} shards; {size} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
-    failed = run_units(units, pool, lambda r: progress.add(int(r["rows"])), verbose)
+    failed = run_units(units, pool, lambda r: progress.add(int(r["rows"])))
     progress.done()
     _check_parts_seen(out, cfg.names, [s.shard for s in todo if s.shard not in failed])
     return {

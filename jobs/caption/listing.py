@@ -50,7 +50,7 @@ class Shard:
         return len(self.image_id)
 
     def item(self) -> dict:
-        """What travels through Ray Data: plain columns (the location as JSON)."""
+        """What travels to a worker: plain columns (the location as JSON)."""
         return {
             "shard": self.shard,
             "source": self.source,

@@ -31,7 +31,7 @@ from capfleet.model.images import UNREADABLE, ImageError, decode_image
 
 
 def _column(shard: dict, key: str) -> list:
-    """One column of a shard's item (arrays as Ray Data hands them over, or plain lists)."""
+    """One column of a shard's item as plain lists (an array's rows become lists)."""
     return [list(v) if isinstance(v, np.ndarray) else v for v in shard[key]]
 
 

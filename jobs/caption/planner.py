@@ -119,7 +119,7 @@ def calibrate(
     return Calibration(
         (n1, n2),
         shard,
-        tuple(round(w, 2) for w in walls),
+        tuple(round(w, 3) for w in walls),
         cpus,
         rate,
         max(0.0, small - n1 / rate),

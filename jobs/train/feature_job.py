@@ -1,14 +1,13 @@
 """A frozen backbone's features across the cluster: one Ray task converts the backbone to its
-fp32 LiteRT flatbuffer (kept in the feature cache, so once per backbone), then a Ray Data job
-over shards of a split's images on the executor's pool (cluster/pool.py: 1-CPU actors, each
-running that flatbuffer without TensorFlow, the same tries and notes as the caption job's)
-writes every shard's features as its own .npy part. Parts
-already whole are skipped, so a job that died (or lost a node) resumes where it stopped; then
-the parts are joined into the cache file training reads (model/features.py: keyed as
-cached_features keys it). The cache folder must be one every node sees: an object store
-(where the images may be too), or a shared file system. Nothing else is shared: the workers
-read the images and the backbone from where they lie (a node copies the flatbuffer from a
-store once), and write their parts there."""
+fp32 LiteRT flatbuffer (kept in the feature cache, so once per backbone), then the executor's
+pool (cluster/pool.py: 1-CPU actors, each running that flatbuffer without TensorFlow, the same
+tries and notes as the caption job's) writes the features of every shard of a split's images
+as its own .npy part. Parts already whole are skipped, so a job that died (or lost a node)
+resumes where it stopped; then the parts are joined into the cache file training reads
+(model/features.py: keyed as cached_features keys it). The cache folder must be one every
+node sees: an object store (where the images may be too), or a shared file system. Nothing
+else is shared: the workers read the images and the backbone from where they lie (a node
+copies the flatbuffer from a store once), and write their parts there."""
 
 from __future__ import annotations
 

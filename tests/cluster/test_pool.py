@@ -1,8 +1,8 @@
 """The executor's pool on a real local Ray: workers see the unit itself, results come back
 with their node, a unit whose worker raises is reported with its reason, and its tries are
 bounded; a worker with a fetch phase overlaps one unit's fetch with another's compute, and a
-unit waiting to compute loses no try when its neighbour kills the actor; the unit <-> batch
-encoding round-trips ragged lists and arrays."""
+unit waiting to compute loses no try when its neighbour kills the actor; a worker that cannot
+start fails the run with its reason."""
 
 import os
 import sys
@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from capfleet.cluster.pool import UNIT_STAGE, Pool, batch_of, run_units, unit_of
+from capfleet.cluster.pool import UNIT_STAGE, Pool, run_units
 from capfleet.cluster.watchdog import WORKER_ERROR, tries_path
+from capfleet.core.errors import CapfleetError
 
 
 class Squares:
@@ -137,22 +138,18 @@ def test_a_unit_whose_compute_tries_are_spent_is_passed_by_before_its_fetch(loca
     for _ in range(2):
         start_try(str(tmp_path), 0, UNIT_STAGE, 2)
     with pytest.raises(OutOfTries):
-        actor(batch_of(poison))
-    assert unit_of(actor(batch_of(fine)))["unit"] == 1
+        actor(poison)
+    assert actor(fine)["unit"] == 1
     assert fetched == [1]
 
 
-def test_a_unit_round_trips_through_a_batch_of_one():
-    unit = {
-        "unit": 7,
-        "ids": ["a", "b"],
-        "refs": [["x", "y"], []],
-        "image": np.zeros((2, 4, 4, 3), np.uint8),
-        "where": '{"path": "p"}',
-    }
-    batch = batch_of(unit)
-    assert batch["image"].shape == (1, 2, 4, 4, 3) and batch["refs"].shape == (1, 2)
-    back = unit_of(batch)
-    assert back["unit"] == 7 and list(back["ids"]) == ["a", "b"] and back["where"] == unit["where"]
-    assert [list(r) for r in back["refs"]] == [["x", "y"], []]
-    assert back["image"].shape == (2, 4, 4, 3)
+class Unloadable:
+    def __init__(self):
+        raise CapfleetError("bundle.json: not a bundle")
+
+
+def test_a_worker_that_cannot_start_fails_the_run_with_its_reason(local_ray, tmp_path):
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    pool = Pool(worker=Unloadable, kwargs={}, notes=str(tmp_path), actors=2)
+    with pytest.raises(CapfleetError, match="no worker could start: .*bundle.json: not a bundle"):
+        run_units([{"unit": 0}], pool)

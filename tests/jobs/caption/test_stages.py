@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfleet.cluster.pool import batch_of, unit_of
 from capfleet.cluster.watchdog import OutOfTries, clear_note, end_try, start_try
 from capfleet.jobs.caption.fetch import read_http, read_uri, sample_key
 from capfleet.jobs.caption.listing import expand_braces, first_images, list_inputs, recut
@@ -40,9 +39,8 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def decoded(shard, size=16):
-    """load_shard on one shard's item as the pool hands it over (through a batch of one), its
-    result as the pool hands it on."""
-    return batch_of(load_shard(unit_of(batch_of(shard.item())), [size]))
+    """load_shard on one shard's item as the pool hands it over."""
+    return load_shard(shard.item(), [size])
 
 
 @pytest.fixture()
@@ -71,16 +69,16 @@ def test_webdataset_shards_one_row_per_sample_read_as_a_stream(shards_dir):
     assert [s.image_id for s in listing.shards] == [["a/s1", "s2", "s3"], ["s4", "s5"]]
     assert [s.source for s in listing.shards] == ["tar", "tar"]
     first = decoded(listing.shards[0])
-    assert list(first["error"][0]) == ["", "", ""]
-    assert [list(r) for r in first["references"][0]] == [
+    assert list(first["error"]) == ["", "", ""]
+    assert [list(r) for r in first["references"]] == [
         ["a red square", "another caption"],
         ["two", "2"],
         [],
     ]
-    assert first["image_16"].shape == (1, 3, 16, 16, 3) and first["image_16"][0].std() > 0
+    assert first["image_16"].shape == (3, 16, 16, 3) and first["image_16"].std() > 0
     second = decoded(listing.shards[1])
-    assert second["error"][0][0].startswith("missing: no jpg/jpeg/png/webp member")
-    assert second["error"][0][1] == "" and list(second["references"][0][1]) == ["five"]
+    assert second["error"][0].startswith("missing: no jpg/jpeg/png/webp member")
+    assert second["error"][1] == "" and list(second["references"][1]) == ["five"]
     # a single tar, a glob, WebDataset's brace notation and a file:// URI name the same shards
     one = list_inputs(str(shards_dir / "shard-001.tar"))
     assert [s.image_id for s in one.shards] == [["s4", "s5"]]
@@ -111,13 +109,13 @@ def test_parquet_with_image_bytes_by_row_group(tmp_path):
     ids = [i for s in listing.shards for i in s.image_id]
     assert ids[:6] == [f"p{i}.jpg" for i in range(6)] and ids[6] == "hf.parquet:6"
     out = decoded(listing.shards[1])
-    assert list(out["error"][0]) == [""] and list(out["references"][0][0]) == ["caption 2"]
-    assert decoded(listing.shards[-1])["error"][0][0].startswith("missing")
+    assert list(out["error"]) == [""] and list(out["references"][0]) == ["caption 2"]
+    assert decoded(listing.shards[-1])["error"][0].startswith("missing")
     # a job's --limit: the first N rows, the last shard cut within its row group
     first = first_images(listing, 4)
     assert [len(s) for s in first.shards] == [2, 1, 1] and first.images == 4
     assert json.loads(first.shards[-1].item()["where"])["length"] == 1
-    assert list(decoded(first.shards[-1])["error"][0]) == [""]
+    assert list(decoded(first.shards[-1])["error"]) == [""]
     # cut again without listing again: the same shards as a fresh listing at that size
     for size in (1, 2, 4):
         again = list_inputs(str(tmp_path / "hf.parquet"), shard_size=size)
@@ -131,7 +129,7 @@ def test_parquet_with_image_bytes_by_row_group(tmp_path):
         list_inputs(str(tmp_path / "two.parquet"))
     chosen = list_inputs(f"file://{tmp_path}/two.parquet", image_column="b")
     assert chosen.shards[0].image_id == ["x", "y"]
-    assert decoded(chosen.shards[0])["image_16"][0].std() > 0
+    assert decoded(chosen.shards[0])["image_16"].std() > 0
 
 
 def test_csv_manifest_keeps_ids_as_written_and_a_bad_row_is_its_own_error(tmp_path):
@@ -143,7 +141,7 @@ def test_csv_manifest_keeps_ids_as_written_and_a_bad_row_is_its_own_error(tmp_pa
     assert [r.error for r in recs[:3]] == ["", "", ""]
     assert recs[3].error.startswith("bad_path: row 4's path is not UTF-8")
     listing = list_inputs(str(tmp_path / "m.csv"))
-    errors = list(decoded(listing.shards[0])["error"][0])
+    errors = list(decoded(listing.shards[0])["error"])
     assert errors[:3] == ["", "", ""] and errors[3].startswith("bad_path")
     for size in (1, 3):  # cut again without listing again, as a fresh listing cuts
         assert recut(listing, size) == list_inputs(str(tmp_path / "m.csv"), shard_size=size)
@@ -255,13 +253,13 @@ def test_http_manifest_rows_get_their_reasons(tmp_path, server):
     rows = ["img.jpg", "nope.jpg", "notes.jpg"]
     (tmp_path / "m.csv").write_text("uri\n" + "\n".join(f"{server.url}/{r}" for r in rows) + "\n")
     out = decoded(list_inputs(str(tmp_path / "m.csv")).shards[0])
-    errors = list(out["error"][0])
+    errors = list(out["error"])
     assert (
         errors[0] == ""
         and errors[1].startswith("http_404")
         and errors[2].startswith("not_an_image")
     )
-    assert out["read_ms"][0][0] > 0 and out["decode_ms"][0][0] > 0
+    assert out["read_ms"][0] > 0 and out["decode_ms"][0] > 0
 
 
 def test_bleu_statistics_merge_to_nltks_corpus_bleu():
