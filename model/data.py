@@ -38,6 +38,9 @@ class ImageRecord:
     uri: str
     captions: tuple[str, ...] = ()
     error: str = ""
+    # (size, mtime in ns) when the listing that found the image gave them (an object store's
+    # does), so that record_stats need not list its folder again; None: stat it
+    stat: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
 
 MISSING = "missing"  # an error reason: the input lists the image, the file is not there
@@ -116,12 +119,15 @@ class Flickr8kReader:
         """This split's images with their captions: those on disk, and with `include_missing`
         those the split lists with no image too (as records whose `error` says so)."""
         captions = self.captions()
-        on_disk = {p.name for p in self.images_dir.iterdir()}
+        if isinstance(self.images_dir, StorePath):  # one listing gives names, sizes and times
+            listed = {k: v for k, v in self.images_dir.listing().items() if "/" not in k}
+        else:
+            listed = dict.fromkeys(p.name for p in self.images_dir.iterdir())
         out = []
         self.stats = ReadStats()
         for name in self.split_names():
             error = ""
-            if name not in on_disk:
+            if name not in listed:
                 self.stats.missing_images += 1
                 if len(self.stats.skipped) < 10:
                     self.stats.skipped.append(name)
@@ -130,7 +136,9 @@ class Flickr8kReader:
                 error = f"{MISSING}: listed in {self.split_file.name}, not in {self.images_dir}"
             image_id = name.rsplit(".", 1)[0]
             path = str(self.images_dir / name)
-            out.append(ImageRecord(image_id, path, tuple(captions.get(name, ())), error))
+            refs = tuple(captions.get(name, ()))
+            stat = listed.get(name, (-1, -1) if error else None)
+            out.append(ImageRecord(image_id, path, refs, error, stat))
         self.stats.records = len(out)
         return out
 
@@ -504,7 +512,9 @@ def record_stats(records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
     listed: dict[str, dict] = {}
     out = []
     for r in records:
-        if is_uri(r.uri):
+        if r.stat is not None:  # its reader listed it with its size and time
+            out.append(r.stat)
+        elif is_uri(r.uri):
             where = place(r.uri)
             folder = str(where.parent)
             if folder not in listed:

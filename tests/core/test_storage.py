@@ -97,10 +97,39 @@ def test_a_nodes_copy_of_a_store_data_set_keys_its_features_as_the_store_does(s3
     assert cache_key("mobilenet_v2", "none-seed0", copied) == key
     assert cache_key("mobilenet_v2", "none-seed1", copied) != key
     (place(data) / Path(copied[0].uri).relative_to(copy).as_posix()).write_bytes(b"new")
-    assert cache_key("mobilenet_v2", "none-seed0", stored) != key  # a rewritten image
-
+    again = read_split(data, "dev")  # records hold what their listing said: list again
+    assert cache_key("mobilenet_v2", "none-seed0", again) != key  # a rewritten image
     one = place(data) / "Flickr8k.token.txt"  # a single file is mirrored too
     assert mirror(one).read_bytes() == one.read_bytes() and mirror(one).name == one.name
+
+
+def test_a_store_split_and_its_feature_key_take_one_listing(s3, shapes_dir, monkeypatch):
+    """The reader's listing gives each image's size and time: keying the split's features
+    lists its folder no second time (Flickr8k's 8,000 images are 8 requests a listing)."""
+    from dataclasses import replace
+
+    from capfleet.model.data import read_split
+    from capfleet.model.features import cache_key
+
+    data = s3.upload(shapes_dir, "data/shapes")
+    calls = []
+    for name in ("listing", "iterdir"):
+        real = getattr(StorePath, name)
+        monkeypatch.setattr(StorePath, name, _counted(real, calls))
+    records = read_split(data, "train")
+    key = cache_key("mobilenet_v2", "none-seed0", records)
+    assert len(calls) == 1, calls
+    # the same key as statting each image afresh (a listing per folder)
+    fresh = [replace(r, stat=None) for r in records]
+    assert cache_key("mobilenet_v2", "none-seed0", fresh) == key and len(calls) == 2
+
+
+def _counted(real, calls: list):
+    def call(self, *args):
+        calls.append(str(self))
+        return real(self, *args)
+
+    return call
 
 
 def test_the_lock_on_a_store_refuses_a_second_job_and_is_released(s3):
