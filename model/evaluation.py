@@ -5,10 +5,10 @@ shapes data)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
+from capfleet.core.storage import place
 from capfleet.model.captioner import Captioner
 from capfleet.model.data import ImageRecord
 from capfleet.model.decoding import decode
@@ -76,7 +76,7 @@ def score_captions_per_image(
     refs = [[clean_caption(c) for c in r.captions] for r in records]
     metrics, per_image = score_corpus(refs, list(captions))
     metrics = dict(metrics)
-    if data_dir and (Path(data_dir) / shapes.SIDECAR).is_file():
+    if data_dir and (place(data_dir) / shapes.SIDECAR).is_file():  # a folder or a prefix
         scenes = shapes.load_objects(data_dir)
         by_id = {r.image_id: c for r, c in zip(records, captions, strict=True)}
         metrics["content_accuracy"] = shapes.content_accuracy(by_id, scenes)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from capfleet.core.errors import CapfleetError
+from capfleet.core.storage import place
 from capfleet.model.data import FLICKR_IMAGES_DIRS, FLICKR_SPLIT_FILES, FLICKR_TOKEN_FILE
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -229,7 +230,7 @@ def generate(out: str | Path, images: int = 3000, seed: int = 0) -> dict:
 def load_objects(root: str | Path) -> dict[str, ShapesImage]:
     """Read the sidecar back: image id -> its true scene."""
     out = {}
-    for line in (Path(root) / SIDECAR).read_text(encoding="utf-8").splitlines():
+    for line in (place(root) / SIDECAR).read_text(encoding="utf-8").splitlines():
         d = json.loads(line)
         objs = tuple(ShapeObject(**o) for o in d["objects"])
         out[d["image_id"]] = ShapesImage(d["image_id"], d["background"], objs, d["relation"])

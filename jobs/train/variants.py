@@ -87,17 +87,18 @@ def variant_row(name: str, cfg: TrainConfig, manifest: dict | None, error: str |
 
 
 def train_anywhere(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """`train`, for a model directory or data set in an object store too: the data read from
-    this node's copy (mirror), the model written to local scratch and published with its
-    manifest last (staging); the manifest records the spec as given (URIs), not the copies."""
+    """`train`, for a model directory or data set in an object store too: the model written to
+    local scratch and published with its manifest last (staging); the manifest records the
+    spec as given (URIs), not the copies. A trainable encoder reads the data from this node's
+    copy (mirror); a frozen backbone's variant reads only the data set's text and listing from
+    the store, its images' features from the feature cache, and copies nothing."""
     if not (is_uri(cfg.out) or is_uri(cfg.data)):
         return train(cfg, log=log)
     with staging(cfg.out) as out:
         # the features where the feature job put them: mirror keeps the images' times, so
         # this node's copy of the data keys its features as the store's images do
-        local_cfg = replace(
-            cfg, out=str(out), data=str(mirror(cfg.data)), cache_dir=cfg.feature_cache
-        )
+        data = str(mirror(cfg.data)) if encoder_info(cfg.encoder).trainable else cfg.data
+        local_cfg = replace(cfg, out=str(out), data=data, cache_dir=cfg.feature_cache)
         manifest = train(local_cfg, log=log)
         manifest = {
             **manifest,

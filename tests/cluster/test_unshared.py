@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import capfleet
 from capfleet.cluster.connect import LOOPBACK_ENV
+from capfleet.core.storage import MIRROR_DIR
 from tests.cluster.heads import free_port, started_head
 
 HERE = Path(__file__).parent
@@ -62,6 +64,7 @@ def head(tmp_path):
 def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes_dir, s3, tmp_path):
     private = tmp_path / "driver-only"
     private.mkdir()
+    data_name = f"shapes-{s3.bucket}"  # the data set's name in the store: this test's alone
     script = (
         f'mount -t tmpfs tmpfs "{private}" && exec "{sys.executable}" '
         f'"{HERE / "unshared_driver.py"}" "$@"'
@@ -69,7 +72,7 @@ def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes
     done = subprocess.run(
         ["unshare", "-rm", "--propagation", "private", "sh", "-c", script, "driver"]
         + [head, str(tiny_bundle), str(shapes_dir), str(private), s3.uri("out")]
-        + [s3.upload(shapes_dir, "data/shapes")],
+        + [s3.upload(shapes_dir, f"data/{data_name}")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -98,3 +101,7 @@ def test_a_driver_that_shares_no_disk_with_its_workers(head, tiny_bundle, shapes
     cache = [k for k in s3.keys("train/feature_cache") if "/" not in k]
     assert sum(k.endswith(".npy") for k in cache) == 3 and any(k.endswith(".tflite") for k in cache)
     assert "base/manifest.json" in s3.keys("train")
+    # ...and the variant copied none of the data set to its node: it read the text and the
+    # listing from the store and every image's features from the cache
+    mirrors = Path(tempfile.gettempdir()) / MIRROR_DIR
+    assert not list(mirrors.glob(f"*/{data_name}")), "the data set was copied to a node"
