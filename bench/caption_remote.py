@@ -174,7 +174,7 @@ def run() -> None:
             "distinct_photos": DISTINCT,
             "bundle": "mobilenet_v2 int8, random weights, Flickr8k-sized decoder",
             "s3": "moto server on loopback, input and output in it (a ratio, not a store's speed)",
-            "flags": "defaults (autoscaling 1-CPU actors, shard 1024, 64 reads in flight)",
+            "flags": "defaults (one 1-CPU actor per core, shard 1024, 64 reads in flight)",
             "runs": runs,
             "targets": targets,
             "met": {k: runs[k]["ratio_to_local"] >= v for k, v in targets.items()},

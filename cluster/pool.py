@@ -8,7 +8,7 @@ own before the actors. Call it inside a `ray_session` (cluster/connect.py).
 The pool is plain Ray actors, one per `cpus` the cluster has (or `actors`), fed by a loop in
 the driver that keeps each actor `in_flight` units deep and hands the next unit to whichever
 actor frees a place first. Ray Data's actor pool did the same with a streaming executor, a
-driver loop and three helper actors of its own: about 5% of a 2-core machine over a job, and
+driver loop and three helper actors of its own: about 4% of a 2-core machine over a job, and
 2 s more to start (bench/README.md, caption_scale). An actor with nothing left to do is ended
 at once, so the job's tail frees what it no longer uses.
 
