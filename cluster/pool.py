@@ -9,8 +9,8 @@ The pool is plain Ray actors, one per `cpus` the cluster has (or `actors`), fed 
 the driver that keeps each actor `in_flight` units deep and hands the next unit to whichever
 actor frees a place first. Ray Data's actor pool did the same with a streaming executor, a
 driver loop and three helper actors of its own: about 4% of a 2-core machine over a job, and
-2 s more to start (bench/README.md, caption_scale). An actor with nothing left to do is ended
-at once, so the job's tail frees what it no longer uses.
+2 s more to start (bench/README.md, caption_scale). The actors end with the run: until then an
+idle one may still take the units of one that is lost.
 
 A worker may split a unit's work in two: `fetch(unit)` (waiting on disks, stores and hosts)
 returns what `__call__` then computes. With `Pool.overlap` each actor runs two units at once,
@@ -32,9 +32,11 @@ Fault policy, the same for every job:
   costs the unit computing beside it a try; per-request deadlines leave that to a store or
   host that hangs for the whole deadline;
 - a dead actor is always restarted and Ray retries what was queued on it; an actor whose
-  constructor raises (a bundle it cannot load) cannot be, and once no actor is left the job
-  fails with that error; so it does when no actor has started after WAIT_FOR_ACTORS_S (a
-  cluster with no room for one);
+  worker does not load (a bundle it cannot read) is ended, named in the log, and its units go
+  to the others: at its start the pool asks it, after a restart it leaves for good itself
+  (Ray would otherwise hand it unit after unit). Once no actor is left the job fails with
+  that reason, as it does when none has started after WAIT_FOR_ACTORS_S (a cluster with no
+  room for one). With a prepare stage the pool leaves room for its tasks;
 - a worker's exception is noted with the unit (a bug: the rows say what it was) and the unit is
   dropped, not the job; a worker may also end its own process past a deadline
   (watchdog.deadline);
@@ -44,6 +46,7 @@ Fault policy, the same for every job:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -109,19 +112,26 @@ def pool_size(pool: Pool, units: int | None = None) -> int:
             )
     if pool.actors:
         return pool.actors
-    most = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // pool.cpus))
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    if pool.prepare:  # room for the prepare tasks, or the actors would wait on them forever
+        cpus -= pool.prepare_cpus
+    most = max(1, int(cpus // pool.cpus))
     return min(most, units) if units else most
 
 
 def run_units(
-    units: list[dict], pool: Pool, on_result: Callable[[dict], None] = lambda _: None
+    units: list[dict],
+    pool: Pool,
+    on_result: Callable[[dict], None] = lambda _: None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> dict[int, str]:
     """Run every unit through the pool; `on_result` sees each result as it arrives (with the
-    `node` that computed it). Returns {unit id: why} for the units that produced none."""
+    `node` that computed it), `log` each actor the pool loses for good. Returns {unit id:
+    why} for the units that produced none."""
     if not units:
         return {}
     clear_notes(pool.notes, [int(u["unit"]) for u in units])  # a fresh start: no tries used
-    feeder = _Feeder(pool, pool_size(pool, len(units)))
+    feeder = _Feeder(pool, pool_size(pool, len(units)), len(units), log)
     try:
         done = feeder.run(units, on_result)
     finally:
@@ -132,13 +142,15 @@ def run_units(
 
 class _Feeder:
     """The driver's side of the pool: starts the actors, keeps each one `depth` units deep as
-    results come back, ends each once nothing is left for it."""
+    results come back, moves the units of an actor lost for good to the others."""
 
-    def __init__(self, pool: Pool, size: int):
+    def __init__(self, pool: Pool, size: int, units: int, log: Callable[[str], None]):
         import ray
 
         calls = 2 if pool.overlap else 1  # units an actor runs at once (module docstring)
-        self.depth = pool.in_flight + calls - 1
+        # no deeper than an even share: the actors that start first leave units for the rest
+        self.depth = min(pool.in_flight + calls - 1, math.ceil(units / size))
+        self.log = log
         # named after the worker, so Ray's dashboard and state API show the CaptionWorker
         cls = type(pool.worker.__name__, (_Actor,), {"__module__": _Actor.__module__})
         actor = ray.remote(cls).options(
@@ -166,9 +178,9 @@ class _Feeder:
         import ray
 
         queue = deque(units)
-        running: dict = {}  # ObjectRef -> actor
+        running: dict = {}  # ObjectRef -> (actor, unit)
         done: set[int] = set()
-        lost = ""  # why the last actor that ended for good did
+        lost = ""  # why the last actor the pool lost for good went
         deadline = time.monotonic() + WAIT_FOR_ACTORS_S
         while queue or running:
             self._feed(queue, running)
@@ -195,25 +207,30 @@ class _Feeder:
                         self.ready.append(i)
                         self.started = True
                     else:
-                        lost = why
-                        self._end(i)
+                        lost = self._lose(i, why)
                     continue
-                i = running.pop(ref)
-                self.load[i] -= 1
+                i, unit = running.pop(ref)
+                if i in self.load:
+                    self.load[i] -= 1
                 try:
                     result = ray.get(ref)
-                except ray.exceptions.ActorDiedError as e:  # for good: no restart left
-                    lost = first_line(e)
-                    self._end(i)
+                except ray.exceptions.ActorDiedError as e:
+                    # gone for good (its worker no longer loads after a restart): the unit
+                    # goes to another actor, its tries counted as they were
+                    queue.appendleft(unit)
+                    if i in self.actors:
+                        lost = self._lose(i, first_line(e))
                     continue
                 except ray.exceptions.RayError:  # noted by the actor: why_failed says why
                     continue
                 done.add(int(result["unit"]))
                 on_result(result)
-            if not queue:  # the tail: an actor with nothing left to do frees its CPUs
-                for i in [i for i in self.actors if not self.load[i]]:
-                    self._end(i)
         return done
+
+    def _lose(self, i: int, why: str) -> str:
+        self.log(f"a worker of the pool is lost for good: {why}")
+        self._end(i)
+        return why
 
     def _feed(self, queue: deque, running: dict) -> None:
         """Give each started actor units until it holds `depth`, the least loaded first."""
@@ -223,10 +240,11 @@ class _Feeder:
                 return
             i = min(free, key=lambda j: self.load[j])
             unit = queue.popleft()
+            arg = unit
             if self.prepare is not None:  # Ray runs it before handing the actor its result
                 kw = self.pool.prepare_kwargs
-                unit = self.prepare.remote(unit, self.pool.prepare, kw, self.pool.notes)
-            running[self.actors[i].__call__.remote(unit)] = i
+                arg = self.prepare.remote(unit, self.pool.prepare, kw, self.pool.notes)
+            running[self.actors[i].__call__.remote(arg)] = (i, unit)
             self.load[i] += 1
 
     def _end(self, i: int) -> None:
@@ -286,6 +304,10 @@ class _Actor:
         return self.problem
 
     def __call__(self, unit: dict) -> dict:
+        if self.problem is not None:  # restarted, and its worker no longer loads: Ray would
+            import ray  # hand it unit after unit, so it leaves for good (the pool moves them)
+
+            ray.actor.exit_actor()
         unit = dict(unit)  # the worker may let parts of its own copy go
         uid = int(unit["unit"])
         if self.overlap and not self.proven:

@@ -301,7 +301,9 @@ def _run_shards(
     size = pool_size(pool, len(units))
     models = "the model" if len(cfg.bundles) == 1 else f"all {len(cfg.bundles)} models"
     log(f"caption: {len(todo)} shards; {size} actor(s) of {cfg.actor_cpus:g} CPU with {models}")
-    failed = run_units(units, pool, lambda r: progress.add(int(r["rows"])))
+    failed = run_units(
+        units, pool, lambda r: progress.add(int(r["rows"])), lambda m: log(f"caption: {m}")
+    )
     progress.done()
     _check_parts_seen(out, cfg.names, [s.shard for s in todo if s.shard not in failed])
     return {

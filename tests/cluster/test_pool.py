@@ -4,8 +4,10 @@ bounded; a worker with a fetch phase overlaps one unit's fetch with another's co
 unit waiting to compute loses no try when its neighbour kills the actor; a worker that cannot
 start fails the run with its reason."""
 
+import glob
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -153,3 +155,58 @@ def test_a_worker_that_cannot_start_fails_the_run_with_its_reason(local_ray, tmp
     pool = Pool(worker=Unloadable, kwargs={}, notes=str(tmp_path), actors=2)
     with pytest.raises(CapfleetError, match="no worker could start: .*bundle.json: not a bundle"):
         run_units([{"unit": 0}], pool)
+
+
+class Fragile:
+    """Loads until a unit has crashed a process (its marker file), then no longer does: a
+    worker whose bundle went away while the job ran."""
+
+    def __init__(self, marker: str):
+        if os.path.exists(marker):
+            raise CapfleetError("the bundle is gone")
+        self.marker = marker
+        open(f"{marker}.loaded-{os.getpid()}", "w").close()
+
+    def __call__(self, unit: dict) -> dict:
+        if unit["die"] and not os.path.exists(self.marker):
+            deadline = time.time() + 60  # once both actors have loaded
+            while len(glob.glob(f"{self.marker}.loaded-*")) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            open(self.marker, "w").close()
+            os._exit(1)
+        time.sleep(0.1)
+        return {"pid": os.getpid()}
+
+
+def test_an_actor_lost_for_good_after_a_restart_hands_its_units_to_the_others(local_ray, tmp_path):
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    units = [{"unit": u, "die": u == 3} for u in range(8)]
+    seen, said = [], []
+    marker = str(tmp_path / "crashed")
+    pool = Pool(worker=Fragile, kwargs={"marker": marker}, notes=str(tmp_path), actors=2)
+    assert run_units(units, pool, seen.append, said.append) == {}
+    assert sorted(r["unit"] for r in seen) == list(range(8))  # each once, the lost ones too
+    assert len(said) == 1 and "lost for good" in said[0], said
+
+
+def test_a_prepare_stage_gets_room_beside_a_pool_of_default_size(local_ray, tmp_path):
+    """Actors on every CPU would leave the prepare tasks none, and wait on them forever."""
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    units = [{"unit": u, "values": [u], "words": []} for u in range(4)]
+    pool = Pool(
+        worker=Squares,
+        kwargs={"offset": 0},
+        notes=str(tmp_path),
+        prepare=_doubled,
+        prepare_cpus=0.5,
+    )
+    seen: list = []
+    run = threading.Thread(target=lambda: run_units(units, pool, seen.append), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "the pool waited on prepare tasks that had no CPU"
+    assert sorted(r["total"] for r in seen if r["unit"] != 3) == [0, 4, 16]
+
+
+def _doubled(unit: dict) -> dict:
+    return {**unit, "values": [2 * v for v in unit["values"]]}
