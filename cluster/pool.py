@@ -9,8 +9,10 @@ The pool is plain Ray actors, one per `cpus` the cluster has (or `actors`), fed 
 the driver that keeps each actor `in_flight` units deep and hands the next unit to whichever
 actor frees a place first. Ray Data's actor pool did the same with a streaming executor, a
 driver loop and three helper actors of its own: about 4% of a 2-core machine over a job, and
-2 s more to start (bench/README.md, caption_scale). The actors end with the run: until then an
-idle one may still take the units of one that is lost.
+2 s more to start (bench/README.md, caption_scale). Once no unit waits, an idle actor is ended:
+its CPUs may be what an actor restarted after losing its node needs to run the units Ray
+retries on it. A unit that comes back after that (its actor lost for good) gets a fresh
+actor.
 
 A worker may split a unit's work in two: `fetch(unit)` (waiting on disks, stores and hosts)
 returns what `__call__` then computes. With `Pool.overlap` each actor runs two units at once,
@@ -161,12 +163,15 @@ class _Feeder:
             max_restarts=-1,
             max_task_retries=-1,
         )
-        args = (pool.worker, pool.kwargs, pool.notes, pool.tries, pool.overlap)
-        self.actors = {i: actor.remote(*args) for i in range(size)}
-        self.starting = {a.started.remote(): i for i, a in self.actors.items()}
+        self.args = (pool.worker, pool.kwargs, pool.notes, pool.tries, pool.overlap)
+        self.actor, self.size, self.made = actor, size, 0
+        self.actors: dict = {}  # index -> handle, of the actors not ended
+        self.starting: dict = {}  # ObjectRef of started() -> actor, until it answers
         self.ready: list[int] = []  # actors that have started, in the order they did
         self.started = False  # whether any actor has
-        self.load = {i: 0 for i in self.actors}
+        self.load: dict[int, int] = {}  # units each actor holds
+        for _ in range(size):
+            self._start()
         self.prepare = None
         if pool.prepare is not None:  # tried as often as the actors' units
             self.prepare = ray.remote(_prepared).options(
@@ -183,6 +188,8 @@ class _Feeder:
         lost = ""  # why the last actor the pool lost for good went
         deadline = time.monotonic() + WAIT_FOR_ACTORS_S
         while queue or running:
+            if queue and not self.actors and self.made < 2 * self.size:
+                self._start()  # units came back after the tail ended the idle actors
             self._feed(queue, running)
             if not self.actors:
                 raise CapfleetError(
@@ -225,7 +232,16 @@ class _Feeder:
                     continue
                 done.add(int(result["unit"]))
                 on_result(result)
+            if not queue:  # the tail: an idle actor frees its CPUs (a restarted one's units
+                for i in [i for i in self.actors if not self.load[i]]:  # may need them)
+                    self._end(i)
         return done
+
+    def _start(self) -> None:
+        i, self.made = self.made, self.made + 1
+        self.actors[i] = self.actor.remote(*self.args)
+        self.starting[self.actors[i].started.remote()] = i
+        self.load[i] = 0
 
     def _lose(self, i: int, why: str) -> str:
         self.log(f"a worker of the pool is lost for good: {why}")

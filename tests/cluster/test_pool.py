@@ -158,24 +158,28 @@ def test_a_worker_that_cannot_start_fails_the_run_with_its_reason(local_ray, tmp
 
 
 class Fragile:
-    """Loads until a unit has crashed a process (its marker file), then no longer does: a
-    worker whose bundle went away while the job ran."""
+    """A worker that no longer loads in an actor restarted after one of its units crashed it
+    (the marker file names that actor): as one whose node lost what it had fetched."""
 
     def __init__(self, marker: str):
-        if os.path.exists(marker):
+        import ray
+
+        self.me = ray.get_runtime_context().get_actor_id()
+        if os.path.exists(marker) and open(marker).read() == self.me:
             raise CapfleetError("the bundle is gone")
         self.marker = marker
-        open(f"{marker}.loaded-{os.getpid()}", "w").close()
+        open(f"{marker}.loaded-{self.me}", "w").close()
 
     def __call__(self, unit: dict) -> dict:
         if unit["die"] and not os.path.exists(self.marker):
             deadline = time.time() + 60  # once both actors have loaded
             while len(glob.glob(f"{self.marker}.loaded-*")) < 2 and time.time() < deadline:
                 time.sleep(0.05)
-            open(self.marker, "w").close()
+            with open(self.marker, "w") as f:
+                f.write(self.me)
             os._exit(1)
         time.sleep(0.1)
-        return {"pid": os.getpid()}
+        return {"actor": self.me}
 
 
 def test_an_actor_lost_for_good_after_a_restart_hands_its_units_to_the_others(local_ray, tmp_path):
@@ -187,6 +191,8 @@ def test_an_actor_lost_for_good_after_a_restart_hands_its_units_to_the_others(lo
     assert run_units(units, pool, seen.append, said.append) == {}
     assert sorted(r["unit"] for r in seen) == list(range(8))  # each once, the lost ones too
     assert len(said) == 1 and "lost for good" in said[0], said
+    crashed = open(marker).read()
+    assert crashed not in {r["actor"] for r in seen if r["unit"] == 3}
 
 
 def test_a_prepare_stage_gets_room_beside_a_pool_of_default_size(local_ray, tmp_path):
