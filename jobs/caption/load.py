@@ -29,12 +29,6 @@ from capfleet.jobs.gallery import thumbnail_jpeg
 from capfleet.model.data import MISSING
 from capfleet.model.images import UNREADABLE, ImageError, decode_image
 
-
-def _column(shard: dict, key: str) -> list:
-    """One column of a shard's item as plain lists (an array's rows become lists)."""
-    return [list(v) if isinstance(v, np.ndarray) else v for v in shard[key]]
-
-
 # Reads in flight per worker (threads: reading waits on disks, stores and hosts, not the CPU).
 # At 200 ms a request this sustains about 600 images/s, twice a MobileNetV2 int8 actor's
 # captioning speed on a VNNI core (64 fell short of it there: bench/README.md, caption_remote).
@@ -46,13 +40,13 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, policy: UrlPolicy
     row). Rows that came with an error are not fetched."""
     source = str(shard["source"])
     where = json.loads(str(shard["where"]))
-    ids, errors = _column(shard, "image_id"), _column(shard, "error")
-    refs = [list(r) for r in _column(shard, "references")]
+    ids, errors = list(shard["image_id"]), list(shard["error"])
+    refs = [list(r) for r in shard["references"]]
     n = len(ids)
     data: list = [None] * n
     read_ms = [0.0] * n
     if source == "files":  # many reads in flight: a slow store or host costs latency, not rate
-        uris = _column(shard, "uri")
+        uris = list(shard["uri"])
 
         def read(i: int) -> None:
             t0 = time.perf_counter()
@@ -81,7 +75,7 @@ def fetch_shard(shard: dict, max_bytes: int = MAX_IMAGE_BYTES, policy: UrlPolicy
             cols = read_parquet_slice(
                 where["path"], where["row_group"], where["offset"], where["length"], columns
             )
-            positions = [int(r) for r in _column(shard, "rows")] if "rows" in shard else range(n)
+            positions = [int(r) for r in shard["rows"]] if "rows" in shard else range(n)
             values, texts = cols[where["column"]], cols.get(where["captions"])
             for i, row in enumerate(positions):
                 data[i] = image_bytes(values[row], max_bytes)
@@ -161,8 +155,8 @@ def _pixels(keep: dict, size: int, n: int) -> np.ndarray:
 
 
 def _decoded(fetched: dict, sizes: Sequence[int], thumbs: dict | None, keep: dict) -> dict:
-    errors = [str(e) for e in _column(fetched, "error")]
-    ids, data = _column(fetched, "image_id"), fetched.pop("data")
+    errors = [str(e) for e in fetched["error"]]
+    ids, data = list(fetched["image_id"]), fetched.pop("data")
     n = len(errors)
     images = {s: _pixels(keep, s, n) for s in sizes}
     decode_ms = [0.0] * n
